@@ -1,0 +1,176 @@
+"""Devices and per-device arrays: the bottom layer of tpmax.
+
+A `Device` is `cpu:i` (a *virtual* device: NumPy arrays in host memory) or `gpu:i` (CuPy
+arrays on CUDA device i). CuPy is optional: importing tpmax never needs CUDA, and asking
+for a GPU without CuPy or a GPU is an error that says what is available.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+try:  # CuPy is an optional extra ([cuda12] / [cuda13]).
+    import cupy as _cupy
+except Exception:  # ImportError, or a CuPy wheel that finds no CUDA runtime
+    _cupy = None
+
+bfloat16 = np.dtype(ml_dtypes.bfloat16)
+float8_e4m3fn = np.dtype(ml_dtypes.float8_e4m3fn)
+
+DTYPES = {
+    "float32": np.dtype(np.float32),
+    "float16": np.dtype(np.float16),
+    "bfloat16": bfloat16,
+    "int32": np.dtype(np.int32),
+    "int64": np.dtype(np.int64),
+}
+
+Array = Any  # numpy.ndarray on cpu:i, cupy.ndarray on gpu:i
+
+
+@dataclasses.dataclass(frozen=True)
+class Device:
+    """One device: `kind` is "cpu" or "gpu", `id` the device number."""
+
+    kind: str
+    id: int = 0
+
+    def __post_init__(self):
+        if self.kind not in ("cpu", "gpu"):
+            raise ValueError(f"device kind must be 'cpu' or 'gpu', got {self.kind!r}")
+        if not isinstance(self.id, int) or self.id < 0:
+            raise ValueError(f"device id must be a non-negative int, got {self.id!r}")
+
+    def __str__(self):
+        return f"{self.kind}:{self.id}"
+
+    @property
+    def xp(self):
+        """The array module for this device: numpy or cupy."""
+        return np if self.kind == "cpu" else cupy_module()
+
+
+def cupy_module():
+    """CuPy, or a RuntimeError saying why it cannot be used."""
+    if _cupy is None:
+        raise RuntimeError(
+            "a GPU device needs CuPy, which is not installed or found no CUDA runtime; "
+            "install tpmax[cuda12] or tpmax[cuda13], or use cpu devices (e.g. 'cpu:0,1')"
+        )
+    return _cupy
+
+
+@functools.cache
+def gpu_count() -> int:
+    """Number of visible CUDA devices (0 without CuPy or without a driver)."""
+    if _cupy is None:
+        return 0
+    try:
+        return _cupy.cuda.runtime.getDeviceCount()
+    except Exception:
+        return 0
+
+
+def devices(spec: str) -> list[Device]:
+    """Parse a device spec (MAX CLI syntax) into a list of devices.
+
+    `cpu` / `gpu` mean device 0; `cpu:0,1,2,3` is four virtual CPU devices; `gpu:0,1,3`
+    three GPUs; a repeated GPU id (`gpu:0,0`) is two logical devices on one GPU.
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError("empty device spec; expected e.g. 'cpu', 'cpu:0,1', 'gpu', 'gpu:0,1'")
+    kind, _, ids_text = spec.strip().partition(":")
+    if kind not in ("cpu", "gpu"):
+        raise ValueError(f"device spec {spec!r}: kind must be 'cpu' or 'gpu', got {kind!r}")
+    ids = []
+    for part in (ids_text.split(",") if ids_text else ["0"]):
+        part = part.strip()
+        if not part.isdigit():
+            raise ValueError(f"device spec {spec!r}: {part!r} is not a non-negative integer id")
+        ids.append(int(part))
+    if kind == "cpu" and len(set(ids)) != len(ids):
+        raise ValueError(f"device spec {spec!r}: virtual CPU ids must be distinct")
+    if kind == "gpu":
+        cupy_module()
+        n = gpu_count()
+        bad = [i for i in ids if i >= n]
+        if bad:
+            raise RuntimeError(
+                f"device spec {spec!r}: no GPU {bad[0]}; {n} GPU(s) visible"
+                + (f" (ids 0..{n - 1})" if n else "; use cpu devices instead")
+            )
+    return [Device(kind, i) for i in ids]
+
+
+def as_dtype(dtype) -> np.dtype:
+    """A dtype name ("bfloat16", ...) or dtype-like as a NumPy dtype (bf16 via ml_dtypes)."""
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"unsupported dtype {dtype!r}; supported: {', '.join(DTYPES)}")
+        return DTYPES[dtype]
+    return np.dtype(dtype)
+
+
+def is_gpu_array(x) -> bool:
+    return _cupy is not None and isinstance(x, _cupy.ndarray)
+
+
+def xp_of(x):
+    """The array module of `x` (numpy or cupy): one function body serves both."""
+    return _cupy if is_gpu_array(x) else np
+
+
+def device_of(x) -> Device:
+    """The device an array lives on.
+
+    NumPy arrays report `cpu:0`: virtual CPU devices share host memory, so a NumPy array
+    does not record which virtual device it was placed on.
+    """
+    if is_gpu_array(x):
+        return Device("gpu", x.device.id)
+    if isinstance(x, np.ndarray):
+        return Device("cpu", 0)
+    raise TypeError(f"expected a NumPy or CuPy array, got {type(x).__name__}")
+
+
+def on_device(x, device: Device) -> bool:
+    """True if `x` can serve as `device`'s array (right backend, right GPU)."""
+    if device.kind == "cpu":
+        return isinstance(x, np.ndarray)
+    return is_gpu_array(x) and x.device.id == device.id
+
+
+def asarray(a, device: Device, dtype=None, *, copy: bool = False) -> Array:
+    """Place `a` (NumPy, CuPy, or nested lists) on `device`, optionally converting dtype."""
+    dtype = None if dtype is None else as_dtype(dtype)
+    if device.kind == "cpu":
+        out = to_numpy(a) if is_gpu_array(a) else np.asarray(a)
+        if dtype is not None and out.dtype != dtype:
+            return out.astype(dtype)
+        return out.copy() if copy and out is a else out
+    cp = cupy_module()
+    with cp.cuda.Device(device.id):
+        if is_gpu_array(a) and a.device.id != device.id:
+            out = a.copy()  # ndarray.copy() allocates on the current device (peer copy)
+        else:
+            out = cp.asarray(a)
+        if dtype is not None and out.dtype != dtype:
+            out = out.astype(dtype)
+        return out.copy() if copy and out is a else out
+
+
+def to_numpy(x) -> np.ndarray:
+    """Copy any per-device array to a host NumPy array."""
+    return x.get() if is_gpu_array(x) else np.asarray(x)
+
+
+def synchronize(devs) -> None:
+    """Wait for queued GPU work on every GPU in `devs` (no-op on CPU)."""
+    for d in devs:
+        if d.kind == "gpu":
+            with cupy_module().cuda.Device(d.id):
+                cupy_module().cuda.get_current_stream().synchronize()
