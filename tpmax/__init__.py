@@ -1,13 +1,22 @@
 """tpmax: tensor-parallel transformer inference in plain Python (NumPy / CuPy + NCCL).
 
 Layers of the package, bottom to top (dependencies point down):
-devices -> sharding -> comm -> distributed -> layers / attention / kv_cache -> transformer
--> config / loader -> generate -> cli.
+devices -> sharding -> comm -> distributed -> layers / kv_cache -> attention -> config
+-> weights -> transformer -> loader / tokenizer -> generate -> cli.
 """
+from .attention import (AttentionConfig, AttentionWeights, MHAMaskVariant, materialize_kv_from_hidden,
+                        tensor_parallel_attention_with_rope)
 from .comm import Communicator, InProcessCommunicator, NcclCommunicator, communicator, nccl_available
-from .devices import (Device, asarray, as_dtype, bfloat16, device_of, devices, gpu_count, synchronize,
+from .config import ConfigError, ModelConfig
+from .devices import (Device, as_dtype, asarray, bfloat16, device_of, devices, gpu_count, synchronize,
                       to_numpy, xp_of)
 from .distributed import ShardableCallable, distribute_value, forward_sharded_layers, per_device, take
-from .sharding import split_bounds, split_sizes
+from .kv_cache import KVCacheFullError, KVCacheParams, PagedKVCache
+from .layers import (DistributedGemmConfig, Llama3Scaling, LinearScaling, RotaryEmbedding, column_parallel_linear,
+                     linear, mlp, rms_norm, row_parallel_linear, vocab_parallel_embedding)
+from .sharding import LAYER_SHARDING, MODEL_SHARDING, head_shard, split_bounds, split_sizes
+from .transformer import (ReturnHiddenStates, ReturnLogits, distributed_logits_postprocess,
+                          distributed_transformer, distributed_transformer_block)
+from .weights import DictSource, LayerWeights, WeightError, Weights, random_weights, shard_weights
 
 __version__ = "0.1.0"

@@ -6,6 +6,7 @@ for a GPU without CuPy or a GPU is an error that says what is available.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from typing import Any
@@ -166,6 +167,13 @@ def asarray(a, device: Device, dtype=None, *, copy: bool = False) -> Array:
 def to_numpy(x) -> np.ndarray:
     """Copy any per-device array to a host NumPy array."""
     return x.get() if is_gpu_array(x) else np.asarray(x)
+
+
+def on_device_context(device: Device):
+    """Context manager making `device` current (the CUDA device for gpu:i; nothing for cpu)."""
+    if device.kind == "gpu":
+        return cupy_module().cuda.Device(device.id)
+    return contextlib.nullcontext()
 
 
 def synchronize(devs) -> None:

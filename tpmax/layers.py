@@ -1,0 +1,333 @@
+"""The layers: one-device math (`linear`, `rms_norm`, `rope`, `mlp_local`, ...) and their
+tensor-parallel forms (`column_parallel_linear`, `row_parallel_linear`, `mlp`,
+`vocab_parallel_embedding`), each with its collective written where it happens.
+
+Every function takes its arrays positionally and options by keyword; the array module comes
+from the input, so one body serves NumPy and CuPy. Weights are stored `[out, in]` as in HF.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Sequence
+
+import numpy as np
+
+from .comm import Communicator
+from .devices import Array, bfloat16, xp_of
+from .distributed import per_device
+
+_HALF = (np.dtype(np.float16), bfloat16)
+
+
+# ------------------------------------------------------------------------------------------
+# Dense pieces.
+
+
+def matmul_t(x: Array, w: Array) -> Array:
+    """`x @ w.T` for x `[..., in]`, w `[out, in]` -> `[..., out]`.
+
+    NumPy has no fast half-precision GEMM, so half weights are computed in float32 there.
+    """
+    if xp_of(x) is np and w.dtype in _HALF:
+        return x.astype(np.float32) @ w.astype(np.float32).T
+    return x @ w.T
+
+
+def linear(x: Array, w: Array, b: Array | None = None, /, *, clip_weight: float | None = None) -> Array:
+    """`y = x @ W.T + b`.
+
+    Args:
+        x: `[..., in]`; w: `[out, in]`; b: `[out]` or None.
+        clip_weight: clamp W to `[-c, c]` first (MAX's `clip_weight`).
+    Returns:
+        `[..., out]`
+    """
+    if clip_weight is not None:
+        w = xp_of(w).clip(w, -clip_weight, clip_weight)
+    y = matmul_t(x, w)
+    return y if b is None else y + b.astype(y.dtype, copy=False)
+
+
+def rms_norm(x: Array, w: Array, /, *, eps: float) -> Array:
+    """RMSNorm over the last axis, computed in float32, returned in x's dtype.
+
+    Args:
+        x: `[..., D]`; w: `[D]`.
+    """
+    xp = xp_of(x)
+    x32 = x.astype(np.float32, copy=False)
+    inv = 1.0 / xp.sqrt((x32 * x32).mean(axis=-1, keepdims=True) + float(eps))  # [..., 1]
+    return (x32 * inv * w.astype(np.float32, copy=False)).astype(x.dtype, copy=False)
+
+
+def _silu(x):
+    return x / (1.0 + xp_of(x).exp(-x))
+
+
+def _erf(x):
+    if xp_of(x) is np:  # NumPy has no erf: math.erf per element, in float64
+        return np.frompyfunc(math.erf, 1, 1)(x.astype(np.float64)).astype(x.dtype)
+    from cupyx.scipy.special import erf
+    return erf(x)
+
+
+def _gelu(x):
+    return 0.5 * x * (1.0 + _erf(x * (1.0 / math.sqrt(2.0))))
+
+
+def _gelu_tanh(x):
+    xp = xp_of(x)
+    c = math.sqrt(2.0 / math.pi)  # a Python float: stays in x's dtype under NumPy 2
+    return 0.5 * x * (1.0 + xp.tanh(c * (x + 0.044715 * x * x * x)))
+
+
+def _sigmoid(x):
+    return 1.0 / (1.0 + xp_of(x).exp(-x))
+
+
+ACTIVATIONS = {
+    "silu": _silu,
+    "gelu": _gelu,
+    "gelu_tanh": _gelu_tanh,
+    "relu": lambda x: xp_of(x).maximum(x, 0),
+    "tanh": lambda x: xp_of(x).tanh(x),
+    "sigmoid": _sigmoid,
+}
+
+
+def activation(name: str):
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}; supported: {', '.join(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
+# ------------------------------------------------------------------------------------------
+# Rotary position embedding.
+
+
+@dataclasses.dataclass(frozen=True)
+class Llama3Scaling:
+    """Llama-3 frequency scaling (HF `rope_type: llama3`)."""
+
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_position: int
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearScaling:
+    """Position interpolation (HF `rope_type: linear`): every frequency divided by `factor`."""
+
+    factor: float
+
+
+@dataclasses.dataclass(frozen=True)
+class RotaryEmbedding:
+    """RoPE parameters (MAX's `RotaryEmbedding`).
+
+    `interleaved=True` rotates pairs (2i, 2i+1) (GGUF / llama.cpp layout); False rotates the
+    two halves (HF layout). `inv_freq_i = theta^(-2i/head_dim)`, computed in float64.
+    """
+
+    dim: int
+    n_heads: int
+    theta: float
+    max_seq_len: int
+    head_dim: int | None = None
+    interleaved: bool = False
+    scaling: Llama3Scaling | LinearScaling | None = None
+
+    @property
+    def rot_dim(self) -> int:
+        return self.head_dim or self.dim // self.n_heads
+
+    def inv_freq(self) -> np.ndarray:
+        """`[head_dim/2]` float64."""
+        hd = self.rot_dim
+        inv = 1.0 / self.theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd)
+        s = self.scaling
+        if isinstance(s, LinearScaling):
+            return inv / s.factor
+        if isinstance(s, Llama3Scaling):
+            wavelen = 2 * math.pi / inv
+            low_wl = s.original_max_position / s.low_freq_factor
+            high_wl = s.original_max_position / s.high_freq_factor
+            smooth = (s.original_max_position / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+            mid = (1 - smooth) * inv / s.factor + smooth * inv
+            inv = np.where(wavelen > low_wl, inv / s.factor, np.where(wavelen < high_wl, inv, mid))
+        return inv
+
+    def cos_sin(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """cos, sin `[T, head_dim/2]` float32 for integer `positions [T]`."""
+        ang = np.asarray(positions, np.float64)[:, None] * self.inv_freq()[None, :]  # [T, hd/2]
+        return np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+
+
+def apply_rope(x: Array, cos: Array, sin: Array, /, *, interleaved: bool) -> Array:
+    """Rotate x `[T, H, hd]` by cos/sin `[T, hd/2]` (float32 math, x's dtype out)."""
+    xp = xp_of(x)
+    x32 = x.astype(np.float32, copy=False)
+    c, s = cos[:, None, :], sin[:, None, :]  # [T, 1, hd/2]
+    if interleaved:
+        a, b = x32[..., 0::2], x32[..., 1::2]
+        out = xp.stack([a * c - b * s, a * s + b * c], axis=-1).reshape(x.shape)
+    else:
+        half = x.shape[-1] // 2
+        a, b = x32[..., :half], x32[..., half:]
+        out = xp.concatenate([a * c - b * s, b * c + a * s], axis=-1)
+    return out.astype(x.dtype, copy=False)
+
+
+# ------------------------------------------------------------------------------------------
+# Tensor-parallel linears.
+
+
+def column_parallel_linear(xs: Sequence[Array], ws: Sequence[Array], bs: Sequence[Array] | None,
+                           comm: Communicator) -> list[Array]:
+    """MAX's `ColumnParallelLinear`: each device computes its rows of the output, then
+    allgather on the last axis so every device holds the full output.
+
+    Args:
+        xs: per device `[T, in]` (replicated); ws: per device `[out_r, in]`; bs: `[out_r]`.
+    Returns:
+        per device `[T, out]`.
+    """
+    bs = bs or [None] * len(ws)
+    ys = per_device(linear, xs, ws, bs)  # per device [T, out_r]
+    return comm.allgather(ys, axis=-1)  # -> [T, out]
+
+
+def row_parallel_linear(xs: Sequence[Array], ws: Sequence[Array], b: Array | None,
+                        comm: Communicator) -> list[Array]:
+    """Row-parallel linear: input split on its last axis, partial products all-reduced,
+    bias added once after the reduction.
+
+    Args:
+        xs: per device `[T, in_r]`; ws: per device `[out, in_r]`; b: `[out]` (replicated).
+    Returns:
+        per device `[T, out]`.
+    """
+    partials = per_device(linear, xs, ws)  # per device [T, out] partial sums
+    ys = comm.allreduce_sum(partials)
+    return ys if b is None else [y + b for y in ys]
+
+
+# ------------------------------------------------------------------------------------------
+# MLP.
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedGemmConfig:
+    """MAX's `DistributedGemmConfig`: with `enable_matmul_allreduce`, the down projection and
+    its all-reduce run chunk by chunk, so one chunk's reduction overlaps the next chunk's
+    matmul. Same numbers as the unfused path."""
+
+    enable_matmul_allreduce: bool = False
+    chunks: int = 4
+
+    @staticmethod
+    def generate() -> "DistributedGemmConfig | None":
+        """The default config (MAX: None, the plain path)."""
+        return None
+
+
+def mlp_local(x: Array, w13: Array, w2: Array, /, *, act: str = "silu",
+              b13: Array | None = None) -> Array:
+    """One device's MLP partial: `down(act(gate(x)) * up(x))` over its slice of F.
+
+    Args:
+        x: `[T, D]`; w13: `[2*F_r, D]` (`[gate_r; up_r]`); w2: `[D, F_r]`; b13: `[2*F_r]`.
+    Returns:
+        `[T, D]` partial sum (needs an all-reduce over devices).
+    """
+    gu = linear(x, w13, b13)  # [T, 2*F_r]
+    f = gu.shape[-1] // 2
+    h = activation(act)(gu[..., :f]) * gu[..., f:]  # [T, F_r]
+    return matmul_t(h, w2).astype(x.dtype, copy=False)  # [T, D]
+
+
+def mlp(xs: Sequence[Array], w13s: Sequence[Array], w2s: Sequence[Array], comm: Communicator, *,
+        act: str = "silu", b13s=None, b2: Array | None = None,
+        gemm_config: DistributedGemmConfig | None = None) -> list[Array]:
+    """MAX's tensor-parallel `MLP`: gate/up rowwise, down columnwise, then all-reduce.
+
+    Args:
+        xs: per device `[T, D]` (replicated). Returns per device `[T, D]`.
+    """
+    b13s = b13s or [None] * len(xs)
+    if gemm_config is None or not gemm_config.enable_matmul_allreduce or xs[0].shape[0] < 2:
+        partials = per_device(lambda x, a, b, c: mlp_local(x, a, b, act=act, b13=c), xs, w13s, w2s, b13s)
+        ys = comm.allreduce_sum(partials)
+    else:
+        ys = _mlp_matmul_allreduce(xs, w13s, w2s, b13s, comm, act, gemm_config.chunks)
+    return ys if b2 is None else [y + b2 for y in ys]
+
+
+def _mlp_matmul_allreduce(xs, w13s, w2s, b13s, comm, act, chunks):
+    # Split the tokens into chunks; chunk i's all-reduce is issued while chunk i+1's partials
+    # are computed (on GPU both run asynchronously on the stream; on CPU the reduction of one
+    # chunk and the per-device matmuls of the next proceed on separate threads).
+    from concurrent.futures import ThreadPoolExecutor
+
+    T = xs[0].shape[0]
+    bounds = [(a, b) for a, b in _chunk_bounds(T, chunks)]
+    outs = [None] * len(bounds)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tpmax-allreduce") as reducer:
+        pending = []
+        for i, (a, b) in enumerate(bounds):
+            partials = per_device(lambda x, w13, w2, b13: mlp_local(x[a:b], w13, w2, act=act, b13=b13),
+                                  xs, w13s, w2s, b13s)  # per device [Tc, D]
+            pending.append(reducer.submit(comm.allreduce_sum, partials))
+        for i, fut in enumerate(pending):
+            outs[i] = fut.result()
+    xp = xp_of(xs[0])
+    return [xp.concatenate([o[r] for o in outs], axis=0) for r in range(len(xs))]
+
+
+def _chunk_bounds(n: int, k: int):
+    from .sharding import split_bounds
+    return [ab for ab in split_bounds(n, min(k, n)) if ab[1] > ab[0]]
+
+
+# ------------------------------------------------------------------------------------------
+# Vocab-parallel embedding.
+
+
+def embedding_local(ids: np.ndarray, table: Array, start: int, /) -> Array:
+    """One device's lookup over its vocab rows `[start, start + V_r)`; other ids give zero.
+
+    Args:
+        ids: `[T]` int (host); table: `[V_r, D]`. Returns `[T, D]`.
+    """
+    xp = xp_of(table)
+    local = ids - start
+    mine = (local >= 0) & (local < table.shape[0])  # [T]
+    out = xp.zeros((len(ids), table.shape[1]), table.dtype)
+    if mine.any():
+        idx = np.nonzero(mine)[0]
+        out[xp.asarray(idx)] = table[xp.asarray(local[idx])]
+    return out
+
+
+def vocab_parallel_embedding(ids, tables: Sequence[Array], comm: Communicator) -> list[Array]:
+    """MAX's `VocabParallelEmbedding`: contiguous vocab ranges per device, then all-reduce.
+
+    Args:
+        ids: `[T]` token ids (host ints); tables: per device `[V_r, D]`.
+    Returns:
+        per device `[T, D]`.
+    Raises:
+        ValueError: for ids outside `[0, vocab)` (MAX silently returns zeros).
+    """
+    ids = np.asarray(ids)
+    if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"token ids must be a 1-D integer array, got shape {ids.shape} dtype {ids.dtype}")
+    vocab = sum(t.shape[0] for t in tables)
+    bad = ids[(ids < 0) | (ids >= vocab)]
+    if bad.size:
+        raise ValueError(f"token id {int(bad[0])} outside the vocabulary [0, {vocab})")
+    starts = np.cumsum([0] + [t.shape[0] for t in tables[:-1]]).tolist()
+    partials = per_device(lambda t, s: embedding_local(ids, t, s), tables, starts)  # [T, D] each
+    return comm.allreduce_sum(partials)
