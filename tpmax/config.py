@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 
 from .attention import AttentionConfig, MHAMaskVariant
+from .errors import ConfigError
 from .layers import ACTIVATIONS, Llama3Scaling, LinearScaling, RotaryEmbedding
 from .sharding import HeadShard, Layout, head_shard
 
@@ -14,10 +15,6 @@ ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "granite")
 
 _HF_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh",
                    "gelu_new": "gelu_tanh", "relu": "relu", "tanh": "tanh", "sigmoid": "sigmoid"}
-
-
-class ConfigError(ValueError):
-    """A model configuration tpmax cannot run (names the source and the problem)."""
 
 
 @dataclasses.dataclass(frozen=True)

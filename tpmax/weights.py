@@ -13,7 +13,8 @@ from typing import Callable, Protocol, Sequence
 import numpy as np
 
 from .attention import AttentionWeights
-from .config import ConfigError, ModelConfig
+from .config import ModelConfig
+from .errors import WeightError
 from .devices import Array, Device, as_dtype, asarray
 from .sharding import LAYER_SHARDING, MODEL_SHARDING, shard_pieces
 
@@ -43,10 +44,6 @@ class Weights:
     layers: tuple
     norm: tuple
     lm_head: tuple
-
-
-class WeightError(ValueError):
-    """A checkpoint that does not match its config (missing, extra, misshapen, non-finite)."""
 
 
 class TensorSource(Protocol):

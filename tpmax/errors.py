@@ -1,0 +1,13 @@
+"""tpmax's exception types (the bottom of the package: everything may raise these)."""
+
+
+class LoadError(ValueError):
+    """A model that cannot be loaded; the message names the file and the problem."""
+
+
+class ConfigError(LoadError):
+    """A model configuration tpmax cannot run."""
+
+
+class WeightError(LoadError):
+    """Weights that do not match their config: missing, extra, misshapen, or non-finite."""
