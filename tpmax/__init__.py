@@ -10,6 +10,7 @@ from .comm import Communicator, InProcessCommunicator, NcclCommunicator, communi
 from .config import ConfigError, ModelConfig
 from .devices import (Device, as_dtype, asarray, bfloat16, device_of, devices, gpu_count, synchronize,
                       to_numpy, xp_of)
+from .errors import LoadError
 from .distributed import ShardableCallable, distribute_value, forward_sharded_layers, per_device, take
 from .kv_cache import KVCacheFullError, KVCacheParams, PagedKVCache
 from .layers import (DistributedGemmConfig, Llama3Scaling, LinearScaling, RotaryEmbedding, column_parallel_linear,
@@ -18,5 +19,9 @@ from .sharding import LAYER_SHARDING, MODEL_SHARDING, head_shard, split_bounds, 
 from .transformer import (ReturnHiddenStates, ReturnLogits, distributed_logits_postprocess,
                           distributed_transformer, distributed_transformer_block)
 from .weights import DictSource, LayerWeights, WeightError, Weights, random_weights, shard_weights
+from .loader import Model, load
+from .tokenizer import StreamDecoder, Tokenizer
+from .hub import ModelFetchError, default_model_path
+from .generate import Completion, Engine, SamplingParams, Stats, generate, logits, perplexity
 
 __version__ = "0.1.0"

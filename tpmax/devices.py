@@ -65,6 +65,11 @@ def cupy_module():
     return _cupy
 
 
+def cupy_version() -> str | None:
+    """CuPy's version, or None when CuPy is not importable."""
+    return None if _cupy is None else _cupy.__version__
+
+
 @functools.cache
 def gpu_count() -> int:
     """Number of visible CUDA devices (0 without CuPy or without a driver)."""

@@ -1,0 +1,280 @@
+"""Real checkpoints end to end: tiny HF models of every supported architecture against
+logits from transformers (fixtures), GGUF files of every supported tensor type against the
+reference, the real SmolLM2 GGUF against transformers' greedy answer and perplexity, and every
+malformed-input case."""
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import safetensors.numpy as stn
+
+import tpmax
+from tpmax.generate import encode_prompt
+from tpmax.loader import load
+import reference as ref
+
+FIX = Path(__file__).parent / "fixtures"
+HF_CASES = ["llama", "llama_tied", "mistral", "qwen2", "qwen3", "granite", "llama_sharded"]
+
+
+def spec(tp):
+    return "cpu:" + ",".join(map(str, range(tp)))
+
+
+def hf_reference(case):
+    r = stn.load_file(str(FIX / "hf" / case / "reference.safetensors"))
+    return [(r[f"input_ids_{i}"], r[f"logits_{i}"]) for i in range(3)]
+
+
+@pytest.mark.parametrize("tp", [1, 2, 3, 4])
+@pytest.mark.parametrize("case", HF_CASES)
+def test_hf_checkpoints_match_transformers(case, tp):
+    model = load(FIX / "hf" / case, devices=spec(tp), progress=False)
+    pairs = hf_reference(case)
+    out = tpmax.logits(model, [ids for ids, _ in pairs])  # one ragged batch
+    for got, (_, want) in zip(out, pairs):
+        assert got.dtype == np.float32 and got.shape == want.shape
+        assert np.abs(got - want).max() <= 1e-4
+
+
+def test_transformers_4x_config_spelling(tmp_path):
+    d = tmp_path / "llama4x"
+    shutil.copytree(FIX / "hf" / "llama", d)
+    c = json.loads((d / "config.json").read_text())
+    p = c.pop("rope_parameters")
+    c["rope_theta"] = p.pop("rope_theta")
+    c["rope_scaling"] = p
+    (d / "config.json").write_text(json.dumps(c))
+    new = load(d, devices="cpu:0,1", progress=False).cfg
+    assert new == load(FIX / "hf" / "llama", devices="cpu", progress=False).cfg
+    assert new.rope_scaling is not None and new.rope_theta == 500000.0
+
+
+# ------------------------------------------------------------------------------------------
+# GGUF files written here, one per tensor type.
+
+
+def permute_for_gguf(w, n_head):
+    """llama.cpp's q/k row order: each head's two halves interleaved."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+GGUF_NAMES = {"attn_norm": "attn_norm", "q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v",
+              "o_proj": "attn_output", "mlp_norm": "ffn_norm", "gate_proj": "ffn_gate", "up_proj": "ffn_up",
+              "down_proj": "ffn_down"}
+
+
+def write_gguf(path, cfg, full, qtype, *, tied=False, skip=(), extra_meta=None):
+    """Write `full` (table names, HF layout) as a llama GGUF; returns the dequantized weights."""
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(cfg.n_layers)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.ffn_size)
+    w.add_head_count(cfg.n_heads)
+    w.add_head_count_kv(cfg.n_kv_heads)
+    w.add_rope_freq_base(cfg.rope_theta)
+    w.add_layer_norm_rms_eps(cfg.norm_eps)
+    w.add_context_length(cfg.max_seq_len)
+    w.add_vocab_size(cfg.vocab_size)
+    for k, v in (extra_meta or {}).items():
+        w.add_string(k, v)
+    deq = {}
+    qt = gguf.GGMLQuantizationType[qtype]
+    for name, a in full.items():
+        if name in skip or (tied and name == "lm_head"):
+            continue
+        if name.startswith("layers."):
+            _, i, base = name.split(".")
+            gname = f"blk.{i}.{GGUF_NAMES[base]}.weight"
+            if base == "q_proj":
+                a = permute_for_gguf(a, cfg.n_heads)
+            if base == "k_proj":
+                a = permute_for_gguf(a, cfg.n_kv_heads)
+        else:
+            gname = {"embed": "token_embd.weight", "norm": "output_norm.weight", "lm_head": "output.weight"}[name]
+        t = qt if a.ndim == 2 else gguf.GGMLQuantizationType.F32
+        q = gguf.quants.quantize(a, t)
+        w.add_tensor(gname, q, raw_dtype=t)
+        d = gguf.quants.dequantize(q, t).reshape(a.shape)
+        if name.endswith("q_proj"):
+            d = permute_back(d, cfg.n_heads)
+        if name.endswith("k_proj"):
+            d = permute_back(d, cfg.n_kv_heads)
+        deq[name] = d
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return deq
+
+
+def permute_back(w, n_head):
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+GGUF_CFG = tpmax.ModelConfig(arch="llama", vocab_size=67, hidden_size=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                             head_dim=16, ffn_size=96, norm_eps=1e-5, rope_theta=10000.0, max_seq_len=64)
+
+
+@pytest.mark.parametrize("qtype", ["F32", "F16", "BF16", "Q4_0", "Q4_1", "Q8_0"])
+def test_gguf_types_match_reference(tmp_path, qtype):
+    full = tpmax.random_weights(GGUF_CFG, seed=3, std=0.2)
+    deq = write_gguf(tmp_path / "m.gguf", GGUF_CFG, full, qtype)
+    seq = np.random.default_rng(0).integers(0, GGUF_CFG.vocab_size, 9)
+    want, _ = ref.forward(deq, GGUF_CFG, seq)  # HF layout, half-split RoPE
+    for tp in (1, 2, 3, 4):
+        model = load(tmp_path / "m.gguf", devices=spec(tp), progress=False)
+        assert model.cfg.rope_interleaved and model.tokenizer is None
+        (got,) = tpmax.logits(model, [seq])
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_gguf_tied_output(tmp_path):
+    full = tpmax.random_weights(GGUF_CFG, seed=4, std=0.2)
+    deq = write_gguf(tmp_path / "t.gguf", GGUF_CFG, full, "F32", tied=True)
+    model = load(tmp_path / "t.gguf", devices="cpu:0,1", progress=False)
+    assert model.cfg.tie_embeddings
+    seq = np.arange(5)
+    np.testing.assert_allclose(tpmax.logits(model, [seq])[0],
+                               ref.forward(deq, dataclasses.replace(GGUF_CFG, tie_embeddings=True), seq)[0],
+                               rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------
+# Malformed inputs: every one a tpmax LoadError that names the file and the problem.
+
+
+def hf_copy(tmp_path, case="llama"):
+    d = tmp_path / case
+    shutil.copytree(FIX / "hf" / case, d)
+    return d
+
+
+def edit_tensors(d, fn):
+    p = d / "model.safetensors"
+    t = stn.load_file(str(p))
+    fn(t)
+    stn.save_file(t, str(p))
+
+
+def edit_config(d, fn):
+    c = json.loads((d / "config.json").read_text())
+    fn(c)
+    (d / "config.json").write_text(json.dumps(c))
+
+
+BAD_HF = {
+    "missing tensor": (lambda d: edit_tensors(d, lambda t: t.pop("model.layers.1.mlp.up_proj.weight")),
+                       "missing tensor.*layers.1.up_proj"),
+    "extra tensor": (lambda d: edit_tensors(d, lambda t: t.update({"model.layers.0.mlp.extra.weight": np.ones(2, np.float32)})),
+                     "unexpected tensor"),
+    "extra layer": (lambda d: edit_tensors(d, lambda t: t.update({"model.layers.7.mlp.up_proj.weight": np.ones((100, 48), np.float32)})),
+                    "unexpected tensor.*layers.7.up_proj"),
+    "wrong shape": (lambda d: edit_tensors(d, lambda t: t.update({"model.norm.weight": np.ones(47, np.float32)})),
+                    r"norm has shape \(47,\), expected \(48,\)"),
+    "nan weights": (lambda d: edit_tensors(d, lambda t: t["model.layers.0.self_attn.k_proj.weight"].__setitem__((0, 0), np.nan)),
+                    "k_proj contains NaN"),
+    "truncated file": (lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:5000]),
+                       "not a valid safetensors file"),
+    "bad json": (lambda d: (d / "config.json").write_text("{not json"), "config.json: invalid JSON"),
+    "unsupported arch": (lambda d: edit_config(d, lambda c: c.update(model_type="gpt2")), "unsupported model_type 'gpt2'"),
+    "missing key": (lambda d: edit_config(d, lambda c: c.pop("hidden_size")), "missing required key 'hidden_size'"),
+    "unsupported rope": (lambda d: edit_config(d, lambda c: c["rope_parameters"].update(rope_type="yarn")),
+                         "unsupported rope scaling type 'yarn'"),
+    "no weights": (lambda d: (d / "model.safetensors").unlink(), "no model\\*.safetensors weights"),
+    "no config": (lambda d: (d / "config.json").unlink(), "no config.json"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_HF))
+def test_malformed_hf_checkpoints(tmp_path, case):
+    d = hf_copy(tmp_path)
+    damage, match = BAD_HF[case]
+    damage(d)
+    with pytest.raises(tpmax.LoadError, match=match) as e:
+        load(d, devices="cpu:0,1", progress=False)
+    assert str(d) in str(e.value)
+
+
+def test_sharded_index_lists_missing_file(tmp_path):
+    d = hf_copy(tmp_path, "llama_sharded")
+    next(d.glob("model-00002-*.safetensors")).unlink()
+    with pytest.raises(tpmax.LoadError, match="listed in the index but missing"):
+        load(d, progress=False)
+
+
+def test_heads_that_cannot_be_split(tmp_path):
+    with pytest.raises(tpmax.LoadError, match="cannot split 4 attention heads over 5 devices"):
+        load(FIX / "hf" / "llama_tied", devices=spec(5), progress=False)
+
+
+def test_bad_paths(tmp_path):
+    with pytest.raises(tpmax.LoadError, match="no such file"):
+        load(tmp_path / "nope", progress=False)
+    (tmp_path / "x.bin").write_bytes(b"\0" * 10)
+    with pytest.raises(tpmax.LoadError, match="expected a model directory or a .gguf file"):
+        load(tmp_path / "x.bin", progress=False)
+
+
+def test_malformed_gguf_files(tmp_path):
+    full = tpmax.random_weights(GGUF_CFG, seed=1)
+    good = tmp_path / "good.gguf"
+    write_gguf(good, GGUF_CFG, full, "Q8_0")
+    data = good.read_bytes()
+    (tmp_path / "trunc.gguf").write_bytes(data[: len(data) // 2])
+    with pytest.raises(tpmax.LoadError, match="trunc.gguf: not a valid GGUF file"):
+        load(tmp_path / "trunc.gguf", progress=False)
+    (tmp_path / "junk.gguf").write_bytes(b"NOTGGUF" + bytes(100))
+    with pytest.raises(tpmax.LoadError, match="junk.gguf: not a valid GGUF file"):
+        load(tmp_path / "junk.gguf", progress=False)
+    write_gguf(tmp_path / "missing.gguf", GGUF_CFG, full, "F16", skip={"layers.0.v_proj"})
+    with pytest.raises(tpmax.LoadError, match="missing.gguf: missing tensor.*layers.0.v_proj"):
+        load(tmp_path / "missing.gguf", progress=False)
+
+
+def test_gguf_unsupported_type_and_arch(tmp_path):
+    w = gguf.GGUFWriter(str(tmp_path / "k.gguf"), "llama")
+    w.add_tensor("token_embd.weight", np.zeros((4, 144), np.uint8), raw_dtype=gguf.GGMLQuantizationType.Q4_K)
+    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    with pytest.raises(tpmax.LoadError, match="token_embd.weight has unsupported type Q4_K"):
+        load(tmp_path / "k.gguf", progress=False)
+    w = gguf.GGUFWriter(str(tmp_path / "g.gguf"), "gpt2")
+    w.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
+    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    with pytest.raises(tpmax.LoadError, match="unsupported GGUF architecture 'gpt2'"):
+        load(tmp_path / "g.gguf", progress=False)
+
+
+# ------------------------------------------------------------------------------------------
+# The real SmolLM2 GGUF (fetched from its wheel as part of the test set-up).
+
+SMOL = json.loads((FIX / "smollm2_reference.json").read_text())
+
+
+@pytest.fixture(scope="module", params=[1, 2], ids=["tp1", "tp2"])
+def smollm2(request):
+    return load(None, devices=spec(request.param), progress=False)
+
+
+@pytest.mark.slow
+def test_smollm2_greedy_matches_transformers(smollm2):
+    ids = encode_prompt(smollm2, SMOL["chat"]["messages"][0]["content"])
+    assert ids == SMOL["chat"]["prompt_ids"]
+    engine = tpmax.Engine(smollm2, cache_tokens=128)
+    engine.submit(ids, tpmax.SamplingParams(max_new_tokens=16, stop_token_ids=()))  # 16 plain argmax steps
+    (c,) = engine.run()
+    assert c.tokens == SMOL["chat"]["greedy_ids"]
+
+
+@pytest.mark.slow
+def test_smollm2_perplexity_matches_transformers(smollm2):
+    p = SMOL["perplexity"]
+    ids = smollm2.tokenizer.encode((FIX / "perplexity.txt").read_text(encoding="utf-8"))
+    assert ids == p["ids"]
+    ppl, n = tpmax.perplexity(smollm2, ids, context_length=p["context_length"])
+    assert n == p["scored_tokens"]
+    assert abs(ppl - p["perplexity"]) <= 1e-3 * p["perplexity"]
