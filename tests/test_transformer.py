@@ -9,6 +9,7 @@ from hypothesis import given, settings, strategies as st
 
 import tpmax
 from tpmax import AttentionConfig, MHAMaskVariant, ReturnHiddenStates, ReturnLogits
+from tpmax.attention import attention_inputs
 from tpmax.layers import Llama3Scaling
 from conftest import cpu_group
 import reference as ref
@@ -122,10 +123,8 @@ def test_attention_masks_equal_reference(case, mask, T, window):
     acfg = dataclasses.replace(cfg.attention(), mask=mask, sliding_window=window)
     x = np.random.default_rng(seed).standard_normal((T, cfg.hidden_size)).astype(np.float32)
     cache.add(0)
-    slots = cache.reserve([0], [T])
-    cos, sin = cfg.rope().cos_sin(slots.positions)
-    out = tpmax.tensor_parallel_attention_with_rope([x] * tp, weights.layers[0].attn, acfg, [(cos, sin)] * tp,
-                                                   cache, 0, slots, comm)
+    inputs = attention_inputs(acfg, cfg.rope(), cache.reserve([0], [T]), comm.devices)
+    out = tpmax.tensor_parallel_attention_with_rope([x] * tp, weights.layers[0].attn, acfg, inputs, cache, 0, comm)
     kind = {"causal": "causal", "sliding_window_causal": "sliding_window", "null": "null"}[mask.value]
     W = {k: np.clip(v, -cfg.clip_qkv, cfg.clip_qkv) if cfg.clip_qkv and k.endswith(("q_proj", "k_proj", "v_proj"))
          else v for k, v in full.items()}
@@ -147,9 +146,9 @@ def test_materialize_kv_from_hidden_writes_what_attention_writes(case, T):
         cache.add(0)
     slots = cache_a.reserve([0], [T])
     cache_b.reserve([0], [T])  # same page ids as cache_a: both caches start empty
-    cs = [cfg.rope().cos_sin(slots.positions)] * tp
-    tpmax.tensor_parallel_attention_with_rope([x] * tp, weights.layers[0].attn, acfg, cs, cache_a, 0, slots, comm)
-    tpmax.materialize_kv_from_hidden(0, [x] * tp, weights.layers[0].attn, acfg, cache_b, cs, slots)
+    inputs = attention_inputs(acfg, cfg.rope(), slots, comm.devices)
+    tpmax.tensor_parallel_attention_with_rope([x] * tp, weights.layers[0].attn, acfg, inputs, cache_a, 0, comm)
+    tpmax.materialize_kv_from_hidden(0, [x] * tp, weights.layers[0].attn, acfg, cache_b, inputs)
     for pa, pb in zip(cache_a.pages, cache_b.pages):
         np.testing.assert_array_equal(pa, pb)
         assert np.abs(pb).sum() > 0

@@ -9,16 +9,17 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import math
 from typing import Sequence
 
 import numpy as np
 
 from .comm import Communicator
-from .devices import Array, xp_of
+from .devices import Array, Device, asarray, xp_of
 from .distributed import per_device
 from .kv_cache import BatchSlots, PagedKVCache, gather_kv, write_kv
-from .layers import apply_rope, linear, rms_norm
+from .layers import RopeTables, RotaryEmbedding, linear, rms_norm, rotate
 from .sharding import HeadShard, head_shard
 
 
@@ -57,9 +58,10 @@ class AttentionConfig:
     def softmax_scale(self) -> float:
         return float(self.scale) if self.scale is not None else 1.0 / math.sqrt(self.head_dim)
 
-    def heads(self, tp: int) -> list[HeadShard]:
+    @functools.cache
+    def heads(self, tp: int) -> tuple[HeadShard, ...]:
         """The heads of every device of a TP group."""
-        return [head_shard(self.n_heads, self.n_kv_heads, tp, r) for r in range(tp)]
+        return tuple(head_shard(self.n_heads, self.n_kv_heads, tp, r) for r in range(tp))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,34 +81,80 @@ class AttentionWeights:
     k_norm: Array | None = None
 
 
+@dataclasses.dataclass(frozen=True)
+class AttentionInputs:
+    """What attention needs about one ragged batch on one device, prepared once per forward
+    pass and shared by every layer.
+
+    rope: RoPE tables at the tokens' positions `[T, 1, hd]`.
+    page, slot: `[T]` where each new token's k/v goes.
+    tables: per sequence, its page ids; lengths/starts: per sequence cache length after/before.
+    masks: per sequence `[n, L]` bool, or None where nothing is masked.
+    """
+
+    rope: RopeTables
+    page: Array
+    slot: Array
+    offsets: tuple[int, ...]
+    starts: tuple[int, ...]
+    lengths: tuple[int, ...]
+    tables: tuple
+    masks: tuple
+
+
+def attention_inputs(cfg: AttentionConfig, rope: RotaryEmbedding, slots: BatchSlots,
+                     devices: Sequence[Device]) -> list[AttentionInputs]:
+    """Per device `AttentionInputs` for a batch (see `PagedKVCache.reserve` for `slots`)."""
+    cos, sin = rope.cos_sin(slots.positions)  # [T, hd/2] each
+    host_rope = RopeTables.build(cos, sin, interleaved=cfg.interleaved)
+    offs = [int(o) for o in slots.input_row_offsets]
+    starts = [int(s) for s in slots.start]
+    lengths = [int(s + e - a) for s, a, e in zip(starts, offs[:-1], offs[1:])]
+    masks = [_mask(cfg, st, e - a, L) for st, a, e, L in zip(starts, offs[:-1], offs[1:], lengths)]
+    out = []
+    for d in devices:
+        put = lambda a: None if a is None else asarray(a, d)  # noqa: E731
+        out.append(AttentionInputs(host_rope.to(d), put(slots.page), put(slots.slot), tuple(offs), tuple(starts),
+                                   tuple(lengths), tuple(put(t) for t in slots.tables), tuple(put(m) for m in masks)))
+    return out
+
+
+def _mask(cfg: AttentionConfig, start: int, n: int, L: int) -> np.ndarray | None:
+    """`[n, L]` allowed keys for queries at `start .. start+n-1`; None if all are allowed."""
+    if cfg.mask == MHAMaskVariant.NULL_MASK:
+        return None
+    qpos = np.arange(start, start + n)[:, None]
+    kpos = np.arange(L)[None, :]
+    allowed = kpos <= qpos
+    if cfg.mask == MHAMaskVariant.SLIDING_WINDOW_CAUSAL_MASK:
+        allowed &= kpos > qpos - cfg.sliding_window
+    return None if allowed.all() else allowed
+
+
 # ------------------------------------------------------------------------------------------
 # One device.
 
 
 def qkv_rope(x: Array, w: AttentionWeights, heads: HeadShard, cfg: AttentionConfig,
-             cos: Array, sin: Array) -> tuple[Array, Array, Array]:
+             rope: RopeTables) -> tuple[Array, Array, Array]:
     """Project and rotate: x `[T, D]` -> q `[T, n_q, hd]`, k, v `[T, n_kv, hd]`."""
-    T, hd = x.shape[0], cfg.head_dim
-    qkv = linear(x, w.wqkv, w.bqkv)  # [T, (n_q + 2 n_kv) * hd]
-    nq, nkv = heads.n_q * hd, heads.n_kv * hd
-    q = qkv[:, :nq].reshape(T, heads.n_q, hd)  # [T, n_q, hd]
-    k = qkv[:, nq:nq + nkv].reshape(T, heads.n_kv, hd)  # [T, n_kv, hd]
-    v = qkv[:, nq + nkv:].reshape(T, heads.n_kv, hd)
+    T, hd, nq, nkv = x.shape[0], cfg.head_dim, heads.n_q, heads.n_kv
+    qkv = linear(x, w.wqkv, w.bqkv).reshape(T, nq + 2 * nkv, hd)  # [T, n_q + 2 n_kv, hd]
+    qk, v = qkv[:, :nq + nkv], qkv[:, nq + nkv:]
     if cfg.qk_norm_eps is not None:
-        q = rms_norm(q, w.q_norm, eps=cfg.qk_norm_eps)
-        k = rms_norm(k, w.k_norm, eps=cfg.qk_norm_eps)
-    q = apply_rope(q, cos, sin, interleaved=cfg.interleaved)
-    k = apply_rope(k, cos, sin, interleaved=cfg.interleaved)
-    return q, k, v
+        qk = xp_of(x).concatenate([rms_norm(qk[:, :nq], w.q_norm, eps=cfg.qk_norm_eps),
+                                   rms_norm(qk[:, nq:], w.k_norm, eps=cfg.qk_norm_eps)], axis=1)
+    qk = rotate(qk, rope)  # q and k heads in one go
+    return qk[:, :nq], qk[:, nq:], v
 
 
-def attend(q: Array, k: Array, v: Array, kv_of_q: np.ndarray, q_start: int, cfg: AttentionConfig) -> Array:
+def attend(q: Array, k: Array, v: Array, kv_of_q: np.ndarray, mask: Array | None, scale: float) -> Array:
     """Softmax attention of one sequence's new queries over its cached keys (float32).
 
     Args:
-        q: `[n, n_q, hd]` queries at positions `q_start .. q_start + n - 1`.
-        k, v: `[L, n_kv, hd]` keys/values at positions `0 .. L-1`.
+        q: `[n, n_q, hd]`; k, v: `[L, n_kv, hd]`.
         kv_of_q: `[n_q]` local kv head of each local q head (GQA).
+        mask: `[n, L]` allowed keys, or None (all allowed).
     Returns:
         `[n, n_q, hd]` in float32.
     """
@@ -120,14 +168,9 @@ def attend(q: Array, k: Array, v: Array, kv_of_q: np.ndarray, q_start: int, cfg:
         k, v, nkv, g = k[:, kv_of_q], v[:, kv_of_q], nq, 1  # irregular head map: one kv per q
     qh = q.reshape(n, nkv, g, hd).transpose(1, 2, 0, 3).reshape(nkv, g * n, hd)  # [nkv, g*n, hd]
     s = qh @ k.transpose(1, 2, 0)  # [nkv, g*n, L]
-    s *= cfg.softmax_scale
-    if cfg.mask != MHAMaskVariant.NULL_MASK:
-        qpos = np.tile(np.arange(q_start, q_start + n), g)[:, None]  # [g*n, 1]
-        kpos = np.arange(L)[None, :]  # [1, L]
-        allowed = kpos <= qpos
-        if cfg.mask == MHAMaskVariant.SLIDING_WINDOW_CAUSAL_MASK:
-            allowed &= kpos > qpos - cfg.sliding_window
-        s = xp.where(xp.asarray(allowed), s, np.float32(-np.inf))
+    s *= scale
+    if mask is not None:
+        s = xp.where(mask, s.reshape(nkv, g, n, L), np.float32(-np.inf)).reshape(nkv, g * n, L)
     s -= s.max(axis=-1, keepdims=True)
     p = xp.exp(s)
     p /= p.sum(axis=-1, keepdims=True)
@@ -136,17 +179,16 @@ def attend(q: Array, k: Array, v: Array, kv_of_q: np.ndarray, q_start: int, cfg:
 
 
 def attention_local(x: Array, w: AttentionWeights, heads: HeadShard, cfg: AttentionConfig,
-                    cos: Array, sin: Array, pages: Array, layer: int, slots: BatchSlots) -> Array:
+                    inp: AttentionInputs, pages: Array, layer: int) -> Array:
     """One device's attention: x `[T, D]` -> o_proj partial `[T, D]` (not yet reduced)."""
-    q, k, v = qkv_rope(x, w, heads, cfg, cos, sin)
-    write_kv(pages, layer, k, v, slots)
-    kv_of_q = heads.kv_of_q()
+    q, k, v = qkv_rope(x, w, heads, cfg, inp.rope)
+    write_kv(pages, layer, k, v, inp.page, inp.slot)
+    kv_of_q, scale = heads.kv_of_q(), cfg.softmax_scale
     out = xp_of(x).empty(q.shape, np.float32)  # [T, n_q, hd]
-    offs = slots.input_row_offsets
-    for b, table in enumerate(slots.tables):
-        a, e = int(offs[b]), int(offs[b + 1])
-        kb, vb = gather_kv(pages, layer, table, int(slots.start[b]) + e - a)  # [L, n_kv, hd]
-        out[a:e] = attend(q[a:e], kb, vb, kv_of_q, int(slots.start[b]), cfg)
+    for b, table in enumerate(inp.tables):
+        a, e = inp.offsets[b], inp.offsets[b + 1]
+        kb, vb = gather_kv(pages, layer, table, inp.lengths[b])  # [L, n_kv, hd]
+        out[a:e] = attend(q[a:e], kb, vb, kv_of_q, inp.masks[b], scale)
     o = out.reshape(x.shape[0], -1).astype(x.dtype, copy=False)  # [T, n_q * hd]
     return linear(o, w.wo)  # [T, D]
 
@@ -156,27 +198,27 @@ def attention_local(x: Array, w: AttentionWeights, heads: HeadShard, cfg: Attent
 
 
 def tensor_parallel_attention_with_rope(xs: Sequence[Array], ws: Sequence[AttentionWeights],
-                                        cfg: AttentionConfig, rope_cs, cache: PagedKVCache,
-                                        layer: int, slots: BatchSlots, comm: Communicator) -> list[Array]:
+                                        cfg: AttentionConfig, inputs: Sequence[AttentionInputs],
+                                        cache: PagedKVCache, layer: int, comm: Communicator) -> list[Array]:
     """Attention over every device's heads, then one all-reduce.
 
     Args:
         xs: per device `[T, D]` (replicated, already normed).
         ws: per device `AttentionWeights`.
-        rope_cs: per device `(cos, sin)`, each `[T, hd/2]`, at the tokens' positions.
-        cache: the paged KV cache; `slots` from `cache.reserve` for this batch.
+        inputs: per device `AttentionInputs` of this batch (from `attention_inputs`).
+        cache: the paged KV cache the batch's pages were reserved in.
     Returns:
         per device `[T, D]`.
     """
     heads = cfg.heads(len(xs))
-    partials = per_device(
-        lambda x, w, h, cs, pages: attention_local(x, w, h, cfg, cs[0], cs[1], pages, layer, slots),
-        xs, ws, heads, rope_cs, cache.pages)
+    partials = per_device(lambda x, w, h, inp, pages: attention_local(x, w, h, cfg, inp, pages, layer),
+                          xs, ws, heads, inputs, cache.pages)
     return comm.allreduce_sum(partials)
 
 
 def materialize_kv_from_hidden(layer_idx: int, hiddens: Sequence[Array], ws: Sequence[AttentionWeights],
-                               cfg: AttentionConfig, cache: PagedKVCache, rope_cs, slots: BatchSlots) -> None:
+                               cfg: AttentionConfig, cache: PagedKVCache,
+                               inputs: Sequence[AttentionInputs]) -> None:
     """Project hidden states to k/v (with qk-norm and RoPE) and store them in the cache.
 
     q is discarded and no collective runs. Used by speculative-decoding draft models to
@@ -184,8 +226,8 @@ def materialize_kv_from_hidden(layer_idx: int, hiddens: Sequence[Array], ws: Seq
     """
     heads = cfg.heads(len(hiddens))
 
-    def one(x, w, h, cs, pages):
-        _, k, v = qkv_rope(x, w, h, cfg, cs[0], cs[1])
-        write_kv(pages, layer_idx, k, v, slots)
+    def one(x, w, h, inp, pages):
+        _, k, v = qkv_rope(x, w, h, cfg, inp.rope)
+        write_kv(pages, layer_idx, k, v, inp.page, inp.slot)
 
-    per_device(one, hiddens, ws, heads, rope_cs, cache.pages)
+    per_device(one, hiddens, ws, heads, inputs, cache.pages)

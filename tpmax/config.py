@@ -5,6 +5,7 @@ exact-name preset. Per-device sizes are never stored here: they come from `shard
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 from .attention import AttentionConfig, MHAMaskVariant
 from .errors import ConfigError
@@ -54,6 +55,7 @@ class ModelConfig:
 
     # -- derived pieces -----------------------------------------------------------------------
 
+    @functools.cache
     def attention(self) -> AttentionConfig:
         window = self.sliding_window
         return AttentionConfig(
@@ -63,6 +65,7 @@ class ModelConfig:
             sliding_window=window, qk_norm_eps=self.norm_eps if self.qk_norm else None,
             interleaved=self.rope_interleaved)
 
+    @functools.cache
     def rope(self) -> RotaryEmbedding:
         return RotaryEmbedding(dim=self.hidden_size, n_heads=self.n_heads, theta=self.rope_theta,
                                max_seq_len=self.max_seq_len, head_dim=self.head_dim,

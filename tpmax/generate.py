@@ -166,6 +166,7 @@ class Engine:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.stats = stats if stats is not None else Stats()
+        self.finished: list[Request] = []  # in the order they finished
         self._next_id = 0
 
     def submit(self, prompt: Sequence[int], params: SamplingParams = SamplingParams()) -> int:
@@ -290,20 +291,20 @@ class Engine:
     def _finish(self, r: Request, reason: str) -> None:
         if r.finish_reason is None:
             r.finish_reason = reason
+            self.finished.append(r)
         if r in self.running:
             self.running.remove(r)
             self.cache.release(r.id)
 
     def run(self, on_token: Callable[[Request, int, str], None] | None = None) -> list[Completion]:
-        """Step until every request is done; returns completions in submission order."""
-        done: dict[int, Request] = {}
+        """Step until every request is done; returns their completions in submission order."""
+        start = len(self.finished)
         while self.busy:
             for r, tok, piece in self.step():
                 if on_token:
                     on_token(r, tok, piece)
-                if r.finish_reason:
-                    done[r.id] = r
-        return [Completion(r.id, len(r.prompt), r.tokens, r.text, r.finish_reason) for _, r in sorted(done.items())]
+        done = sorted(self.finished[start:], key=lambda r: r.id)
+        return [Completion(r.id, len(r.prompt), r.tokens, r.text, r.finish_reason) for r in done]
 
 
 def encode_prompt(model: Model, prompt: str, *, chat: bool = True) -> list[int]:

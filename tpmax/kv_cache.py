@@ -13,7 +13,7 @@ from typing import Hashable, Sequence
 
 import numpy as np
 
-from .devices import Array, Device, as_dtype, on_device_context, xp_of
+from .devices import Array, Device, as_dtype, on_device_context
 from .sharding import head_shard
 
 
@@ -174,23 +174,15 @@ class PagedKVCache:
             self._lengths[s] += int(n)
 
 
-def write_kv(pages: Array, layer: int, k: Array, v: Array, slots: BatchSlots) -> None:
-    """Store k, v `[T, kv_local, hd]` of the new tokens into one device's pages (in place)."""
-    xp_page, xp_slot = _indices_for(pages, slots)
-    pages[layer, 0, xp_page, xp_slot] = k
-    pages[layer, 1, xp_page, xp_slot] = v
+def write_kv(pages: Array, layer: int, k: Array, v: Array, page: Array, slot: Array) -> None:
+    """Store k, v `[T, kv_local, hd]` of the new tokens into one device's pages, in place, at
+    `page`, `slot` `[T]` (from `BatchSlots`, on the pages' device)."""
+    pages[layer, 0, page, slot] = k
+    pages[layer, 1, page, slot] = v
 
 
-def gather_kv(pages: Array, layer: int, table: np.ndarray, length: int) -> tuple[Array, Array]:
-    """k, v `[length, kv_local, hd]` of one sequence, gathered from its pages."""
-    idx = table if isinstance(pages, np.ndarray) else xp_of(pages).asarray(table)
-    kv = pages[layer][:, idx]  # [2, n_pages, page_size, kv, hd]
+def gather_kv(pages: Array, layer: int, table: Array, length: int) -> tuple[Array, Array]:
+    """k, v `[length, kv_local, hd]` of one sequence, gathered from its pages `table`."""
+    kv = pages[layer][:, table]  # [2, n_pages, page_size, kv, hd]
     kv = kv.reshape(2, -1, *kv.shape[-2:])[:, :length]  # [2, L, kv, hd]
     return kv[0], kv[1]
-
-
-def _indices_for(pages, slots):
-    if isinstance(pages, np.ndarray):
-        return slots.page, slots.slot
-    xp = xp_of(pages)
-    return xp.asarray(slots.page), xp.asarray(slots.slot)

@@ -165,19 +165,46 @@ class RotaryEmbedding:
         return np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
 
 
+@dataclasses.dataclass(frozen=True)
+class RopeTables:
+    """RoPE as `x * cos + x[..., perm] * sin`, tables prepared once per forward pass.
+
+    cos, sin: `[T, 1, hd]` float32 (sin carries the rotation's signs); perm: `[hd]` pairs each
+    element with its partner (i <-> i+hd/2 for the half-split layout, 2i <-> 2i+1 interleaved).
+    """
+
+    cos: Array
+    sin: Array
+    perm: Array
+
+    @classmethod
+    def build(cls, cos: np.ndarray, sin: np.ndarray, *, interleaved: bool) -> "RopeTables":
+        """From cos, sin `[T, hd/2]`."""
+        half = cos.shape[-1]
+        if interleaved:
+            c = np.repeat(cos, 2, axis=-1)  # [T, hd]: c0 c0 c1 c1 ...
+            s = np.stack([-sin, sin], axis=-1).reshape(len(sin), 2 * half)  # -s0 s0 -s1 s1 ...
+            perm = np.arange(2 * half).reshape(half, 2)[:, ::-1].reshape(-1)  # 1 0 3 2 ...
+        else:
+            c = np.concatenate([cos, cos], axis=-1)
+            s = np.concatenate([-sin, sin], axis=-1)
+            perm = np.concatenate([np.arange(half, 2 * half), np.arange(half)])
+        return cls(c[:, None, :], s[:, None, :], perm)
+
+    def to(self, device) -> "RopeTables":
+        from .devices import asarray
+        return RopeTables(asarray(self.cos, device), asarray(self.sin, device), asarray(self.perm, device))
+
+
+def rotate(x: Array, rope: RopeTables) -> Array:
+    """Apply RoPE to x `[T, H, hd]` (float32 math, x's dtype out)."""
+    x32 = x.astype(np.float32, copy=False)
+    return (x32 * rope.cos + x32[..., rope.perm] * rope.sin).astype(x.dtype, copy=False)
+
+
 def apply_rope(x: Array, cos: Array, sin: Array, /, *, interleaved: bool) -> Array:
     """Rotate x `[T, H, hd]` by cos/sin `[T, hd/2]` (float32 math, x's dtype out)."""
-    xp = xp_of(x)
-    x32 = x.astype(np.float32, copy=False)
-    c, s = cos[:, None, :], sin[:, None, :]  # [T, 1, hd/2]
-    if interleaved:
-        a, b = x32[..., 0::2], x32[..., 1::2]
-        out = xp.stack([a * c - b * s, a * s + b * c], axis=-1).reshape(x.shape)
-    else:
-        half = x.shape[-1] // 2
-        a, b = x32[..., :half], x32[..., half:]
-        out = xp.concatenate([a * c - b * s, b * c + a * s], axis=-1)
-    return out.astype(x.dtype, copy=False)
+    return rotate(x, RopeTables.build(cos, sin, interleaved=interleaved))
 
 
 # ------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ splits axis 0 (Megatron "column parallel"), `columnwise` splits axis 1 ("row par
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import numpy as np
 
@@ -58,6 +59,7 @@ class HeadShard:
     def n_kv(self) -> int:
         return self.kv1 - self.kv0
 
+    @functools.cache
     def kv_of_q(self) -> np.ndarray:
         """For each local q head, the index of its kv head among this device's kv heads."""
         return np.arange(self.q0, self.q1) // self.group - self.kv0

@@ -14,12 +14,12 @@ from typing import Callable, Hashable, Sequence
 
 import numpy as np
 
-from .attention import tensor_parallel_attention_with_rope
+from .attention import AttentionInputs, attention_inputs, tensor_parallel_attention_with_rope
 from .comm import Communicator
 from .config import ModelConfig
 from .devices import Array, Device, asarray, to_numpy
 from .distributed import forward_sharded_layers, per_device
-from .kv_cache import BatchSlots, PagedKVCache
+from .kv_cache import PagedKVCache
 from .layers import DistributedGemmConfig, column_parallel_linear, mlp, rms_norm, vocab_parallel_embedding
 from .weights import LayerWeights, Weights
 
@@ -42,7 +42,7 @@ class ReturnHiddenStates(str, enum.Enum):
 
 
 def distributed_transformer_block(xs: list[Array], lw: LayerWeights, layer: int, cfg: ModelConfig, *,
-                                  rope_cs, cache: PagedKVCache, slots: BatchSlots, comm: Communicator,
+                                  inputs: Sequence[AttentionInputs], cache: PagedKVCache, comm: Communicator,
                                   gemm_config: DistributedGemmConfig | None = None) -> list[Array]:
     """`h = x + allreduce(attn(norm(x)))`, `out = h + allreduce(mlp(norm(h)))`.
 
@@ -51,8 +51,8 @@ def distributed_transformer_block(xs: list[Array], lw: LayerWeights, layer: int,
     """
     eps, m = cfg.norm_eps, cfg.residual_multiplier
     normed = per_device(lambda x, w: rms_norm(x, w, eps=eps), xs, lw.attn_norm)
-    attn = tensor_parallel_attention_with_rope(normed, lw.attn, cfg.attention(), rope_cs, cache, layer,
-                                               slots, comm)  # all-reduce #1
+    attn = tensor_parallel_attention_with_rope(normed, lw.attn, cfg.attention(), inputs, cache, layer,
+                                               comm)  # all-reduce #1
     hs = [x + a * m if m != 1.0 else x + a for x, a in zip(xs, attn)]
     normed = per_device(lambda h, w: rms_norm(h, w, eps=eps), hs, lw.mlp_norm)
     ff = mlp(normed, lw.w13, lw.w2, comm, act=cfg.activation, gemm_config=gemm_config)  # all-reduce #2
@@ -113,12 +113,11 @@ def distributed_transformer(weights: Weights, cfg: ModelConfig, tokens, input_ro
     xs = vocab_parallel_embedding(tokens, weights.embed, comm)  # per device [T, D]
     if cfg.embedding_multiplier != 1.0:
         xs = [x * cfg.embedding_multiplier for x in xs]
-    cos, sin = cfg.rope().cos_sin(slots.positions)  # [T, hd/2] each, float32
-    rope_cs = [(asarray(cos, d), asarray(sin, d)) for d in devices]
+    inputs = attention_inputs(cfg.attention(), cfg.rope(), slots, devices)  # once per pass, for every layer
     for group in groups:
         for i in group:
-            xs = distributed_transformer_block(xs, weights.layers[i], i, cfg, rope_cs=rope_cs, cache=cache,
-                                               slots=slots, comm=comm, gemm_config=gemm_config)
+            xs = distributed_transformer_block(xs, weights.layers[i], i, cfg, inputs=inputs, cache=cache,
+                                               comm=comm, gemm_config=gemm_config)
     cache.commit(seq_ids, n_new)
     norm_shards = [functools.partial(_final_norm, w=w, eps=cfg.norm_eps) for w in weights.norm]
     lm_head = functools.partial(_lm_head, weights.lm_head)
