@@ -210,3 +210,12 @@ def shard(name: str, w: np.ndarray, lay: Layout) -> np.ndarray:
     """Device `lay.rank`'s shard of the full weight `w` (pieces concatenated on axis 0)."""
     pieces = [w[idx] for idx in shard_pieces(name, w.shape, lay)]
     return pieces[0] if len(pieces) == 1 else np.concatenate(pieces, axis=0)
+
+
+def sharding_markdown() -> str:
+    """The table as Markdown: what docs/sharding.md shows (a test keeps them equal)."""
+    lines = ["| weight | stored shape | strategy | device tensor |", "| --- | --- | --- | --- |"]
+    for table in (LAYER_SHARDING, MODEL_SHARDING):
+        for name, (shape, strategy, fused) in table.items():
+            lines.append(f"| `{name}` | `[{', '.join(shape)}]` | `{strategy}` | `{fused}` |")
+    return "\n".join(lines) + "\n"
