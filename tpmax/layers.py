@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
 import numpy as np
@@ -16,6 +17,7 @@ import numpy as np
 from .comm import Communicator
 from .devices import Array, bfloat16, xp_of
 from .distributed import per_device
+from .sharding import split_bounds
 
 _HALF = (np.dtype(np.float16), bfloat16)
 
@@ -292,30 +294,20 @@ def mlp(xs: Sequence[Array], w13s: Sequence[Array], w2s: Sequence[Array], comm: 
     return ys if b2 is None else [y + b2 for y in ys]
 
 
+_reducer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tpmax-allreduce")
+
+
 def _mlp_matmul_allreduce(xs, w13s, w2s, b13s, comm, act, chunks):
-    # Split the tokens into chunks; chunk i's all-reduce is issued while chunk i+1's partials
-    # are computed (on GPU both run asynchronously on the stream; on CPU the reduction of one
-    # chunk and the per-device matmuls of the next proceed on separate threads).
-    from concurrent.futures import ThreadPoolExecutor
-
-    T = xs[0].shape[0]
-    bounds = [(a, b) for a, b in _chunk_bounds(T, chunks)]
-    outs = [None] * len(bounds)
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tpmax-allreduce") as reducer:
-        pending = []
-        for i, (a, b) in enumerate(bounds):
-            partials = per_device(lambda x, w13, w2, b13: mlp_local(x[a:b], w13, w2, act=act, b13=b13),
-                                  xs, w13s, w2s, b13s)  # per device [Tc, D]
-            pending.append(reducer.submit(comm.allreduce_sum, partials))
-        for i, fut in enumerate(pending):
-            outs[i] = fut.result()
+    # Split the tokens into chunks: chunk i's all-reduce runs on the reducer thread while the
+    # devices compute chunk i+1 (on GPU both are also asynchronous on the stream).
+    pending = []
+    for a, b in split_bounds(xs[0].shape[0], min(chunks, xs[0].shape[0])):
+        partials = per_device(lambda x, w13, w2, b13: mlp_local(x[a:b], w13, w2, act=act, b13=b13),
+                              xs, w13s, w2s, b13s)  # per device [Tc, D]
+        pending.append(_reducer.submit(comm.allreduce_sum, partials))
+    outs = [f.result() for f in pending]  # per chunk, per device [Tc, D]
     xp = xp_of(xs[0])
-    return [xp.concatenate([o[r] for o in outs], axis=0) for r in range(len(xs))]
-
-
-def _chunk_bounds(n: int, k: int):
-    from .sharding import split_bounds
-    return [ab for ab in split_bounds(n, min(k, n)) if ab[1] > ab[0]]
+    return [xp.concatenate([o[r] for o in outs], axis=0) for r in range(len(xs))]  # per device [T, D]
 
 
 # ------------------------------------------------------------------------------------------
