@@ -269,3 +269,19 @@ def test_cache_bookkeeping_errors():
 def test_kv_heads_per_device_with_replication():
     params = tpmax.KVCacheParams("float32", 2, 4, 8, 1, tuple(cpu_group(4)), n_heads=6)
     assert params.n_kv_heads_per_device == [1, 2, 1, 1]  # q heads 0-1|2-3|4|5 -> kv 0|0-1|1|1
+
+
+@settings(max_examples=15)
+@given(model_cases(), st.integers(1, 12))
+def test_device_threads_and_query_blocks_change_nothing(case, T):
+    import tpmax.attention as A
+    cfg, tp, seed = case
+    full, weights, cache, comm = build(cfg, tp, seed)
+    seq = np.random.default_rng(seed).integers(0, cfg.vocab_size, T)
+    old = A.ATTENTION_BLOCK
+    try:
+        A.ATTENTION_BLOCK = 3  # several query blocks per sequence, each with its own key range
+        (_, blocked, _) = run(weights, cfg, cache, comm, [seq], ["s"], return_logits=ReturnLogits.ALL, threads=True)
+    finally:
+        A.ATTENTION_BLOCK = old
+    close(blocked, ref.forward(full, cfg, seq, clip_qkv=cfg.clip_qkv)[0])

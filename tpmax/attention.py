@@ -89,7 +89,7 @@ class AttentionInputs:
     rope: RoPE tables at the tokens' positions `[T, 1, hd]`.
     page, slot: `[T]` where each new token's k/v goes.
     tables: per sequence, its page ids; lengths/starts: per sequence cache length after/before.
-    masks: per sequence `[n, L]` bool, or None where nothing is masked.
+    blocks: per sequence, its `QueryBlock`s.
     """
 
     rope: RopeTables
@@ -99,7 +99,25 @@ class AttentionInputs:
     starts: tuple[int, ...]
     lengths: tuple[int, ...]
     tables: tuple
-    masks: tuple
+    blocks: tuple
+
+
+@dataclasses.dataclass(frozen=True)
+class QueryBlock:
+    """Queries `[a, b)` of a sequence's new tokens and the keys `[lo, hi)` they may see (the
+    causal / sliding-window bounds, so masked-out key ranges are never computed).
+
+    bias: `[b-a, hi-lo]` float32, 0 where allowed and -inf where masked; None if all allowed.
+    """
+
+    a: int
+    b: int
+    lo: int
+    hi: int
+    bias: Array | None
+
+
+ATTENTION_BLOCK = 256  # queries per block: prefill never holds more than [heads, 256, L] scores
 
 
 def attention_inputs(cfg: AttentionConfig, rope: RotaryEmbedding, slots: BatchSlots,
@@ -110,25 +128,32 @@ def attention_inputs(cfg: AttentionConfig, rope: RotaryEmbedding, slots: BatchSl
     offs = [int(o) for o in slots.input_row_offsets]
     starts = [int(s) for s in slots.start]
     lengths = [int(s + e - a) for s, a, e in zip(starts, offs[:-1], offs[1:])]
-    masks = [_mask(cfg, st, e - a, L) for st, a, e, L in zip(starts, offs[:-1], offs[1:], lengths)]
     out = []
     for d in devices:
         put = lambda a: None if a is None else asarray(a, d)  # noqa: E731
+        blocks = tuple(tuple(QueryBlock(a, b, lo, hi, put(bias)) for a, b, lo, hi, bias in
+                             _query_blocks(cfg, st, e - a0, L))
+                       for st, a0, e, L in zip(starts, offs[:-1], offs[1:], lengths))
         out.append(AttentionInputs(host_rope.to(d), put(slots.page), put(slots.slot), tuple(offs), tuple(starts),
-                                   tuple(lengths), tuple(put(t) for t in slots.tables), tuple(put(m) for m in masks)))
+                                   tuple(lengths), tuple(put(t) for t in slots.tables), blocks))
     return out
 
 
-def _mask(cfg: AttentionConfig, start: int, n: int, L: int) -> np.ndarray | None:
-    """`[n, L]` allowed keys for queries at `start .. start+n-1`; None if all are allowed."""
-    if cfg.mask == MHAMaskVariant.NULL_MASK:
-        return None
-    qpos = np.arange(start, start + n)[:, None]
-    kpos = np.arange(L)[None, :]
-    allowed = kpos <= qpos
-    if cfg.mask == MHAMaskVariant.SLIDING_WINDOW_CAUSAL_MASK:
-        allowed &= kpos > qpos - cfg.sliding_window
-    return None if allowed.all() else allowed
+def _query_blocks(cfg: AttentionConfig, start: int, n: int, L: int):
+    """`(a, b, lo, hi, bias)` for blocks of `ATTENTION_BLOCK` queries at positions `start + a ..`."""
+    for a in range(0, n, ATTENTION_BLOCK):
+        b = min(n, a + ATTENTION_BLOCK)
+        if cfg.mask == MHAMaskVariant.NULL_MASK:
+            yield a, b, 0, L, None
+            continue
+        window = cfg.sliding_window if cfg.mask == MHAMaskVariant.SLIDING_WINDOW_CAUSAL_MASK else None
+        lo, hi = (max(0, start + a - window + 1) if window else 0), start + b
+        qpos = np.arange(start + a, start + b)[:, None]  # [b-a, 1]
+        kpos = np.arange(lo, hi)[None, :]  # [1, hi-lo]
+        allowed = kpos <= qpos
+        if window:
+            allowed &= kpos > qpos - window
+        yield a, b, lo, hi, None if allowed.all() else np.where(allowed, 0.0, -np.inf).astype(np.float32)
 
 
 # ------------------------------------------------------------------------------------------
@@ -148,34 +173,40 @@ def qkv_rope(x: Array, w: AttentionWeights, heads: HeadShard, cfg: AttentionConf
     return qk[:, :nq], qk[:, nq:], v
 
 
-def attend(q: Array, k: Array, v: Array, kv_of_q: np.ndarray, mask: Array | None, scale: float) -> Array:
+def attend(q: Array, k: Array, v: Array, heads: HeadShard, blocks: Sequence[QueryBlock], scale: float) -> Array:
     """Softmax attention of one sequence's new queries over its cached keys (float32).
 
     Args:
         q: `[n, n_q, hd]`; k, v: `[L, n_kv, hd]`.
-        kv_of_q: `[n_q]` local kv head of each local q head (GQA).
-        mask: `[n, L]` allowed keys, or None (all allowed).
+        heads: the device's heads (which local kv head each local q head reads).
+        blocks: the query blocks, their key ranges and masks.
     Returns:
         `[n, n_q, hd]` in float32.
     """
     xp = xp_of(q)
     n, nq, hd = q.shape
-    L = k.shape[0]
-    q, k, v = (a.astype(np.float32, copy=False) for a in (q, k, v))
-    nkv = k.shape[1]
-    g = nq // nkv
-    if not (nq == nkv * g and np.array_equal(kv_of_q, np.repeat(np.arange(nkv), g))):
-        k, v, nkv, g = k[:, kv_of_q], v[:, kv_of_q], nq, 1  # irregular head map: one kv per q
-    qh = q.reshape(n, nkv, g, hd).transpose(1, 2, 0, 3).reshape(nkv, g * n, hd)  # [nkv, g*n, hd]
-    s = qh @ k.transpose(1, 2, 0)  # [nkv, g*n, L]
-    s *= scale
-    if mask is not None:
-        s = xp.where(mask, s.reshape(nkv, g, n, L), np.float32(-np.inf)).reshape(nkv, g * n, L)
-    s -= s.max(axis=-1, keepdims=True)
-    p = xp.exp(s)
-    p /= p.sum(axis=-1, keepdims=True)
-    o = p @ v.transpose(1, 0, 2)  # [nkv, g*n, hd]
-    return o.reshape(nkv, g, n, hd).transpose(2, 0, 1, 3).reshape(n, nq, hd)  # [n, n_q, hd]
+    q = q.astype(np.float32) * scale  # scale the few queries, not the many scores
+    k, v = k.astype(np.float32, copy=False), v.astype(np.float32, copy=False)
+    if heads.grouped:
+        nkv, g = k.shape[1], nq // k.shape[1]
+    else:  # irregular head map (kv heads replicated unevenly): one kv head per q head
+        k, v, nkv, g = k[:, heads.kv_of_q()], v[:, heads.kv_of_q()], nq, 1
+    kt, vt = k.transpose(1, 2, 0), v.transpose(1, 0, 2)  # [nkv, hd, L], [nkv, L, hd]
+    out = xp.empty((n, nq, hd), np.float32)
+    for blk in blocks:
+        nb = blk.b - blk.a
+        qh = q[blk.a:blk.b].reshape(nb, nkv, g, hd).transpose(1, 2, 0, 3).reshape(nkv, g * nb, hd)
+        s = qh @ kt[:, :, blk.lo:blk.hi]  # [nkv, g*nb, K]
+        if blk.bias is not None:
+            s = s.reshape(nkv, g, nb, -1)
+            s += blk.bias  # -inf where masked
+            s = s.reshape(nkv, g * nb, -1)
+        s -= s.max(axis=-1, keepdims=True)
+        xp.exp(s, out=s)
+        o = s @ vt[:, blk.lo:blk.hi]  # [nkv, g*nb, hd], unnormalised
+        o /= s.sum(axis=-1, keepdims=True)
+        out[blk.a:blk.b] = o.reshape(nkv, g, nb, hd).transpose(2, 0, 1, 3).reshape(nb, nq, hd)
+    return out  # [n, n_q, hd]
 
 
 def attention_local(x: Array, w: AttentionWeights, heads: HeadShard, cfg: AttentionConfig,
@@ -183,12 +214,12 @@ def attention_local(x: Array, w: AttentionWeights, heads: HeadShard, cfg: Attent
     """One device's attention: x `[T, D]` -> o_proj partial `[T, D]` (not yet reduced)."""
     q, k, v = qkv_rope(x, w, heads, cfg, inp.rope)
     write_kv(pages, layer, k, v, inp.page, inp.slot)
-    kv_of_q, scale = heads.kv_of_q(), cfg.softmax_scale
+    scale = cfg.softmax_scale
     out = xp_of(x).empty(q.shape, np.float32)  # [T, n_q, hd]
     for b, table in enumerate(inp.tables):
         a, e = inp.offsets[b], inp.offsets[b + 1]
         kb, vb = gather_kv(pages, layer, table, inp.lengths[b])  # [L, n_kv, hd]
-        out[a:e] = attend(q[a:e], kb, vb, kv_of_q, inp.masks[b], scale)
+        out[a:e] = attend(q[a:e], kb, vb, heads, inp.blocks[b], scale)
     o = out.reshape(x.shape[0], -1).astype(x.dtype, copy=False)  # [T, n_q * hd]
     return linear(o, w.wo)  # [T, D]
 

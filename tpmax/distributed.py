@@ -3,7 +3,9 @@
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
+import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterable, Protocol, Sequence, runtime_checkable
 
@@ -50,11 +52,13 @@ def forward_sharded_layers(layers: Sequence[Callable], xs: Sequence[Array]) -> l
 _pools: dict[int, ThreadPoolExecutor] = {}
 
 
-def per_device(fn: Callable, *per_device_args: Sequence, parallel: bool = True) -> list:
-    """`[fn(*args_r) for each device r]`, one worker thread per device when `parallel`.
+def per_device(fn: Callable, *per_device_args: Sequence, parallel: bool = False) -> list:
+    """`[fn(*args_r) for each device r]`; with `parallel`, devices 1.. run on worker threads
+    while device 0 runs on the calling thread.
 
-    NumPy and CuPy release the GIL inside BLAS and kernels, so virtual CPU devices (and GPUs
-    driven from one process) really run side by side.
+    NumPy and CuPy release the GIL inside BLAS and kernels, so with enough cores the devices
+    really run side by side; small per-op work still takes turns on the GIL. CuPy work is
+    asynchronous anyway, so GPUs overlap without threads.
     """
     n = len(per_device_args[0])
     if any(len(a) != n for a in per_device_args):
@@ -63,5 +67,27 @@ def per_device(fn: Callable, *per_device_args: Sequence, parallel: bool = True) 
         return [fn(*args) for args in zip(*per_device_args)]
     pool = _pools.get(n)
     if pool is None:
-        pool = _pools[n] = ThreadPoolExecutor(max_workers=n, thread_name_prefix="tpmax-dev")
-    return list(pool.map(lambda args: fn(*args), zip(*per_device_args)))
+        pool = _pools[n] = ThreadPoolExecutor(max_workers=n - 1, thread_name_prefix="tpmax-dev")
+    args = list(zip(*per_device_args))
+    others = [pool.submit(fn, *a) for a in args[1:]]  # devices 1.. on worker threads
+    first = fn(*args[0])  # device 0 on the calling thread
+    return [first] + [f.result() for f in others]
+
+
+_blas = None
+
+
+@contextlib.contextmanager
+def blas_threads_for(devices: Sequence[Device]):
+    """While several virtual CPU devices run side by side, give each one's BLAS calls
+    `cores // devices` threads (at least 1), so device threads do not oversubscribe the cores.
+    Restores the previous setting on exit; does nothing for one device or for GPUs."""
+    global _blas
+    if len(devices) < 2 or any(d.kind != "cpu" for d in devices):
+        yield
+        return
+    if _blas is None:
+        from threadpoolctl import ThreadpoolController
+        _blas = ThreadpoolController()
+    with _blas.limit(limits=max(1, len(os.sched_getaffinity(0)) // len(devices)), user_api="blas"):
+        yield

@@ -59,6 +59,12 @@ class HeadShard:
     def n_kv(self) -> int:
         return self.kv1 - self.kv0
 
+    @functools.cached_property
+    def grouped(self) -> bool:
+        """True when local q heads come in equal consecutive groups per local kv head."""
+        g = self.n_q // self.n_kv
+        return g * self.n_kv == self.n_q and np.array_equal(self.kv_of_q(), np.repeat(np.arange(self.n_kv), g))
+
     @functools.cache
     def kv_of_q(self) -> np.ndarray:
         """For each local q head, the index of its kv head among this device's kv heads."""
