@@ -59,12 +59,18 @@ def rms_norm(x: Array, w: Array, /, *, eps: float) -> Array:
     """
     xp = xp_of(x)
     x32 = x.astype(np.float32, copy=False)
-    inv = 1.0 / xp.sqrt((x32 * x32).mean(axis=-1, keepdims=True) + float(eps))  # [..., 1]
-    return (x32 * inv * w.astype(np.float32, copy=False)).astype(x.dtype, copy=False)
+    ms = (x32 * x32).sum(axis=-1, keepdims=True)  # [..., 1]
+    ms *= 1.0 / x.shape[-1]
+    ms += float(eps)
+    y = x32 / xp.sqrt(ms, out=ms)
+    y *= w.astype(np.float32, copy=False)
+    return y.astype(x.dtype, copy=False)
 
 
 def _silu(x):
-    return x / (1.0 + xp_of(x).exp(-x))
+    e = xp_of(x).exp(-x)
+    e += 1.0
+    return x / e
 
 
 def _erf(x):
