@@ -31,8 +31,12 @@ def matmul_t(x: Array, w: Array) -> Array:
 
     NumPy has no fast half-precision GEMM, so half weights are computed in float32 there.
     """
-    if xp_of(x) is np and w.dtype in _HALF:
-        return x.astype(np.float32) @ w.astype(np.float32).T
+    if xp_of(x) is np:
+        if w.dtype in _HALF:
+            return x.astype(np.float32) @ w.astype(np.float32).T
+        if x.ndim == 2 and 2 <= x.shape[0] <= 4:
+            # OpenBLAS runs a 2-4 row x @ w.T ~30 % slower than w @ x.T (measured, 2 cores)
+            return (w @ x.T).T
     return x @ w.T
 
 
