@@ -90,6 +90,8 @@ class AttentionInputs:
     page, slot: `[T]` where each new token's k/v goes.
     tables: per sequence, its page ids; lengths/starts: per sequence cache length after/before.
     blocks: per sequence, its `QueryBlock`s.
+    decode: when every sequence brings one token (a decode step of several sequences), the
+        padded batch that lets all of them attend in one go; else None.
     """
 
     rope: RopeTables
@@ -100,6 +102,17 @@ class AttentionInputs:
     lengths: tuple[int, ...]
     tables: tuple
     blocks: tuple
+    decode: "DecodeBatch | None" = None
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeBatch:
+    """B sequences with one new token each, padded to the longest: tables `[B, P]` page ids,
+    bias `[B, 1, 1, L]` float32 (0 where a key is visible, -inf past a sequence's end or
+    outside its window)."""
+
+    tables: Array
+    bias: Array
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,9 +147,31 @@ def attention_inputs(cfg: AttentionConfig, rope: RotaryEmbedding, slots: BatchSl
         blocks = tuple(tuple(QueryBlock(a, b, lo, hi, put(bias)) for a, b, lo, hi, bias in
                              _query_blocks(cfg, st, e - a0, L))
                        for st, a0, e, L in zip(starts, offs[:-1], offs[1:], lengths))
+        decode = _decode_batch(cfg, slots, lengths)
+        if decode is not None:
+            decode = DecodeBatch(put(decode[0]), put(decode[1]))
         out.append(AttentionInputs(host_rope.to(d), put(slots.page), put(slots.slot), tuple(offs), tuple(starts),
-                                   tuple(lengths), tuple(put(t) for t in slots.tables), blocks))
+                                   tuple(lengths), tuple(put(t) for t in slots.tables), blocks, decode))
     return out
+
+
+def _decode_batch(cfg: AttentionConfig, slots: BatchSlots, lengths: list[int]):
+    """(tables `[B, P]`, bias `[B, 1, 1, L]`) when every sequence has one new token and B > 1."""
+    B = len(lengths)
+    if B < 2 or len(slots.positions) != B:
+        return None
+    P = max(len(t) for t in slots.tables)
+    tables = np.zeros((B, P), np.int64)  # padding points at page 0; the bias hides it
+    for b, t in enumerate(slots.tables):
+        tables[b, :len(t)] = t
+    L = max(lengths)
+    kpos = np.arange(L)[None, :]  # [1, L]
+    qpos = slots.positions[:, None]  # [B, 1]: each sequence's one query
+    visible = kpos < np.asarray(lengths)[:, None]
+    if cfg.mask == MHAMaskVariant.SLIDING_WINDOW_CAUSAL_MASK:
+        visible &= kpos > qpos - cfg.sliding_window
+    bias = np.where(visible, 0.0, -np.inf).astype(np.float32)
+    return tables, bias[:, None, None, :]
 
 
 def _query_blocks(cfg: AttentionConfig, start: int, n: int, L: int):
@@ -209,12 +244,36 @@ def attend(q: Array, k: Array, v: Array, heads: HeadShard, blocks: Sequence[Quer
     return out  # [n, n_q, hd]
 
 
+def attend_decode(q: Array, pages: Array, layer: int, heads: HeadShard, dec: DecodeBatch, scale: float) -> Array:
+    """One decode step of B sequences at once: q `[B, n_q, hd]` -> `[B, n_q, hd]` float32."""
+    xp = xp_of(q)
+    B, nq, hd = q.shape
+    kv = pages[layer][:, dec.tables]  # [2, B, P, page_size, n_kv, hd]
+    kv = kv.reshape(2, B, -1, *kv.shape[-2:])[:, :, :dec.bias.shape[-1]].astype(np.float32, copy=False)
+    k, v = kv[0], kv[1]  # [B, L, n_kv, hd]
+    if heads.grouped:
+        nkv, g = k.shape[2], nq // k.shape[2]
+    else:  # irregular head map: one kv head per q head
+        k, v, nkv, g = k[:, :, heads.kv_of_q()], v[:, :, heads.kv_of_q()], nq, 1
+    qh = (q.astype(np.float32) * scale).reshape(B, nkv, g, hd)  # [B, nkv, g, hd]
+    s = qh @ k.transpose(0, 2, 3, 1)  # [B, nkv, g, L]
+    s += dec.bias
+    s -= s.max(axis=-1, keepdims=True)
+    xp.exp(s, out=s)
+    o = s @ v.transpose(0, 2, 1, 3)  # [B, nkv, g, hd], unnormalised
+    o /= s.sum(axis=-1, keepdims=True)
+    return o.reshape(B, nq, hd)
+
+
 def attention_local(x: Array, w: AttentionWeights, heads: HeadShard, cfg: AttentionConfig,
                     inp: AttentionInputs, pages: Array, layer: int) -> Array:
     """One device's attention: x `[T, D]` -> o_proj partial `[T, D]` (not yet reduced)."""
     q, k, v = qkv_rope(x, w, heads, cfg, inp.rope)
     write_kv(pages, layer, k, v, inp.page, inp.slot)
     scale = cfg.softmax_scale
+    if inp.decode is not None:
+        o = attend_decode(q, pages, layer, heads, inp.decode, scale)  # [B, n_q, hd]
+        return linear(o.reshape(x.shape[0], -1).astype(x.dtype, copy=False), w.wo)  # [B, D]
     out = xp_of(x).empty(q.shape, np.float32)  # [T, n_q, hd]
     for b, table in enumerate(inp.tables):
         a, e = inp.offsets[b], inp.offsets[b + 1]
