@@ -5,7 +5,7 @@ Each repeat prefills the prompt into an empty KV cache and returns the last toke
 (the lm_head runs on one row). FLOPs = 2 x layer-matmul params x T + 2 x vocab x D
 + causal attention (see `common.forward_flops`).
 
-    python bench/prefill.py [--devices cpu:0,1] [--lengths 128,512,2048] [--peers transformers,llamacpp]
+    python bench/prefill.py [--devices 'cpu:0,1;cpu'] [--lengths 128,512,2048] [--peers transformers,llamacpp]
 """
 from __future__ import annotations
 
@@ -77,16 +77,17 @@ def run(args) -> dict:
     print(f"measuring the roofline ({'quick' if args.quick_roofline else 'full'}) ...", flush=True)
     roof = roofline.measure(quick=args.quick_roofline)
     print(f"  f32 matmul {roof['cpu']['peak_gflops_f32']:.1f} GFLOP/s", flush=True)
-    model = tpmax.load(path, devices=args.devices, dtype="float32", progress=False)
-    cfg = model.cfg
-    prompts = {T: decode.prompts_for(1, T, cfg.vocab_size, seed=T)[0] for T in lengths}
     reps = lambda T: max(2, args.repeats if T <= 512 else args.repeats - 1)  # noqa: E731
     rows, skipped = [], {}
-    label = f"tpmax[{args.devices}]"
-    for T in lengths:
-        rows.append(figures(label, T, tpmax_prefill(model, prompts[T], warmup=1, repeats=reps(T)), cfg=cfg, roof=roof))
-        common.print_table(rows[-1:], COLUMNS)
-    del model
+    for spec in [d.strip() for d in args.devices.split(";") if d.strip()]:
+        model = tpmax.load(path, devices=spec, dtype="float32", progress=False)
+        cfg = model.cfg
+        prompts = {T: decode.prompts_for(1, T, cfg.vocab_size, seed=T)[0] for T in lengths}
+        for T in lengths:
+            t = tpmax_prefill(model, prompts[T], warmup=1, repeats=reps(T))
+            rows.append(figures(f"tpmax[{spec}]", T, t, cfg=cfg, roof=roof))
+            common.print_table(rows[-1:], COLUMNS)
+        del model
     for peer in peers:
         why = common.peer_status(peer)
         if why:
@@ -122,7 +123,8 @@ def run(args) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--devices", default="cpu:0,1", help="tpmax device spec (default cpu:0,1)")
+    ap.add_argument("--devices", default="cpu:0,1;cpu",
+                    help="tpmax device specs separated by ';' (default 'cpu:0,1;cpu': TP 2 and TP 1)")
     ap.add_argument("--lengths", default="128,512,2048", help="prompt lengths, comma separated")
     ap.add_argument("--repeats", type=int, default=3, help="timed repeats (one fewer above 512 tokens)")
     ap.add_argument("--model", default=None, help="GGUF file (default: tpmax's default model)")
