@@ -1,7 +1,5 @@
 """Shared test helpers: device groups, hypothesis profile."""
-import os
 
-import numpy as np
 import pytest
 from hypothesis import settings
 

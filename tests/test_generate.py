@@ -116,7 +116,7 @@ class FakeStream:
 @pytest.mark.parametrize("stop", [("c",), ("bc",), ("xyz", "cd")])
 def test_stop_strings_are_cut_and_held_back(tiny, stop):
     engine = tpmax.Engine(tiny, cache_tokens=64)
-    rid = engine.submit([1], SamplingParams(max_new_tokens=8, stop=stop))
+    engine.submit([1], SamplingParams(max_new_tokens=8, stop=stop))
     req = engine.waiting[0]
     req.stream = FakeStream()
     pieces = []

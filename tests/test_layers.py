@@ -1,5 +1,4 @@
 """Each layer, sharded at TP 1-4 with uneven splits, equals its plain NumPy reference."""
-import math
 
 import numpy as np
 import pytest

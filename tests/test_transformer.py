@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import tpmax
-from tpmax import AttentionConfig, MHAMaskVariant, ReturnHiddenStates, ReturnLogits
+from tpmax import MHAMaskVariant, ReturnHiddenStates, ReturnLogits
 from tpmax.attention import attention_inputs
 from tpmax.layers import Llama3Scaling
 from conftest import cpu_group

@@ -223,7 +223,6 @@ class NcclCommunicator:
 
     def broadcast(self, x, *, root=0):
         _check(self.devices[root:root + 1], [x], "broadcast")
-        cp = cupy_module()
         bufs = self._empty(x.shape, x.dtype)
         with bufs[root].device:
             bufs[root][...] = x

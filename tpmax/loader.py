@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 
 from .comm import Communicator, communicator
 from .config import ModelConfig
