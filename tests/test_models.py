@@ -278,3 +278,14 @@ def test_smollm2_perplexity_matches_transformers(smollm2):
     ppl, n = tpmax.perplexity(smollm2, ids, context_length=p["context_length"])
     assert n == p["scored_tokens"]
     assert abs(ppl - p["perplexity"]) <= 1e-3 * p["perplexity"]
+
+
+@pytest.mark.parametrize("dtype, tol", [("bfloat16", 0.08), ("float16", 0.01)])
+def test_half_precision_weights(dtype, tol):
+    model = load(FIX / "hf" / "llama", devices="cpu:0,1", dtype=dtype, progress=False)
+    assert model.weights.layers[0].w13[1].dtype == tpmax.as_dtype(dtype)
+    assert model.new_cache(16).pages[0].dtype == tpmax.as_dtype(dtype)
+    for ids, want in hf_reference("llama"):
+        (got,) = tpmax.logits(model, [ids])
+        assert got.dtype == np.float32
+        assert np.abs(got - want).max() <= tol * np.abs(want).max()

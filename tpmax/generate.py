@@ -16,6 +16,7 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
+from .devices import to_numpy
 from .kv_cache import KVCacheFullError
 from .loader import Model
 from .transformer import ReturnLogits, distributed_transformer
@@ -38,7 +39,7 @@ def logits(model: Model, sequences: Sequence[Sequence[int]], *, page_size: int =
         cache.add(i)
     _, all_logits, _ = distributed_transformer(model.weights, model.cfg, np.concatenate(seqs), offs, cache,
                                                list(range(len(seqs))), model.comm, return_logits=ReturnLogits.ALL)
-    all_logits = np.asarray(all_logits)
+    all_logits = to_numpy(all_logits)
     return [all_logits[offs[i]:offs[i + 1]] for i in range(len(seqs))]
 
 
@@ -241,7 +242,7 @@ class Engine:
             try:
                 (last,) = distributed_transformer(self.model.weights, self.model.cfg, toks, offs, self.cache,
                                                   [r.id for r in reqs], self.model.comm)
-                return np.asarray(last)
+                return to_numpy(last)
             except KVCacheFullError as e:
                 i = [r.id for r in reqs].index(e.seq_id)
                 self._finish(reqs[i], "kv_cache_full")
