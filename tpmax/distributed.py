@@ -58,7 +58,7 @@ def per_device(fn: Callable, *per_device_args: Sequence, parallel: bool = False)
 
     NumPy and CuPy release the GIL inside BLAS and kernels, so with enough cores the devices
     really run side by side; small per-op work still takes turns on the GIL. CuPy work is
-    asynchronous anyway, so GPUs overlap without threads.
+    asynchronous, so GPUs can overlap without threads.
     """
     n = len(per_device_args[0])
     if any(len(a) != n for a in per_device_args):
