@@ -255,6 +255,20 @@ def model_path(arg: str | None) -> Path:
     return Path(arg) if arg else tpmax.default_model_path()
 
 
+def add_model_args(ap) -> None:
+    """The arguments every tpmax-vs-peers benchmark takes: devices, model, peers, roofline."""
+    ap.add_argument("--devices", default="cpu:0,1;cpu",
+                    help="tpmax device specs separated by ';' (default 'cpu:0,1;cpu': TP 2 and TP 1)")
+    ap.add_argument("--model", default=None, help="GGUF file (default: tpmax's default model)")
+    ap.add_argument("--peers", default="transformers,llamacpp", help="peers to compare ('' for none)")
+    ap.add_argument("--quick-roofline", action="store_true", help="fewer roofline repeats")
+
+
+def device_specs(text: str) -> list[str]:
+    """'cpu:0,1;cpu' -> ['cpu:0,1', 'cpu']."""
+    return [d.strip() for d in text.split(";") if d.strip()]
+
+
 def parse_ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 

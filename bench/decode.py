@@ -172,7 +172,7 @@ def run(args) -> dict:
     roof = roofline.measure(quick=args.quick_roofline)
     print(f"  f32 matmul {roof['cpu']['peak_gflops_f32']:.1f} GFLOP/s, "
           f"stream read {roof['cpu']['peak_read_gbps']:.2f} GB/s", flush=True)
-    specs = [d.strip() for d in args.devices.split(";") if d.strip()]
+    specs = common.device_specs(args.devices)
     P, W, S = args.prompt, args.warmup, args.steps
     ctx = P + W + (S + 1) / 2  # mean cache length over the timed steps
     rows, samples, skipped = [], {}, {}
@@ -238,15 +238,11 @@ def run(args) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--devices", default="cpu:0,1;cpu",
-                    help="tpmax device specs separated by ';' (default 'cpu:0,1;cpu': TP 2 and TP 1)")
+    common.add_model_args(ap)
     ap.add_argument("--batches", default="1,2,4,8,16,32", help="concurrent sequences, comma separated")
     ap.add_argument("--steps", type=int, default=32, help="timed decode steps")
     ap.add_argument("--warmup", type=int, default=3, help="untimed decode steps before them")
     ap.add_argument("--prompt", type=int, default=32, help="prompt tokens per sequence")
-    ap.add_argument("--model", default=None, help="GGUF file (default: tpmax's default model)")
-    ap.add_argument("--peers", default="transformers,llamacpp", help="peers to compare ('' for none)")
-    ap.add_argument("--quick-roofline", action="store_true", help="fewer roofline repeats")
     args = ap.parse_args(argv)
     run(args)
     return 0

@@ -79,7 +79,7 @@ def run(args) -> dict:
     print(f"  f32 matmul {roof['cpu']['peak_gflops_f32']:.1f} GFLOP/s", flush=True)
     reps = lambda T: max(2, args.repeats if T <= 512 else args.repeats - 1)  # noqa: E731
     rows, skipped = [], {}
-    for spec in [d.strip() for d in args.devices.split(";") if d.strip()]:
+    for spec in common.device_specs(args.devices):
         model = tpmax.load(path, devices=spec, dtype="float32", progress=False)
         cfg = model.cfg
         prompts = {T: decode.prompts_for(1, T, cfg.vocab_size, seed=T)[0] for T in lengths}
@@ -123,13 +123,9 @@ def run(args) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--devices", default="cpu:0,1;cpu",
-                    help="tpmax device specs separated by ';' (default 'cpu:0,1;cpu': TP 2 and TP 1)")
+    common.add_model_args(ap)
     ap.add_argument("--lengths", default="128,512,2048", help="prompt lengths, comma separated")
     ap.add_argument("--repeats", type=int, default=3, help="timed repeats (one fewer above 512 tokens)")
-    ap.add_argument("--model", default=None, help="GGUF file (default: tpmax's default model)")
-    ap.add_argument("--peers", default="transformers,llamacpp", help="peers to compare ('' for none)")
-    ap.add_argument("--quick-roofline", action="store_true", help="fewer roofline repeats")
     run(ap.parse_args(argv))
     return 0
 
