@@ -168,10 +168,7 @@ def run(args) -> dict:
     path = common.model_path(args.model)
     batches = common.parse_ints(args.batches)
     peers = common.parse_peers(args.peers)
-    print(f"measuring the roofline ({'quick' if args.quick_roofline else 'full'}) ...", flush=True)
-    roof = roofline.measure(quick=args.quick_roofline)
-    print(f"  f32 matmul {roof['cpu']['peak_gflops_f32']:.1f} GFLOP/s, "
-          f"stream read {roof['cpu']['peak_read_gbps']:.2f} GB/s", flush=True)
+    roof = roofline.measure_verbose(quick=args.quick_roofline)
     specs = common.device_specs(args.devices)
     P, W, S = args.prompt, args.warmup, args.steps
     ctx = P + W + (S + 1) / 2  # mean cache length over the timed steps

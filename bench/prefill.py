@@ -74,9 +74,7 @@ def run(args) -> dict:
     path = common.model_path(args.model)
     lengths = common.parse_ints(args.lengths)
     peers = common.parse_peers(args.peers)
-    print(f"measuring the roofline ({'quick' if args.quick_roofline else 'full'}) ...", flush=True)
-    roof = roofline.measure(quick=args.quick_roofline)
-    print(f"  f32 matmul {roof['cpu']['peak_gflops_f32']:.1f} GFLOP/s", flush=True)
+    roof = roofline.measure_verbose(quick=args.quick_roofline)
     reps = lambda T: max(2, args.repeats if T <= 512 else args.repeats - 1)  # noqa: E731
     rows, skipped = [], {}
     for spec in common.device_specs(args.devices):

@@ -128,6 +128,15 @@ def measure(*, quick: bool = False) -> dict:
     return {"cpu": measure_cpu(quick=quick), "gpu": measure_gpu(quick=quick)}
 
 
+def measure_verbose(*, quick: bool = False) -> dict:
+    """`measure`, saying so on stdout (for the benchmarks that re-measure it in their run)."""
+    print(f"measuring the roofline ({'quick' if quick else 'full'}) ...", flush=True)
+    roof = measure(quick=quick)
+    print(f"  f32 matmul {roof['cpu']['peak_gflops_f32']:.1f} GFLOP/s, "
+          f"stream read {roof['cpu']['peak_read_gbps']:.2f} GB/s", flush=True)
+    return roof
+
+
 def summary_rows(roof: dict) -> list[dict]:
     c, g = roof["cpu"], roof["gpu"]
     rows = [

@@ -49,8 +49,7 @@ def run(args) -> dict:
 
     path = common.model_path(args.model)
     specs = split_specs(args.specs) if args.specs else default_specs()
-    print(f"measuring the roofline ({'quick' if args.quick_roofline else 'full'}) ...", flush=True)
-    roof = roofline.measure(quick=args.quick_roofline)
+    roof = roofline.measure_verbose(quick=args.quick_roofline)
     rows = []
     for spec in specs:
         model = tpmax.load(path, devices=spec, dtype="float32", progress=False)
