@@ -241,6 +241,18 @@ def peer_status(name: str) -> str | None:
     return None
 
 
+def available_peers(peers: Sequence[str], skipped: dict):
+    """Yield each installed peer; say why a missing one is skipped and record it in `skipped`."""
+    for peer in peers:
+        why = peer_status(peer)
+        if why:
+            print(f"\nskipping {peer}: {why}")
+            skipped[peer] = why
+            continue
+        print(f"\nloading {peer} ...", flush=True)
+        yield peer
+
+
 def parse_peers(text: str) -> list[str]:
     peers = [p.strip() for p in text.split(",") if p.strip()] if text else []
     bad = [p for p in peers if p not in PEERS]

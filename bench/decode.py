@@ -187,13 +187,7 @@ def run(args) -> dict:
         del model
     label = f"tpmax[{specs[0]}]"
 
-    for peer in peers:
-        why = common.peer_status(peer)
-        if why:
-            print(f"\nskipping {peer}: {why}")
-            skipped[peer] = why
-            continue
-        print(f"\nloading {peer} ...", flush=True)
+    for peer in common.available_peers(peers, skipped):
         if peer == "transformers":
             hf = load_transformers(path)
             for b in batches:

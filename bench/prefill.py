@@ -86,13 +86,7 @@ def run(args) -> dict:
             rows.append(figures(f"tpmax[{spec}]", T, t, cfg=cfg, roof=roof))
             common.print_table(rows[-1:], COLUMNS)
         del model
-    for peer in peers:
-        why = common.peer_status(peer)
-        if why:
-            print(f"\nskipping {peer}: {why}")
-            skipped[peer] = why
-            continue
-        print(f"\nloading {peer} ...", flush=True)
+    for peer in common.available_peers(peers, skipped):
         if peer == "transformers":
             hf = decode.load_transformers(path)
             for T in lengths:
