@@ -52,11 +52,6 @@ class KVCacheParams:
         tp = len(self.devices)
         return [head_shard(n_heads, self.n_kv_heads, tp, r).n_kv for r in range(tp)]
 
-    def bytes_per_page(self) -> int:
-        """Bytes one page takes, summed over all devices."""
-        per_head = 2 * self.num_layers * self.page_size * self.head_dim * as_dtype(self.dtype).itemsize
-        return per_head * sum(self.n_kv_heads_per_device)
-
 
 @dataclasses.dataclass(frozen=True)
 class BatchSlots:
@@ -76,10 +71,6 @@ class BatchSlots:
     page: np.ndarray
     slot: np.ndarray
     tables: tuple[np.ndarray, ...]
-
-    @property
-    def total_lengths(self) -> np.ndarray:
-        return self.start + np.diff(self.input_row_offsets)
 
 
 class PagedKVCache:
