@@ -21,7 +21,18 @@ _HALF = (np.dtype(np.float16), bfloat16)
 
 
 class Communicator(Protocol):
+    """The collectives of one tensor-parallel group.
+
+    `devices` are the devices this process drives, in group order: every per-device list
+    passed in or returned holds one array for each of them. `ranks[i]` is the index of
+    `devices[i]` in the whole group and `tp` the number of devices in the group; in one
+    process they are `range(len(devices))` and `len(devices)`, across MPI ranks each
+    process holds only its own block of the group.
+    """
+
     devices: list[Device]
+    ranks: list[int]
+    tp: int
 
     def allreduce_sum(self, xs: Sequence[Array]) -> list[Array]: ...
     def allgather(self, xs: Sequence[Array], axis: int = -1) -> list[Array]: ...
@@ -90,6 +101,8 @@ class InProcessCommunicator:
 
     def __init__(self, devs: Sequence[Device]):
         self.devices = list(devs)
+        self.ranks = list(range(len(self.devices)))
+        self.tp = len(self.devices)
 
     def __repr__(self):
         return f"InProcessCommunicator({', '.join(map(str, self.devices))})"
@@ -164,6 +177,8 @@ class NcclCommunicator:
         self.devices = list(devs)
         if any(d.kind != "gpu" for d in self.devices) or len({d.id for d in devs}) != len(devs):
             raise ValueError("NCCL needs distinct GPUs; use InProcessCommunicator otherwise")
+        self.ranks = list(range(len(self.devices)))
+        self.tp = len(self.devices)
         self._nccl = nccl
         self._comms = nccl.NcclCommunicator.initAll([d.id for d in self.devices])
 
