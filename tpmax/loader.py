@@ -225,7 +225,7 @@ class Model:
         """A paged KV cache with room for `num_tokens` tokens in all (rounded up to pages)."""
         params = KVCacheParams(self.dtype, self.cfg.n_kv_heads, self.cfg.head_dim, page_size, self.cfg.n_layers,
                                self.devices, n_heads=self.cfg.n_heads)
-        return PagedKVCache(params, max(1, -(-num_tokens // page_size)))
+        return PagedKVCache(params, max(1, -(-num_tokens // page_size)), ranks=self.comm.ranks)
 
 
 def load(path: str | Path | None = None, devices: Sequence[Device] | str | None = None, dtype: str = "float32", *,
