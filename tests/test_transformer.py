@@ -30,8 +30,7 @@ def model_cases(draw):
         sliding_window=draw(st.sampled_from([None, None, 1, 3])),
         attention_scale=draw(st.sampled_from([None, 0.3])),
         embedding_multiplier=draw(st.sampled_from([1.0, 2.0])), residual_multiplier=draw(st.sampled_from([1.0, 0.5])),
-        logits_scaling=draw(st.sampled_from([1.0, 4.0])), tie_embeddings=draw(st.booleans()),
-        clip_qkv=draw(st.sampled_from([None, 0.4])))
+        logits_scaling=draw(st.sampled_from([1.0, 4.0])), tie_embeddings=draw(st.booleans()))
     tp = draw(st.integers(1, min(4, n_heads, cfg.ffn_size)))
     seed = draw(st.integers(0, 10**6))
     return cfg, tp, seed
@@ -85,7 +84,7 @@ def test_ragged_prefill_equals_reference(case, lengths, stacked, data):
     last, logits, offs = run(weights, cfg, cache, comm, seqs, list(range(len(seqs))), return_logits=ReturnLogits.ALL)
     assert logits.dtype == np.float32 and logits.shape == (sum(lengths), cfg.vocab_size)
     for b, s in enumerate(seqs):
-        want, _ = ref.forward(full, cfg, s, clip_qkv=cfg.clip_qkv)
+        want, _ = ref.forward(full, cfg, s)
         close(logits[offs[b]:offs[b + 1]], want)
         close(last[b], want[-1])
 
@@ -101,8 +100,8 @@ def test_prefill_then_decode_equals_full_forward(case, prompt_len, steps, data):
     run(weights, cfg, cache, comm, [a[:prompt_len], b[:2]], ["a", "b"])
     for t in range(steps):
         (last,) = run(weights, cfg, cache, comm, [a[prompt_len + t:prompt_len + t + 1], b[2 + t:3 + t]], ["a", "b"])
-    close(last[0], ref.forward(full, cfg, a, clip_qkv=cfg.clip_qkv)[0][-1])
-    close(last[1], ref.forward(full, cfg, b, clip_qkv=cfg.clip_qkv)[0][-1])
+    close(last[0], ref.forward(full, cfg, a)[0][-1])
+    close(last[1], ref.forward(full, cfg, b)[0][-1])
     assert cache.length("a") == prompt_len + steps and cache.length("b") == 2 + steps
 
 
@@ -132,9 +131,7 @@ def test_attention_masks_equal_reference(case, mask, T, window):
     out = tpmax.tensor_parallel_attention_with_rope([x] * tp, weights.layers[0].attn, acfg, inputs, cache.pages, 0,
                                                     comm)
     kind = {"causal": "causal", "sliding_window_causal": "sliding_window", "null": "null"}[mask.value]
-    W = {k: np.clip(v, -cfg.clip_qkv, cfg.clip_qkv) if cfg.clip_qkv and k.endswith(("q_proj", "k_proj", "v_proj"))
-         else v for k, v in full.items()}
-    want = ref.attention(x.astype(np.float64), {k: v.astype(np.float64) for k, v in W.items()}, 0, cfg,
+    want = ref.attention(x.astype(np.float64), {k: v.astype(np.float64) for k, v in full.items()}, 0, cfg,
                          ref.make_mask(T, kind, window))
     for o in out:
         close(o, want)
@@ -294,4 +291,4 @@ def test_device_threads_and_query_blocks_change_nothing(case, T):
         (_, blocked, _) = run(weights, cfg, cache, comm, [seq], ["s"], return_logits=ReturnLogits.ALL, threads=True)
     finally:
         A.ATTENTION_BLOCK = old
-    close(blocked, ref.forward(full, cfg, seq, clip_qkv=cfg.clip_qkv)[0])
+    close(blocked, ref.forward(full, cfg, seq)[0])

@@ -266,11 +266,6 @@ class DistributedGemmConfig:
     enable_matmul_allreduce: bool = False
     chunks: int = 4
 
-    @staticmethod
-    def generate() -> "DistributedGemmConfig | None":
-        """The default config (MAX: None, the plain path)."""
-        return None
-
 
 def mlp_local(x: Array, w13: Array, w2: Array, /, *, act: str = "silu",
               b13: Array | None = None) -> Array:
