@@ -51,9 +51,18 @@ def communicator(devs: Sequence[Device]) -> Communicator:
     kinds = {d.kind for d in devs}
     if len(kinds) > 1:
         raise ValueError(f"cannot mix cpu and gpu devices in one group: {[str(d) for d in devs]}")
-    if len(devs) > 1 and kinds == {"gpu"} and len({d.id for d in devs}) == len(devs) and nccl_available():
+    if uses_nccl(devs, nccl_available()):
         return NcclCommunicator(devs)
     return InProcessCommunicator(devs)
+
+
+def uses_nccl(devs: Sequence[Device], nccl_ok: bool) -> bool:
+    """Whether a group runs over NCCL: two or more distinct GPUs and NCCL loaded (`nccl_ok`).
+
+    One device needs no collective; a repeated GPU is refused by NCCL; CPU devices have none.
+    """
+    return (nccl_ok and len(devs) > 1 and all(d.kind == "gpu" for d in devs)
+            and len({d.id for d in devs}) == len(devs))
 
 
 def nccl_available() -> bool:
