@@ -163,7 +163,8 @@ def asarray(a, device: Device, dtype=None, *, copy: bool = False) -> Array:
         out = to_numpy(a) if is_gpu_array(a) else np.asarray(a)
         if dtype is not None and out.dtype != dtype:
             return out.astype(dtype)
-        return out.copy() if copy and out is a else out
+        # np.asarray returns `a` itself, or a view of it for an ndarray subclass: copy both
+        return out.copy() if copy and isinstance(a, np.ndarray) else out
     cp = cupy_module()
     if is_gpu_array(a) and a.device.id != device.id:
         a = peer_copy(a, a.device.id, device.id, cp.cuda)
