@@ -112,12 +112,14 @@ def random_weights_on_devices(cfg, devices, dtype, *, seed: int = 0, std: float 
     return tpmax.Weights(embed=embed, layers=tuple(layers), norm=each(("norm",), True), lm_head=lm_head)
 
 
-def new_cache(cfg, devices, dtype, num_tokens: int, page_size: int = 16):
+def new_cache(cfg, devices, dtype, n_seqs: int, tokens_per_seq: int, page_size: int = 16):
+    """A paged KV cache with room for `n_seqs` sequences of `tokens_per_seq` tokens each
+    (sequences do not share pages, so each is rounded up to whole pages)."""
     import tpmax
 
     params = tpmax.KVCacheParams(str(tpmax.as_dtype(dtype)), cfg.n_kv_heads, cfg.head_dim, page_size, cfg.n_layers,
                                  tuple(devices), n_heads=cfg.n_heads)
-    return tpmax.PagedKVCache(params, max(1, -(-num_tokens // page_size)))
+    return tpmax.PagedKVCache(params, n_seqs * -(-tokens_per_seq // page_size))
 
 
 # ------------------------------------------------------------------------------------------
@@ -143,7 +145,7 @@ def greedy(logits) -> np.ndarray:
 
 def tpmax_decode(weights, cfg, comm, dtype, batch: int, steps: int, warmup: int, sync) -> dict:
     """Prefill `batch` sequences of PROMPT random tokens as one batch, then time greedy steps."""
-    cache = new_cache(cfg, comm.devices, dtype, batch * (PROMPT + warmup + steps + 16))
+    cache = new_cache(cfg, comm.devices, dtype, batch, PROMPT + warmup + steps)
     seqs = list(range(batch))
     for s in seqs:
         cache.add(s)
@@ -162,7 +164,7 @@ def tpmax_decode(weights, cfg, comm, dtype, batch: int, steps: int, warmup: int,
 
 def tpmax_prefill(weights, cfg, comm, dtype, T: int, repeats: int, sync) -> common.Timing:
     """One `T`-token prompt into an empty cache, last-token logits; median of `repeats`."""
-    cache = new_cache(cfg, comm.devices, dtype, T + 16)
+    cache = new_cache(cfg, comm.devices, dtype, 1, T)
     tokens = np.random.default_rng(T).integers(0, cfg.vocab_size, size=T)
 
     def once():

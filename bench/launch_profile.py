@@ -319,7 +319,7 @@ def main(argv=None) -> int:
         wrap = lambda a: a.view(Counted) if isinstance(a, np.ndarray) else a  # noqa: E731
         weights = map_arrays(gpu_decode.random_weights_on_devices(cfg, devices, dtype), wrap)
     comm = tpmax.communicator(devices)
-    cache = gpu_decode.new_cache(cfg, devices, dtype, B * (P + 8))
+    cache = gpu_decode.new_cache(cfg, devices, dtype, B, P + 2)
     seqs = list(range(B))
     for s in seqs:
         cache.add(s)
