@@ -51,11 +51,15 @@ CREATIONS = {"zeros": True, "ones": True, "full": True, "empty": False, "zeros_l
 
 
 class Segments:
-    """Counters per segment; a new segment starts after every collective."""
+    """Counters per segment; a new segment starts after every collective.
 
-    def __init__(self):
+    `on_cut(i)` (optional) is called when segment `i` starts (GPU mode opens its ranges there).
+    """
+
+    def __init__(self, on_cut=None):
         self.rows: list[collections.Counter] = [collections.Counter()]
         self.kinds: list[str] = []  # the collective that ended each segment
+        self.on_cut = on_cut
         self._lock = threading.Lock()
 
     def reset(self) -> None:
@@ -71,6 +75,8 @@ class Segments:
         with self._lock:
             self.kinds.append(collective)
             self.rows.append(collections.Counter())
+        if self.on_cut is not None:
+            self.on_cut(len(self.rows) - 1)
 
 
 class CountingComm:
@@ -242,11 +248,19 @@ def gpu_runtime_counts(run_step, segments: Segments) -> str:
         mark(-1)
         for r in reversed(open_ranges):
             r.__exit__(None, None, None)
-    events = list(prof.events())
-    ranges = sorted((e.time_range.start, e.time_range.end, int(e.name[4:])) for e in events
-                    if e.name.startswith("seg:") and e.name[4:].lstrip("-").isdigit() and int(e.name[4:]) >= 0)
-    for e in events:
-        name = e.name
+    attribute([(e.name, e.time_range.start, e.time_range.end) for e in prof.events()], segments)
+    return "CUDA runtime calls via CUPTI (torch.profiler); segments as record_function / NVTX ranges"
+
+
+def attribute(events, segments: Segments) -> None:
+    """Count CUDA API calls into the segment range (`seg:NNNN`) each one starts in.
+
+    Args:
+        events: `(name, start_us, end_us)` of every profiled event, ranges included.
+    """
+    ranges = sorted((a, b, int(name[4:])) for name, a, b in events
+                    if name.startswith("seg:") and name[4:].isdigit())
+    for name, start, _ in events:
         if "Launch" in name and name.startswith(("cuda", "cu")):
             key = "op.kernel"
         elif name.startswith(("cudaMemcpy", "cuMemcpy")):
@@ -255,10 +269,9 @@ def gpu_runtime_counts(run_step, segments: Segments) -> str:
             key = "sync." + name
         else:
             continue
-        seg = next((i for a, b, i in ranges if a <= e.time_range.start <= b), None)
+        seg = next((i for a, b, i in ranges if a <= start <= b), None)
         if seg is not None and seg < len(segments.rows):
             segments.rows[seg][key] += 1
-    return "CUDA runtime calls via CUPTI (torch.profiler); segments as record_function / NVTX ranges"
 
 
 # ------------------------------------------------------------------------------------------
@@ -333,17 +346,10 @@ def main(argv=None) -> int:
 
     if gpu:
         def run_step(mark):
-            seg = [0]
-            inner_cut = segments.cut
-
-            def cut(kind):
-                inner_cut(kind)
-                seg[0] += 1
-                mark(seg[0])
-            segments.cut = cut
+            segments.on_cut = mark
             mark(0)
             gpu_decode.forward(weights, cfg, nxt, offs, cache, seqs, counting)
-            tpmax.synchronize(devices)
+            segments.on_cut = None
         method = gpu_runtime_counts(run_step, segments)
     else:
         with counting_creations(segments):

@@ -393,6 +393,21 @@ def test_launch_profile_runs_on_cpu(tmp_path):
     assert doc["figures"]["total"]["array_ops"] >= sum(r["array_ops"] for r in per_layer)
 
 
+def test_launch_profile_attributes_cuda_calls_to_segments():
+    sys.path.insert(0, str(ROOT / "bench"))
+    import launch_profile
+
+    seg = launch_profile.Segments()
+    seg.cut("allreduce_sum")  # two segments
+    events = [("seg:0000", 0, 10), ("seg:0001", 10, 20), ("seg:-001", 20, 30),
+              ("cudaLaunchKernel", 1, 2), ("cuLaunchKernel", 3, 4), ("cudaMemcpyAsync", 5, 6),
+              ("cudaLaunchKernel", 12, 13), ("cudaStreamSynchronize", 14, 15), ("cudaMalloc", 16, 17),
+              ("cudaLaunchKernel", 25, 26)]  # after the last segment: not counted
+    launch_profile.attribute(events, seg)
+    assert seg.rows[0] == {"op.kernel": 2, "copy.cudaMemcpyAsync": 1}
+    assert seg.rows[1] == {"op.kernel": 1, "sync.cudaStreamSynchronize": 1}
+
+
 # ------------------------------------------------------------------------------------------
 # On a GPU.
 
