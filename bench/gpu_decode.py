@@ -127,11 +127,18 @@ def new_cache(cfg, devices, dtype, n_seqs: int, tokens_per_seq: int, page_size: 
 
 
 def forward(weights, cfg, tokens, offsets, cache, seq_ids, comm):
-    """One forward pass; last-token logits `[B, V]` on device 0. The only call of the
-    forward API in this script."""
+    """One forward pass of a ragged batch: reserve its KV slots, compute, commit (roll back on
+    failure). Last-token logits `[B, V]` on device 0. The only call of the forward API here."""
     import tpmax
 
-    (last,) = tpmax.distributed_transformer(weights, cfg, tokens, offsets, cache, seq_ids, comm)
+    n_new = np.diff(np.asarray(offsets)).tolist()
+    slots = cache.reserve(seq_ids, n_new)
+    try:
+        (last,) = tpmax.distributed_transformer(weights, cfg, tokens, offsets, cache.pages, slots, comm)
+    except BaseException:
+        cache.rollback(seq_ids)
+        raise
+    cache.commit(seq_ids, n_new)
     return last
 
 
