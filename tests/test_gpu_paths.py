@@ -178,6 +178,58 @@ def test_mlp_computes_each_shard_under_its_device(tp, fused):
         np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-4)
 
 
+def _placed(obj, device, log, recorder):
+    """`obj` (arrays, tuples, dataclasses of them) with every array `Placed` on `device`."""
+    import dataclasses
+    if isinstance(obj, np.ndarray):
+        return Placed(obj, device, log, recorder)
+    if isinstance(obj, tuple):
+        return tuple(_placed(x, device, log, recorder) for x in obj)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.replace(obj, **{f.name: _placed(getattr(obj, f.name), device, log, recorder)
+                                           for f in dataclasses.fields(obj) if f.init})
+    return obj
+
+
+def _placed_weights(weights, devs, log, recorder):
+    """Every per-device entry of a `tpmax.Weights` `Placed` on its device."""
+    per_dev = lambda t: tuple(_placed(x, d, log, recorder) for x, d in zip(t, devs))  # noqa: E731
+    layers = tuple(tpmax.LayerWeights(**{f: per_dev(getattr(lw, f)) for f in ("attn_norm", "attn", "mlp_norm",
+                                                                             "w13", "w2")})
+                   for lw in weights.layers)
+    return tpmax.Weights(embed=per_dev(weights.embed), layers=layers, norm=per_dev(weights.norm),
+                         lm_head=per_dev(weights.lm_head))
+
+
+@pytest.mark.xfail(strict=True, reason="transformer.py / attention.py do not yet pass per_device(..., "
+                                       "devices=comm.devices) (the lead's change); remove this mark with it")
+@pytest.mark.parametrize("threads", [False, True])
+def test_forward_runs_every_device_op_under_its_device(threads):
+    cfg = tpmax.ModelConfig(arch="llama", vocab_size=29, hidden_size=16, n_layers=2, n_heads=4, n_kv_heads=2,
+                            head_dim=4, ffn_size=12)
+    devs = cpu_group(3)
+    rec, log = ContextRecorder(), []
+    weights = _placed_weights(tpmax.shard_weights(tpmax.DictSource(tpmax.random_weights(cfg)), cfg, devs), devs,
+                              log, rec)
+    params = tpmax.KVCacheParams("float32", cfg.n_kv_heads, cfg.head_dim, 4, cfg.n_layers, tuple(devs),
+                                 n_heads=cfg.n_heads)
+    cache = tpmax.PagedKVCache(params, 8)
+    cache.pages[:] = [Placed(p, d, log, rec) for p, d in zip(cache.pages, devs)]
+    comm = tpmax.communicator(devs)
+    for s in (0, 1):
+        cache.add(s)
+    with device_context_factory("cpu", rec):
+        for tokens, offs in (([1, 2, 3, 4, 5], [0, 3, 5]), ([6, 7], [0, 1, 2])):  # prefill, then one decode step
+            n_new = np.diff(offs).tolist()
+            slots = cache.reserve([0, 1], n_new)
+            tpmax.distributed_transformer(weights, cfg, np.array(tokens), np.array(offs), cache.pages, slots, comm,
+                                          threads=threads)
+            cache.commit([0, 1], n_new)
+    assert len(log) > 0
+    wrong = [(home, now) for home, now in log if home != now]
+    assert not wrong, f"{len(wrong)} of {len(log)} ops ran under the wrong device, e.g. {wrong[:3]}"
+
+
 def test_in_process_collectives_work_under_their_devices():
     rec = ContextRecorder()
     devs = cpu_group(3)

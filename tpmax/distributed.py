@@ -37,15 +37,18 @@ def distribute_value(v, devices: Sequence[Device]) -> list[Array]:
     return [asarray(v, d, copy=True) for d in devices]
 
 
-def forward_sharded_layers(layers: Sequence[Callable], xs: Sequence[Array]) -> list[Array]:
+def forward_sharded_layers(layers: Sequence[Callable], xs: Sequence[Array], *,
+                           devices: Sequence[Device] | None = None) -> list[Array]:
     """`[layer(x) for layer, x in zip(layers, xs)]`; the lengths must match.
 
+    Args:
+        devices: as for `per_device`: layer r runs with `devices[r]` current (None: no context).
     Raises:
         AssertionError: if the number of layers and inputs differ (as MAX does).
     """
     if len(layers) != len(xs):
         raise AssertionError(f"forward_sharded_layers: {len(layers)} layers for {len(xs)} inputs")
-    return [layer(x) for layer, x in zip(layers, xs)]
+    return per_device(lambda layer, x: layer(x), layers, xs, devices=devices)
 
 
 # ------------------------------------------------------------------------------------------
