@@ -1,5 +1,6 @@
 """The measured machine roofline: float32 matmul FLOP/s and streaming read bandwidth on the
-CPU (NumPy, default threads), and on GPU 0 copy bandwidth and bf16 matmul FLOP/s (CuPy).
+CPU (NumPy, default threads), and on GPU 0 copy bandwidth and bf16 matmul FLOP/s (CuPy);
+`device_roofline` measures the same two figures on any one tpmax device.
 
 The other benchmarks call `measure()` in their own run, so every ratio they report is
 against a roofline taken minutes earlier on the same machine state.
@@ -120,6 +121,46 @@ def measure_gpu(*, quick: bool = False) -> dict:
         "matmul_error": None if mm is not None else err,
         "peak_tflops_bf16": None if mm is None else 2 * k**3 / mm.best / 1e12,
         "peak_dtype": dtype_used,
+    }
+
+
+def device_roofline(device, *, copy_mib: int = 1024, matmul_n: int = 8192, repeats: int = 20) -> dict:
+    """Copy bandwidth and matmul peak of one tpmax device, measured on that device.
+
+    The matmul runs in the dtype tpmax's matmuls use there: bf16 on a GPU (CuPy), float32 on
+    a virtual CPU device (NumPy has no fast half GEMM, so tpmax computes half weights in
+    float32). Copy GB/s counts read + write bytes, as a decode step's weight reads are
+    compared against it.
+
+    Args:
+        device: a `tpmax.Device`; copy_mib: copy size; matmul_n: square matmul size.
+    Returns:
+        `{"device", "copy_gbps", "matmul_tflops", "matmul_dtype", "copy", "matmul"}`.
+    """
+    import tpmax
+    from tpmax.devices import on_device_context
+
+    xp = device.xp
+    sync = (lambda: tpmax.synchronize([device])) if device.kind == "gpu" else None
+    dtype = tpmax.bfloat16 if device.kind == "gpu" else np.dtype(np.float32)
+    with on_device_context(device):
+        a = xp.ones(copy_mib * 2**20 // 4, xp.float32)
+        b = xp.empty_like(a)
+        copy = common.timed(lambda: xp.copyto(b, a), warmup=2, repeats=repeats, sync=sync)
+        nbytes = a.nbytes
+        del a, b
+        k = matmul_n
+        x = xp.ones((k, k), xp.float32).astype(dtype)
+        y = xp.empty((k, k), dtype if device.kind == "gpu" else np.float32)
+        mm = common.timed(lambda: xp.matmul(x, x, out=y), warmup=2, repeats=repeats, sync=sync)
+        del x, y
+    return {
+        "device": str(device),
+        "copy_gbps": 2 * nbytes / copy.best / 1e9,
+        "matmul_tflops": 2 * k**3 / mm.best / 1e12,
+        "matmul_dtype": str(np.dtype(dtype)),
+        "copy": {"bytes_moved": 2 * nbytes, "timing": copy.as_dict()},
+        "matmul": {"shape": [k, k, k], "timing": mm.as_dict()},
     }
 
 
