@@ -22,7 +22,6 @@ import os
 import stat
 import sys
 import time
-from pathlib import Path
 
 MAX_INPUT_BYTES = 64 << 20  # the most a --file may hold (64 MiB)
 MAX_SEED = 2**64 - 1
