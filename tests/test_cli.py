@@ -244,7 +244,7 @@ def test_perplexity_shows_progress_unless_quiet(tiny, tmp_path):
     r = cli("perplexity", "--model", tiny, "--file", f, "--context-length", "64", "--json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["tokens"] > 0
-    assert re.search(r"perplexity: (\d+)/\1 tokens \(100%\), perplexity \d", r.stderr), r.stderr
+    assert re.search(r"perplexity: (\d+)/\1 tokens \(100%\), running perplexity \d", r.stderr), r.stderr
     r = cli("perplexity", "--model", tiny, "--file", f, "--context-length", "64", "--json", "--quiet")
     assert r.returncode == 0 and r.stderr == "", r.stderr
 
@@ -268,7 +268,7 @@ def test_progress_lines():
     for done in (64, 128, 192):
         p(done, 192, 10.0)
     p.close()
-    assert plain == ["perplexity: 192/192 tokens (100%), perplexity 10.0000\n"]  # only the end, at this rate
+    assert plain == ["perplexity: 192/192 tokens (100%), running perplexity 10.0000\n"]  # only the end, at this rate
     tty = Stream(True)
     p = tpmax_cli.Progress(tty, label="perplexity")
     p(64, 128, 12.5)

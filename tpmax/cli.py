@@ -296,7 +296,7 @@ class Progress:
         self.last = time.monotonic()
 
     def __call__(self, done: int, total: int, running_ppl: float) -> None:
-        line = f"{self.label}: {done}/{total} tokens ({100 * done / max(total, 1):.0f}%), perplexity {running_ppl:.4f}"
+        line = f"{self.label}: {done}/{total} tokens ({100 * done / max(total, 1):.0f}%), running perplexity {running_ppl:.4f}"
         if self.tty:
             self.stream.write("\r\x1b[K" + line)
         elif done >= total or time.monotonic() - self.last >= self.every_s:
