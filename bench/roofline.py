@@ -5,7 +5,7 @@ CPU (NumPy, default threads), and on GPU 0 copy bandwidth and bf16 matmul FLOP/s
 The other benchmarks call `measure()` in their own run, so every ratio they report is
 against a roofline taken minutes earlier on the same machine state.
 
-    python bench/roofline.py [--quick]
+    python bench/roofline.py [--quick] [--out DIR]
 """
 from __future__ import annotations
 
@@ -200,12 +200,13 @@ def summary_rows(roof: dict) -> list[dict]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer repeats")
+    common.add_out_arg(ap)
     args = ap.parse_args(argv)
     roof = measure(quick=args.quick)
     common.print_table(summary_rows(roof), ["what", "value", "unit"], title="machine roofline")
     common.write_json("roofline", backend="numpy" + ("+cupy" if roof["gpu"]["available"] else ""),
                       devices="cpu" + (",gpu:0" if roof["gpu"]["available"] else ""), model=None, dtype="float32",
-                      figures=roof)
+                      figures=roof, out=args.out)
     return 0
 
 

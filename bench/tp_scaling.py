@@ -5,7 +5,7 @@ Virtual CPU devices share this machine's cores (one worker thread per device, ea
 multi-threaded BLAS), so on CPU this measures the overhead of the TP structure - the split
 matmuls, the per-device threads, the in-process all-reduces - not extra hardware.
 
-    python bench/tp_scaling.py [--specs cpu,cpu:0,1,cpu:0,1,2,3] [--steps 24]
+    python bench/tp_scaling.py [--devices cpu cpu:0,1 cpu:0,1,2,3] [--steps 24] [--out DIR]
 """
 from __future__ import annotations
 
@@ -32,23 +32,11 @@ def default_specs() -> list[str]:
     return specs
 
 
-def split_specs(text: str) -> list[str]:
-    """'cpu,cpu:0,1,gpu:0,1' -> ['cpu', 'cpu:0,1', 'gpu:0,1'] (ids attach to the kind before)."""
-    out: list[str] = []
-    for part in text.split(","):
-        part = part.strip()
-        if part.isdigit() and out:
-            out[-1] += "," + part
-        elif part:
-            out.append(part)
-    return out
-
-
 def run(args) -> dict:
     import tpmax
 
     path = common.model_path(args.model)
-    specs = split_specs(args.specs) if args.specs else default_specs()
+    specs = args.devices or default_specs()
     roof = roofline.measure_verbose(quick=args.quick_roofline)
     rows = []
     for spec in specs:
@@ -77,14 +65,15 @@ def run(args) -> dict:
                       protocol={"decode_batch": 1, "prompt_tokens": args.prompt, "warmup_steps": args.warmup,
                                 "timed_steps": args.steps, "prefill_tokens": args.prefill,
                                 "speedup": "over TP 1 of the same device kind"},
-                      figures=rows)
+                      figures=rows, out=args.out)
     return {"rows": rows}
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--specs", default=None, help="device specs, e.g. 'cpu,cpu:0,1,cpu:0,1,2,3' (default: that, "
-                                                  "plus gpu:0 / gpu:0,1 / ... when GPUs are present)")
+def parser() -> argparse.ArgumentParser:
+    ap = common.arg_parser(__doc__)
+    ap.add_argument("--devices", nargs="+", default=None, metavar="SPEC",
+                    help="device specs, one per word (default: cpu cpu:0,1 cpu:0,1,2,3, plus gpu:0 gpu:0,1 "
+                         "... when GPUs are present)")
     ap.add_argument("--steps", type=int, default=24, help="timed decode steps")
     ap.add_argument("--warmup", type=int, default=3, help="untimed decode steps")
     ap.add_argument("--prompt", type=int, default=32, help="decode prompt tokens")
@@ -92,7 +81,12 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=5, help="timed prefill repeats")
     ap.add_argument("--model", default=None, help="GGUF file (default: tpmax's default model)")
     ap.add_argument("--quick-roofline", action="store_true", help="fewer roofline repeats")
-    run(ap.parse_args(argv))
+    common.add_out_arg(ap)
+    return ap
+
+
+def main(argv=None) -> int:
+    run(parser().parse_args(argv))
     return 0
 
 
