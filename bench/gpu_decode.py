@@ -267,11 +267,13 @@ def main(argv=None) -> int:
     ap.add_argument("--devices", default="gpu:0", help="tpmax device spec (default gpu:0)")
     ap.add_argument("--layers", type=int, default=None, help="cut the model to N layers (default: all 32)")
     ap.add_argument("--small", action="store_true", help="scaled-down widths and sizes (CPU smoke test)")
-    ap.add_argument("--batches", default=None, help="decode batch sizes (default 1,8,64; small: 1,2,4)")
+    ap.add_argument("--batches", nargs="+", type=int, default=None, metavar="B",
+                    help="decode batch sizes (default 1 8 64; small: 1 2 4)")
     ap.add_argument("--prefill", type=int, default=None, help="prefill tokens (default 2048; small: 32)")
     ap.add_argument("--steps", type=int, default=None, help="timed decode steps (default 32; small: 3)")
     ap.add_argument("--dtype", default=None, help="weight dtype (default bfloat16 on GPU, float32 on CPU)")
-    ap.add_argument("--peers", default="transformers", help="'transformers' or '' for none")
+    ap.add_argument("--peers", nargs="*", default=["transformers"], choices=["transformers"], metavar="PEER",
+                    help="peers to run (default transformers; a bare --peers runs none)")
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/gpu_decode-<device>.json)")
     args = ap.parse_args(argv)
 
@@ -281,7 +283,7 @@ def main(argv=None) -> int:
     small = args.small
     cfg = bench_config(args.layers, small)
     dtype = args.dtype or ("bfloat16" if d0.kind == "gpu" else "float32")
-    batches = common.parse_ints(args.batches or ("1,2,4" if small else "1,8,64"))
+    batches = args.batches or ([1, 2, 4] if small else [1, 8, 64])
     T = args.prefill or (32 if small else 2048)
     steps = args.steps or (3 if small else 32)
     warmup = 1 if small else 3

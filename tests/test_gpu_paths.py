@@ -201,8 +201,6 @@ def _placed_weights(weights, devs, log, recorder):
                          lm_head=per_dev(weights.lm_head))
 
 
-@pytest.mark.xfail(strict=True, reason="transformer.py / attention.py do not yet pass per_device(..., "
-                                       "devices=comm.devices) (the lead's change); remove this mark with it")
 @pytest.mark.parametrize("threads", [False, True])
 def test_forward_runs_every_device_op_under_its_device(threads):
     cfg = tpmax.ModelConfig(arch="llama", vocab_size=29, hidden_size=16, n_layers=2, n_heads=4, n_kv_heads=2,

@@ -305,7 +305,8 @@ def tensor_parallel_attention_with_rope(xs: Sequence[Array], ws: Sequence[Attent
     """
     heads = local_heads(cfg, comm)
     partials = per_device(lambda x, w, h, inp, pages: attention_local(x, w, h, cfg, inp, pages, layer),
-                          xs, ws, heads, inputs, kv_pages, threads=threads)  # per device [T, D] partial
+                          xs, ws, heads, inputs, kv_pages, devices=comm.devices,
+                          threads=threads)  # per device [T, D] partial
     return comm.allreduce_sum(partials)  # -> [T, D]
 
 
@@ -331,4 +332,4 @@ def materialize_kv_from_hidden(layer_idx: int, hiddens: Sequence[Array], ws: Seq
         _, k, v = qkv_rope(x, w, h, cfg, inp.rope)
         write_kv(pages, layer_idx, k, v, inp.page, inp.slot)
 
-    per_device(one, hiddens, ws, local_heads(cfg, comm), inputs, kv_pages)
+    per_device(one, hiddens, ws, local_heads(cfg, comm), inputs, kv_pages, devices=comm.devices)
