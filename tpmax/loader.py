@@ -28,7 +28,7 @@ from .devices import Device, as_dtype, asarray, bfloat16, devices as parse_devic
 from .errors import LoadError
 from .files import inside, read_json, regular_file
 from .kv_cache import KVCacheParams, PagedKVCache
-from .sharding import LAYER_PARAMS, MODEL_PARAMS
+from .sharding import LAYER_PARAMS, MODEL_PARAMS, ceil_div
 from .weights import Weights, assemble, device_tensors, n_device_tensors
 
 # ------------------------------------------------------------------------------------------
@@ -233,7 +233,7 @@ class Model:
         group = _group_devices(self.comm)
         params = KVCacheParams(self.dtype, self.cfg.n_kv_heads, self.cfg.head_dim, page_size, self.cfg.n_layers,
                                group, n_heads=self.cfg.n_heads)
-        return PagedKVCache(params, max(1, -(-num_tokens // page_size)), ranks=self.comm.ranks)
+        return PagedKVCache(params, max(1, ceil_div(num_tokens, page_size)), ranks=self.comm.ranks)
 
 
 def _group_devices(comm: Communicator) -> tuple[Device, ...]:

@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .attention import AttentionInputs, attention_inputs, tensor_parallel_attention_with_rope
+from .attention import ATTENTION_BLOCK, AttentionInputs, attention_inputs, tensor_parallel_attention_with_rope
 from .comm import Communicator
 from .config import ModelConfig
 from .devices import Array, Device, asarray, device_of, on_device_context, to_numpy
@@ -108,7 +108,8 @@ def distributed_transformer(weights: Weights, cfg: ModelConfig, tokens, input_ro
                             return_logits: ReturnLogits = ReturnLogits.LAST_TOKEN, return_n_logits: int = 1,
                             return_hidden_states: ReturnHiddenStates = ReturnHiddenStates.NONE,
                             subgraph_layer_groups: Sequence[Sequence[int]] | None = None,
-                            gemm_config: DistributedGemmConfig | None = None, threads: bool = False) -> tuple:
+                            gemm_config: DistributedGemmConfig | None = None, threads: bool = False,
+                            attention_block: int = ATTENTION_BLOCK) -> tuple:
     """MAX's `DistributedTransformer` forward pass over one ragged batch.
 
     Embedding (vocab-parallel, all-reduce) -> layers -> final norm -> lm head (column
@@ -126,6 +127,8 @@ def distributed_transformer(weights: Weights, cfg: ModelConfig, tokens, input_ro
         threads: run each device's work on its own thread (BLAS limited to cores / devices).
             Off by default: on a 2-core machine, threads for virtual CPU devices measured slower
             than running them in turn with every core for BLAS (decode 15 vs 21 tok/s at TP 2).
+        attention_block: queries per prefill attention block (no numeric effect; bounds the
+            scores held at once to `[heads, block, context]`).
     Returns:
         the tuple of `distributed_logits_postprocess`.
     """
@@ -140,7 +143,8 @@ def distributed_transformer(weights: Weights, cfg: ModelConfig, tokens, input_ro
     xs = vocab_parallel_embedding(tokens, weights.embed, comm, vocab_size=cfg.vocab_size)  # per device [T, D]
     if cfg.embedding_multiplier != 1.0:
         xs = per_device(lambda x: x * cfg.embedding_multiplier, xs, devices=devices)
-    inputs = attention_inputs(cfg.attention(), cfg.rope(), kv_slots, devices)  # once per pass, for every layer
+    inputs = attention_inputs(cfg.attention(), cfg.rope(), kv_slots, devices,
+                              block=attention_block)  # once per pass, for every layer
     with blas_threads_for(devices) if threads else contextlib.nullcontext():
         for group in groups:
             for i in group:
