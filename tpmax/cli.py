@@ -254,6 +254,8 @@ def _generate(args) -> int:
         for i, c in enumerate(outs):
             sys.stdout.write(f"[{i}] {c.text}\n")
     sys.stdout.flush()
+    if not args.leader:
+        return 1 if any(c.finish_reason == "error" for c in outs) else 0
     for i, c in enumerate(outs):
         why = stop_notice(c, params, model.cfg.max_seq_len)
         if why and c.finish_reason != "error":
@@ -372,15 +374,51 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _mpi_rank() -> int:
+    """This process's MPI rank (0 without an MPI launcher; mpi4py is imported only under one)."""
+    from .mpi import launched_by_mpi, world
+
+    return world().rank if launched_by_mpi() else 0
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    rank = _mpi_rank()
+    args.leader = rank == 0
+    if not args.leader:  # under mpirun only rank 0 prints; the other ranks compute with it
+        sys.stdout = open(os.devnull, "w")
+        args.quiet = True
+    from .spmd import LeaderError
+
     try:
         return args.run(args)
+    except LeaderError:
+        return 2  # rank 0 failed and said why
     except (CLIError, ValueError, RuntimeError, KeyError, OSError) as e:
-        print(f"tpmax: error: {e}", file=sys.stderr)
+        # Under MPI: an error outside a lock-step call happens alike on every rank (the same
+        # arguments and files), so rank 0 alone reports it. An error that rank 0 could not
+        # tell the others about, or that broke a rank while it followed rank 0, ends the job.
+        own = getattr(e, "tpmax_in_lockstep", False)
+        if args.leader or own:
+            print(f"tpmax: error: {e}" if args.leader else f"tpmax (rank {rank}): error: {e}", file=sys.stderr)
+        if own or (args.leader and _mpi_size() > 1 and not getattr(e, "tpmax_followers_told", False)):
+            _abort(2)
         return 2
     except KeyboardInterrupt:
         return 130
+
+
+def _mpi_size() -> int:
+    from .mpi import launched_by_mpi, world
+
+    return world().size if launched_by_mpi() else 1
+
+
+def _abort(code: int) -> None:
+    from .mpi import world
+
+    sys.stderr.flush()
+    world().comm.Abort(code)
 
 
 if __name__ == "__main__":

@@ -183,6 +183,8 @@ class MpiCommunicator:
         k = len(self.devices)
         self.ranks = list(range(self.rank * k, (self.rank + 1) * k))
         self.tp = len(all_devices)
+        self.all_devices = all_devices
+        self.mpi = mpi_comm  # the mpi4py communicator (lock-step messages travel on it)
 
     def __repr__(self):
         return (f"MpiCommunicator(rank {self.rank}/{self.size}: "
@@ -324,6 +326,8 @@ class NcclRankCommunicator:
         self.devices = local_devices(all_devices, self.rank, self.size)
         self.ranks = [self.rank]
         self.tp = self.size
+        self.all_devices = all_devices
+        self.mpi = mpi_comm
         self._cp = cupy_module()
         uid = np.zeros(129, np.int64)  # [length, *id bytes]: ncclUniqueId is 128 bytes
         if self.rank == 0:

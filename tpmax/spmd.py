@@ -38,7 +38,7 @@ _RETURN_LOGITS = list(ReturnLogits)
 
 def _mpi(model):
     """mpi4py communicator of `model`'s group when it spans several ranks, else None."""
-    comm = getattr(model.comm, "_mpi", None)
+    comm = getattr(model.comm, "mpi", None)
     return comm if comm is not None and comm.Get_size() > 1 else None
 
 
@@ -93,6 +93,8 @@ def session(model):
         yield box
     except BaseException as e:
         _done(model, {"error": f"{type(e).__name__}: {e}"})
+        if _mpi(model) is not None:
+            e.tpmax_followers_told = True  # the other ranks left the call too: no need to abort the job
         raise
     _done(model, {"result": box.get("result")})
 
@@ -117,6 +119,16 @@ def follow(model) -> tuple[Any, tuple | None]:
     Raises:
         LeaderError: rank 0's call failed.
     """
+    try:
+        return _follow(model)
+    except LeaderError:
+        raise
+    except BaseException as e:
+        e.tpmax_in_lockstep = True  # this rank broke while rank 0 waits on it: the job must end
+        raise
+
+
+def _follow(model):
     from .mpi import bcast_arrays, bcast_json
 
     comm = _mpi(model)
