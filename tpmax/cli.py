@@ -86,7 +86,8 @@ class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors: `tpmax: error: <what>` and exit 2, no usage dump."""
 
     def error(self, message: str):
-        self.exit(2, f"tpmax: error: {message} (see '{self.prog} --help')\n")
+        # Under mpirun every rank parses the same arguments: rank 0 alone says what is wrong.
+        self.exit(2, None if _mpi_rank() else f"tpmax: error: {message} (see '{self.prog} --help')\n")
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -154,7 +155,10 @@ def read_text(path: str, *, what: str, limit: int = MAX_INPUT_BYTES) -> str:
 def _load(args):
     from .loader import load
 
-    return load(args.model, devices=args.devices, dtype=args.dtype, progress=not args.quiet)
+    args.stage = "load"
+    model = load(args.model, devices=args.devices, dtype=args.dtype, progress=not args.quiet)
+    args.stage = "run"
+    return model
 
 
 # ------------------------------------------------------------------------------------------
@@ -384,7 +388,7 @@ def _mpi_rank() -> int:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     rank = _mpi_rank()
-    args.leader = rank == 0
+    args.leader, args.stage = rank == 0, "input"
     if not args.leader:  # under mpirun only rank 0 prints; the other ranks compute with it
         sys.stdout = open(os.devnull, "w")
         args.quiet = True
@@ -395,13 +399,20 @@ def main(argv=None) -> int:
     except LeaderError:
         return 2  # rank 0 failed and said why
     except (CLIError, ValueError, RuntimeError, KeyError, OSError) as e:
-        # Under MPI: an error outside a lock-step call happens alike on every rank (the same
-        # arguments and files), so rank 0 alone reports it. An error that rank 0 could not
-        # tell the others about, or that broke a rank while it followed rank 0, ends the job.
-        own = getattr(e, "tpmax_in_lockstep", False)
-        if args.leader or own:
+        # Under MPI, by when it happened:
+        # - reading the arguments and input files: alike on every rank, no rank waits on
+        #   another yet: rank 0 reports it, every rank exits 2;
+        # - inside a call rank 0 leads, on rank 0: it told the others (they exit 2 quietly);
+        # - anything else (loading, a rank breaking while it follows): this rank ends the
+        #   whole job, since the others may be waiting on it, and reports it unless it is a
+        #   bad value or checkpoint (ValueError, LoadError), which every rank meets alike
+        #   and rank 0 reports.
+        mpi = _mpi_size() > 1
+        told = getattr(e, "tpmax_followers_told", False)
+        alike = args.stage == "input" or (args.stage == "load" and isinstance(e, ValueError))
+        if args.leader or (mpi and not alike):
             print(f"tpmax: error: {e}" if args.leader else f"tpmax (rank {rank}): error: {e}", file=sys.stderr)
-        if own or (args.leader and _mpi_size() > 1 and not getattr(e, "tpmax_followers_told", False)):
+        if mpi and args.stage != "input" and not told:
             _abort(2)
         return 2
     except KeyboardInterrupt:
