@@ -245,12 +245,24 @@ def test_bad_arguments_raise_on_every_rank(jobs):
     # Off-axis shapes that differ across ranks: every rank sees it in the size exchange.
     with pytest.raises(RuntimeError, match=r"all_ranks=True.*ranks disagree on dtype, ndim, axis or off-axis"):
         jobs[2].call("allgather", [ok, np.zeros((2, 4), np.float32)], k=1, axis=0)
+    with pytest.raises(RuntimeError, match=r"all_ranks=True.*ranks disagree"):  # ndim differs
+        jobs[3].call("allgather", [ok, ok, np.zeros((2, 3, 1), np.float32)], k=1, axis=0)
+    with pytest.raises(RuntimeError, match=r"all_ranks=True.*ranks disagree"):  # dtype differs
+        jobs[2].call("allgather", [ok, ok.astype(np.float16)], k=1, axis=1)
     # The local checks are comm._check's: same message as in one process.
     with pytest.raises(RuntimeError, match=r"all_ranks=True.*broadcast: root 5 is outside the group of 4"):
         jobs[2].call("broadcast", [ok] * 4, k=2, root=5)
     with pytest.raises(RuntimeError, match=r"all_ranks=True.*reduce_scatter: shapes differ across devices"):
         jobs[2].call("reduce_scatter", [ok, ok.T, ok, ok.T], k=2)
     assert_same(jobs[2].call("allreduce_sum", [ok + 1, ok + 2], k=1), [ok + 3, ok + 3])  # still serving
+
+
+@requires_mpi
+@pytest.mark.parametrize("n", [2, 3])
+def test_lock_step_messages(jobs, n):
+    """bcast_arrays / bcast_json from rank 0 and from the last rank: every dtype, 0-d and
+    empty arrays, non-ASCII names, an empty dict (`tests/mpi/messages_worker.py`)."""
+    assert jobs[n].call("messages", [], k=0) == []
 
 
 # ------------------------------------------------------------------------------------------

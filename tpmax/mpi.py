@@ -149,13 +149,33 @@ def _array_head(x) -> np.ndarray:
     return head
 
 
+def _exchange_sizes(mpi_comm, size, xs, ax) -> list[int]:
+    """Every shard's size on the gather axis `ax`, for the whole group, in group order.
+
+    One `Allgather` of a fixed-size int64 header per rank (so ranks that disagree on ndim
+    still exchange matching counts); the dtype, ndim, axis and off-axis shape in it are
+    checked on every rank, so a mismatch raises the same ValueError everywhere instead of
+    hanging one rank in the gather.
+    """
+    mine = np.concatenate([_array_head(xs[0]), [ax], [x.shape[ax] for x in xs]]).astype(np.int64)
+    mine[2 + ax] = 0  # the gathered axis may differ; the rest of the shape may not
+    heads = np.empty((size, mine.size), np.int64)
+    mpi_comm.Allgather(mine, heads)
+    k = len(xs)
+    if not (heads[:, :-k] == mine[:-k]).all():
+        seen = [f"{_DTYPES[h[0]].name}{list(h[2:2 + h[1]])} axis {h[-k - 1]}" for h in heads]
+        raise ValueError(f"allgather: ranks disagree on dtype, ndim, axis or off-axis shape: {seen} "
+                         f"(0 marks the gathered axis)")
+    return heads[:, -k:].reshape(-1).tolist()
+
+
 def _empty_from_head(head) -> np.ndarray:
     return np.empty(tuple(head[2:2 + head[1]].tolist()), _DTYPES[head[0]])
 
 
 def _bytes(x: np.ndarray) -> np.ndarray:
     """A C-contiguous array's memory as a flat uint8 view (no copy)."""
-    return np.ascontiguousarray(x).reshape(-1).view(np.uint8)
+    return np.asarray(x, order="C").reshape(-1).view(np.uint8)
 
 
 # ------------------------------------------------------------------------------------------
@@ -212,21 +232,12 @@ class MpiCommunicator:
         ax = _check(self.devices, xs, "allgather", same_shape=False, axis=axis)
         if self.tp == 1:
             return [xs[0]]
-        # Every rank learns every shard's size on `axis` (and checks that dtype and the other
-        # axes agree, so a mismatch raises on every rank instead of hanging one).
         shape0 = xs[0].shape
         rest = shape0[:ax] + shape0[ax + 1:]
-        mine = np.array([_dtype_code(xs[0].dtype), len(shape0), ax, *rest, *(x.shape[ax] for x in xs)],
-                        dtype=np.int64)
         if self.size > 1:
-            heads = np.empty((self.size, mine.size), np.int64)
-            self._mpi.Allgather(mine, heads)
-            if not (heads[:, :-len(xs)] == mine[:-len(xs)]).all():
-                raise ValueError(f"allgather: ranks disagree on dtype, ndim, axis or off-axis shape "
-                                 f"(dtype code, ndim, axis, *rest per rank: {heads[:, :-len(xs)].tolist()})")
-            sizes = heads[:, -len(xs):].reshape(-1).tolist()
+            sizes = _exchange_sizes(self._mpi, self.size, xs, ax)
         else:
-            sizes = mine[-len(xs):].tolist()
+            sizes = [x.shape[ax] for x in xs]
         # Move the axis first, lay the local shards back to back, gather bytes, move it back.
         row = int(np.prod(rest, dtype=np.int64)) * xs[0].dtype.itemsize  # bytes per index on `axis`
         send = np.concatenate([np.moveaxis(x, ax, 0) for x in xs], axis=0)  # [local rows, *rest]
@@ -362,13 +373,7 @@ class NcclRankCommunicator:
             return [xs[0]]
         cp, x = self._cp, xs[0]
         rest = x.shape[:ax] + x.shape[ax + 1:]
-        mine = np.array([_dtype_code(x.dtype), x.ndim, ax, *rest, x.shape[ax]], np.int64)
-        heads = np.empty((self.size, mine.size), np.int64)
-        self._mpi.Allgather(mine, heads)
-        if not (heads[:, :-1] == mine[:-1]).all():
-            raise ValueError(f"allgather: ranks disagree on dtype, ndim, axis or off-axis shape "
-                             f"(dtype code, ndim, axis, *rest per rank: {heads[:, :-1].tolist()})")
-        sizes = heads[:, -1].tolist()
+        sizes = _exchange_sizes(self._mpi, self.size, xs, ax)
         m = max(sizes)
         with cp.cuda.Device(self.devices[0].id):
             send = cp.zeros((m,) + rest, x.dtype)  # [m, *rest]
@@ -483,10 +488,10 @@ def bcast_arrays(arrays: Mapping[str, np.ndarray] | None, *, root: int = 0, comm
     """
     comm = _mpi_comm(comm)
     if comm is None or comm.Get_size() == 1:
-        return {k: np.ascontiguousarray(v) for k, v in arrays.items()}
+        return {k: np.asarray(v, order="C") for k, v in arrays.items()}
     sizes = np.zeros(2, np.int64)
     if comm.Get_rank() == root:
-        arrays = {str(k): np.ascontiguousarray(v) for k, v in arrays.items()}
+        arrays = {str(k): np.asarray(v, order="C") for k, v in arrays.items()}  # (0-d stays 0-d)
         names = [k.encode() for k in arrays]
         head = [len(arrays)]
         for name, a in zip(names, arrays.values()):

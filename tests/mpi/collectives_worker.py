@@ -6,7 +6,8 @@ per-device inputs of the whole group, in group order); it sends each one to the 
 ranks with `tpmax.mpi.bcast_json` / `bcast_arrays` (so those are exercised too); every rank
 runs the collective on its own `k` devices through `MpiCommunicator` (twice, to check it is
 deterministic); rank 0 gathers the outputs and replies with them in group order, or with
-the error every rank raised. `{"op": "quit"}` ends the job.
+the error every rank raised. `{"op": "messages"}` runs `messages_worker.check`
+on every rank; `{"op": "quit"}` ends the job.
 """
 import os
 import socket
@@ -16,6 +17,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
+import messages_worker  # noqa: E402
 import wire  # noqa: E402
 
 import tpmax  # noqa: E402
@@ -44,6 +46,12 @@ def run(comm, op, arrays, header):
 
 
 def one_request(w, header, arrays):
+    if header["op"] == "messages":
+        try:
+            messages_worker.check(w)
+            return ("ok", [])
+        except Exception as e:
+            return ("error", f"{type(e).__name__}: {e}")
     devs = [tpmax.Device("cpu", i) for i in range(header["k"] * w.size)]
     try:
         comm = mpi.MpiCommunicator(devs, w.comm)
