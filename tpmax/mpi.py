@@ -87,6 +87,15 @@ def world() -> World:
     return World(comm.Get_rank(), comm.Get_size(), comm)
 
 
+def world_mpi():
+    """mpi4py's `MPI` module (for `MPI.IN_PLACE`, `MPI.SUM`, ...), imported on first use.
+
+    Raises:
+        RuntimeError: mpi4py is not installed (as `world()` under a launcher).
+    """
+    return _import_mpi()
+
+
 def local_devices(all_devices: Sequence[Device], rank: int, size: int) -> list[Device]:
     """The devices rank `rank` of `size` drives: the contiguous block
     `all_devices[rank*k:(rank+1)*k]`, `k = len(all_devices) // size`.
@@ -322,7 +331,11 @@ class NcclRankCommunicator:
     """
 
     def __init__(self, all_devices: Sequence[Device], mpi_comm):
-        from cupy.cuda import nccl
+        try:
+            from cupy.cuda import nccl
+        except Exception as e:
+            raise RuntimeError(f"GPUs across MPI ranks need CuPy with NCCL ({e}); install tpmax[cuda12] "
+                               f"or tpmax[cuda13], or use cpu devices") from None
 
         all_devices = list(all_devices)
         self._mpi, self._nccl = mpi_comm, nccl
@@ -614,8 +627,3 @@ def abort_on_error():
         if w.is_mpi:
             _abort(w, type(e), e, e.__traceback__)
         raise
-
-
-def world_mpi():
-    """mpi4py's `MPI` module (imported on first use; raises as `world()` does without it)."""
-    return _import_mpi()

@@ -4,10 +4,10 @@ Usage: mpirun -n N python collectives_worker.py PORT. Rank 0 connects to 127.0.0
 and reads requests (`tests/mpi/wire.py` frames: header {op, k, axis, root} plus the
 per-device inputs of the whole group, in group order); it sends each one to the other
 ranks with `tpmax.mpi.bcast_json` / `bcast_arrays` (so those are exercised too); every rank
-runs the collective on its own `k` devices through `MpiCommunicator` (twice, to check it is
-deterministic); rank 0 gathers the outputs and replies with them in group order, or with
-the error every rank raised. `{"op": "messages"}` runs `messages_worker.check`
-on every rank; `{"op": "quit"}` ends the job.
+runs the collective on its own `k` devices through `mpi_communicator` (an `MpiCommunicator`),
+twice, to check it is deterministic; rank 0 gathers the outputs and replies with them in
+group order, or with the error every rank raised. `{"op": "messages"}` runs
+`messages_worker.check` on every rank; `{"op": "quit"}` ends the job.
 """
 import os
 import socket
@@ -54,7 +54,8 @@ def one_request(w, header, arrays):
             return ("error", f"{type(e).__name__}: {e}")
     devs = [tpmax.Device("cpu", i) for i in range(header["k"] * w.size)]
     try:
-        comm = mpi.MpiCommunicator(devs, w.comm)
+        comm = mpi.mpi_communicator(devs)
+        assert isinstance(comm, mpi.MpiCommunicator), comm
         out = run(comm, header["op"], arrays, header)
         again = run(comm, header["op"], arrays, header)
         if any(a.tobytes() != b.tobytes() for a, b in zip(out, again)):
