@@ -120,7 +120,7 @@ class MpiJob:
                     break
                 except socket.timeout:
                     if self.proc.poll() is not None or time.monotonic() > deadline:
-                        self.close()
+                        kill_group(self.proc)
                         pytest.fail(f"the {n}-rank MPI job did not start:\n{self.output()}")
         finally:
             srv.close()
@@ -138,7 +138,7 @@ class MpiJob:
             wire.send(self.sock, {"op": op, "k": k, "axis": axis, "root": root}, xs)
             header, outs = wire.recv(self.sock, tpmax.as_dtype)
         except (OSError, ConnectionError) as e:
-            self.close()
+            kill_group(self.proc)
             pytest.fail(f"the {self.n}-rank MPI job stopped answering ({e}):\n{self.output()}")
         if header["error"]:
             raise RuntimeError(f"all_ranks={header['all_ranks']}: {header['error']}")
@@ -151,6 +151,7 @@ class MpiJob:
                 self.proc.wait(timeout=10)
             except Exception:
                 kill_group(self.proc)
+        self.sock.close()
         self.log.close()
 
 
