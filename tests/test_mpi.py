@@ -131,11 +131,11 @@ class MpiJob:
         self.log.seek(0)
         return self.log.read()[-4000:]
 
-    def call(self, op, xs, *, k, axis=0, root=0):
+    def call(self, op, xs, *, k, axis=0, root=0, **extra):
         """Run `op` on the per-device inputs `xs` (whole group) with `k` devices per rank."""
         assert len(xs) == self.n * k
         try:
-            wire.send(self.sock, {"op": op, "k": k, "axis": axis, "root": root}, xs)
+            wire.send(self.sock, {"op": op, "k": k, "axis": axis, "root": root, **extra}, xs)
             header, outs = wire.recv(self.sock, tpmax.as_dtype)
         except (OSError, ConnectionError) as e:
             kill_group(self.proc)
@@ -264,6 +264,19 @@ def test_lock_step_messages(jobs, n):
     """bcast_arrays / bcast_json from rank 0 and from the last rank: every dtype, 0-d and
     empty arrays, non-ASCII names, an empty dict (`tests/mpi/messages_worker.py`)."""
     assert jobs[n].call("messages", [], k=0) == []
+
+
+@requires_mpi
+@pytest.mark.parametrize("n,spec,says", [
+    (2, "cpu:0,1,2", "ValueError: --devices lists 3 devices for 2 MPI ranks; the count must be a multiple"),
+    (2, "gpu:0,1,2,3", "ValueError: NCCL across MPI ranks drives one GPU per rank: --devices lists 4 GPUs for 2"),
+    (3, "gpu:0,1,1", r"ValueError: two MPI ranks on one host drive the same GPU \(the ranks on this host drive "
+                     r"gpu ids \[0, 1, 1\]\)"),
+    (2, "cpu:0,1,2,3", r"no error: MpiCommunicator\(rank [01]/2: cpu:[02], cpu:[13] of tp=4\)"),
+])
+def test_factory_under_mpi(jobs, n, spec, says):
+    with pytest.raises(RuntimeError, match="all_ranks=True.*" + says):
+        jobs[n].call("factory", [], k=0, devices=spec)
 
 
 # ------------------------------------------------------------------------------------------

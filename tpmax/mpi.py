@@ -466,7 +466,30 @@ def mpi_communicator(all_devices: Sequence[Device], *, mpi_comm=None):
     local_devices(all_devices, mpi_comm.Get_rank(), mpi_comm.Get_size())  # the count check
     if kinds == {"cpu"}:
         return MpiCommunicator(all_devices, mpi_comm)
+    _check_one_gpu_per_rank(all_devices, mpi_comm)
     return NcclRankCommunicator(all_devices, mpi_comm)
+
+
+def _check_one_gpu_per_rank(all_devices, mpi_comm) -> None:
+    """Raise on every rank, before NCCL starts, unless each rank has one GPU and no two
+    ranks on one host name the same GPU id (NCCL refuses a GPU twice in a communicator)."""
+    size, rank = mpi_comm.Get_size(), mpi_comm.Get_rank()
+    if len(all_devices) != size:
+        raise ValueError(f"NCCL across MPI ranks drives one GPU per rank: --devices lists "
+                         f"{len(all_devices)} GPUs for {size} MPI ranks")
+    MPI = _import_mpi()
+    host = mpi_comm.Split_type(MPI.COMM_TYPE_SHARED)  # the ranks on this host
+    try:
+        ids = np.empty(host.Get_size(), np.int64)
+        host.Allgather(np.array([all_devices[rank].id], np.int64), ids)
+    finally:
+        host.Free()
+    bad = np.array([len(set(ids.tolist())) != ids.size], np.int64)
+    mpi_comm.Allreduce(MPI.IN_PLACE, bad, op=MPI.MAX)  # every rank raises, or none
+    if bad[0]:
+        raise ValueError(f"two MPI ranks on one host drive the same GPU (the ranks on this host drive "
+                         f"gpu ids {ids.tolist()}); NCCL needs a distinct GPU per rank; for several "
+                         f"logical devices on one GPU use one process (e.g. --devices gpu:0,0)")
 
 
 # ------------------------------------------------------------------------------------------

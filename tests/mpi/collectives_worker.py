@@ -7,7 +7,8 @@ ranks with `tpmax.mpi.bcast_json` / `bcast_arrays` (so those are exercised too);
 runs the collective on its own `k` devices through `mpi_communicator` (an `MpiCommunicator`),
 twice, to check it is deterministic; rank 0 gathers the outputs and replies with them in
 group order, or with the error every rank raised. `{"op": "messages"}` runs
-`messages_worker.check` on every rank; `{"op": "quit"}` ends the job.
+`messages_worker.check` on every rank, `{"op": "factory", "devices": SPEC}` reports what
+`mpi_communicator` says to a device list; `{"op": "quit"}` ends the job.
 """
 import os
 import socket
@@ -46,6 +47,13 @@ def run(comm, op, arrays, header):
 
 
 def one_request(w, header, arrays):
+    if header["op"] == "factory":  # which communicator (or error) a device list gets here
+        try:
+            kind, ids = header["devices"].split(":")
+            comm = mpi.mpi_communicator([tpmax.Device(kind, int(i)) for i in ids.split(",")])
+            return ("error", f"no error: {comm!r}")
+        except Exception as e:
+            return ("error", f"{type(e).__name__}: {e}")
     if header["op"] == "messages":
         try:
             messages_worker.check(w)
