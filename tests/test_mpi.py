@@ -133,7 +133,7 @@ class MpiJob:
 
     def call(self, op, xs, *, k, axis=0, root=0, **extra):
         """Run `op` on the per-device inputs `xs` (whole group) with `k` devices per rank."""
-        assert len(xs) == self.n * k
+        assert len(xs) % (self.n * k) == 0
         try:
             wire.send(self.sock, {"op": op, "k": k, "axis": axis, "root": root, **extra}, xs)
             header, outs = wire.recv(self.sock, tpmax.as_dtype)
@@ -264,6 +264,28 @@ def test_lock_step_messages(jobs, n):
     """bcast_arrays / bcast_json from rank 0 and from the last rank: every dtype, 0-d and
     empty arrays, non-ASCII names, an empty dict (`tests/mpi/messages_worker.py`)."""
     assert jobs[n].call("messages", [], k=0) == []
+
+
+@requires_mpi
+@pytest.mark.parametrize("n,k", LAYOUTS)
+def test_mlp_layer_across_ranks(jobs, n, k):
+    """tpmax.mlp (gate/up rowwise, down columnwise, all-reduce) on MpiCommunicator equals the
+    in-process layer; bit for bit when the all-reduce adds only two partial sums."""
+    tp, d, f, t = n * k, 16, 22, 3  # F = 22 splits unevenly over 3 and 4
+    rng = np.random.default_rng(tp)
+    x = rng.standard_normal((t, d)).astype(np.float32)
+    gate, up = (rng.standard_normal((f, d)).astype(np.float32) for _ in range(2))
+    down = rng.standard_normal((d, f)).astype(np.float32)
+    bounds = tpmax.split_bounds(f, tp)
+    w13s = [np.concatenate([gate[a:b], up[a:b]]) for a, b in bounds]  # [2*F_r, D]
+    w2s = [np.ascontiguousarray(down[:, a:b]) for a, b in bounds]  # [D, F_r]
+    outs = jobs[n].call("mlp", [x] * tp + w13s + w2s, k=k)
+    want = tpmax.mlp([x] * tp, w13s, w2s, in_process([x] * tp))
+    for o, w in zip(outs, want):
+        assert o.dtype == np.float32
+        np.testing.assert_allclose(o, w, rtol=1e-5, atol=1e-5)
+        if tp == 2:
+            assert o.tobytes() == w.tobytes()
 
 
 @requires_mpi

@@ -40,6 +40,10 @@ def run(comm, op, arrays, header):
         return comm.allgather(xs, axis=header["axis"])
     if op == "reduce_scatter":
         return comm.reduce_scatter(xs, axis=header["axis"])
+    if op == "mlp":  # a real layer on the communicator: inputs are [x]*tp + w13s + w2s
+        w13s = [arrays[f"x{comm.tp + g}"] for g in comm.ranks]
+        w2s = [arrays[f"x{2 * comm.tp + g}"] for g in comm.ranks]
+        return tpmax.mlp(xs, w13s, w2s, comm)
     if op == "broadcast":
         root = header["root"]
         return comm.broadcast(arrays[f"x{root}"] if root in comm.ranks else None, root=root)
