@@ -133,7 +133,7 @@ class MpiJob:
 
     def call(self, op, xs, *, k, axis=0, root=0, **extra):
         """Run `op` on the per-device inputs `xs` (whole group) with `k` devices per rank."""
-        assert len(xs) % (self.n * k) == 0
+        assert not xs or len(xs) % (self.n * k) == 0
         try:
             wire.send(self.sock, {"op": op, "k": k, "axis": axis, "root": root, **extra}, xs)
             header, outs = wire.recv(self.sock, tpmax.as_dtype)
