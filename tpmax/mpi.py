@@ -63,10 +63,8 @@ def _import_mpi():
         from mpi4py import MPI
     except ImportError as e:
         found = ", ".join(f"{k}={os.environ[k]}" for k in LAUNCHER_ENV if k in os.environ)
-        raise RuntimeError(
-            f"this process was started by an MPI launcher ({found}) but mpi4py cannot be "
-            f"imported ({e}); install it with: pip install 'tpmax[mpi]'"
-        ) from None
+        why = f"this process was started by an MPI launcher ({found}) but " if found else ""
+        raise RuntimeError(f"{why}mpi4py cannot be imported ({e}); install it with: pip install 'tpmax[mpi]'") from None
     return MPI
 
 
