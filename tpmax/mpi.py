@@ -361,9 +361,6 @@ class NcclRankCommunicator:
     def _stream(self):
         return self._cp.cuda.get_current_stream().ptr
 
-    def _to_all(self, x):
-        return [x]
-
     def allreduce_sum(self, xs):
         _check(self.devices, xs, "allreduce_sum")
         if self.tp == 1:
