@@ -120,7 +120,7 @@ class MpiJob:
                     break
                 except socket.timeout:
                     if self.proc.poll() is not None or time.monotonic() > deadline:
-                        self.close()
+                        kill_group(self.proc)
                         pytest.fail(f"the {n}-rank MPI job did not start:\n{self.output()}")
         finally:
             srv.close()
@@ -131,14 +131,14 @@ class MpiJob:
         self.log.seek(0)
         return self.log.read()[-4000:]
 
-    def call(self, op, xs, *, k, axis=0, root=0):
+    def call(self, op, xs, *, k, axis=0, root=0, **extra):
         """Run `op` on the per-device inputs `xs` (whole group) with `k` devices per rank."""
-        assert len(xs) == self.n * k
+        assert not xs or len(xs) % (self.n * k) == 0
         try:
-            wire.send(self.sock, {"op": op, "k": k, "axis": axis, "root": root}, xs)
+            wire.send(self.sock, {"op": op, "k": k, "axis": axis, "root": root, **extra}, xs)
             header, outs = wire.recv(self.sock, tpmax.as_dtype)
         except (OSError, ConnectionError) as e:
-            self.close()
+            kill_group(self.proc)
             pytest.fail(f"the {self.n}-rank MPI job stopped answering ({e}):\n{self.output()}")
         if header["error"]:
             raise RuntimeError(f"all_ranks={header['all_ranks']}: {header['error']}")
@@ -151,6 +151,7 @@ class MpiJob:
                 self.proc.wait(timeout=10)
             except Exception:
                 kill_group(self.proc)
+        self.sock.close()
         self.log.close()
 
 
@@ -245,12 +246,59 @@ def test_bad_arguments_raise_on_every_rank(jobs):
     # Off-axis shapes that differ across ranks: every rank sees it in the size exchange.
     with pytest.raises(RuntimeError, match=r"all_ranks=True.*ranks disagree on dtype, ndim, axis or off-axis"):
         jobs[2].call("allgather", [ok, np.zeros((2, 4), np.float32)], k=1, axis=0)
+    with pytest.raises(RuntimeError, match=r"all_ranks=True.*ranks disagree"):  # ndim differs
+        jobs[3].call("allgather", [ok, ok, np.zeros((2, 3, 1), np.float32)], k=1, axis=0)
+    with pytest.raises(RuntimeError, match=r"all_ranks=True.*ranks disagree"):  # dtype differs
+        jobs[2].call("allgather", [ok, ok.astype(np.float16)], k=1, axis=1)
     # The local checks are comm._check's: same message as in one process.
     with pytest.raises(RuntimeError, match=r"all_ranks=True.*broadcast: root 5 is outside the group of 4"):
         jobs[2].call("broadcast", [ok] * 4, k=2, root=5)
     with pytest.raises(RuntimeError, match=r"all_ranks=True.*reduce_scatter: shapes differ across devices"):
         jobs[2].call("reduce_scatter", [ok, ok.T, ok, ok.T], k=2)
     assert_same(jobs[2].call("allreduce_sum", [ok + 1, ok + 2], k=1), [ok + 3, ok + 3])  # still serving
+
+
+@requires_mpi
+@pytest.mark.parametrize("n", [2, 3])
+def test_lock_step_messages(jobs, n):
+    """bcast_arrays / bcast_json from rank 0 and from the last rank: every dtype, 0-d and
+    empty arrays, non-ASCII names, an empty dict (`tests/mpi/messages_worker.py`)."""
+    assert jobs[n].call("messages", [], k=0) == []
+
+
+@requires_mpi
+@pytest.mark.parametrize("n,k", LAYOUTS)
+def test_mlp_layer_across_ranks(jobs, n, k):
+    """tpmax.mlp (gate/up rowwise, down columnwise, all-reduce) on MpiCommunicator equals the
+    in-process layer; bit for bit when the all-reduce adds only two partial sums."""
+    tp, d, f, t = n * k, 16, 22, 3  # F = 22 splits unevenly over 3 and 4
+    rng = np.random.default_rng(tp)
+    x = rng.standard_normal((t, d)).astype(np.float32)
+    gate, up = (rng.standard_normal((f, d)).astype(np.float32) for _ in range(2))
+    down = rng.standard_normal((d, f)).astype(np.float32)
+    bounds = tpmax.split_bounds(f, tp)
+    w13s = [np.concatenate([gate[a:b], up[a:b]]) for a, b in bounds]  # [2*F_r, D]
+    w2s = [np.ascontiguousarray(down[:, a:b]) for a, b in bounds]  # [D, F_r]
+    outs = jobs[n].call("mlp", [x] * tp + w13s + w2s, k=k)
+    want = tpmax.mlp([x] * tp, w13s, w2s, in_process([x] * tp))
+    for o, w in zip(outs, want):
+        assert o.dtype == np.float32
+        np.testing.assert_allclose(o, w, rtol=1e-5, atol=1e-5)
+        if tp == 2:
+            assert o.tobytes() == w.tobytes()
+
+
+@requires_mpi
+@pytest.mark.parametrize("n,spec,says", [
+    (2, "cpu:0,1,2", "ValueError: --devices lists 3 devices for 2 MPI ranks; the count must be a multiple"),
+    (2, "gpu:0,1,2,3", "ValueError: NCCL across MPI ranks drives one GPU per rank: --devices lists 4 GPUs for 2"),
+    (3, "gpu:0,1,1", r"ValueError: two MPI ranks on one host drive the same GPU \(the ranks on this host drive "
+                     r"gpu ids \[0, 1, 1\]\)"),
+    (2, "cpu:0,1,2,3", r"no error: MpiCommunicator\(rank [01]/2: cpu:[02], cpu:[13] of tp=4\)"),
+])
+def test_factory_under_mpi(jobs, n, spec, says):
+    with pytest.raises(RuntimeError, match="all_ranks=True.*" + says):
+        jobs[n].call("factory", [], k=0, devices=spec)
 
 
 # ------------------------------------------------------------------------------------------

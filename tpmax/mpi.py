@@ -63,10 +63,8 @@ def _import_mpi():
         from mpi4py import MPI
     except ImportError as e:
         found = ", ".join(f"{k}={os.environ[k]}" for k in LAUNCHER_ENV if k in os.environ)
-        raise RuntimeError(
-            f"this process was started by an MPI launcher ({found}) but mpi4py cannot be "
-            f"imported ({e}); install it with: pip install 'tpmax[mpi]'"
-        ) from None
+        why = f"this process was started by an MPI launcher ({found}) but " if found else ""
+        raise RuntimeError(f"{why}mpi4py cannot be imported ({e}); install it with: pip install 'tpmax[mpi]'") from None
     return MPI
 
 
@@ -85,6 +83,15 @@ def world() -> World:
     MPI = _import_mpi()
     comm = MPI.COMM_WORLD
     return World(comm.Get_rank(), comm.Get_size(), comm)
+
+
+def world_mpi():
+    """mpi4py's `MPI` module (for `MPI.IN_PLACE`, `MPI.SUM`, ...), imported on first use.
+
+    Raises:
+        RuntimeError: mpi4py is not installed (as `world()` under a launcher).
+    """
+    return _import_mpi()
 
 
 def local_devices(all_devices: Sequence[Device], rank: int, size: int) -> list[Device]:
@@ -149,13 +156,33 @@ def _array_head(x) -> np.ndarray:
     return head
 
 
+def _exchange_sizes(mpi_comm, size, xs, ax) -> list[int]:
+    """Every shard's size on the gather axis `ax`, for the whole group, in group order.
+
+    One `Allgather` of a fixed-size int64 header per rank (so ranks that disagree on ndim
+    still exchange matching counts); the dtype, ndim, axis and off-axis shape in it are
+    checked on every rank, so a mismatch raises the same ValueError everywhere instead of
+    hanging one rank in the gather.
+    """
+    mine = np.concatenate([_array_head(xs[0]), [ax], [x.shape[ax] for x in xs]]).astype(np.int64)
+    mine[2 + ax] = 0  # the gathered axis may differ; the rest of the shape may not
+    heads = np.empty((size, mine.size), np.int64)
+    mpi_comm.Allgather(mine, heads)
+    k = len(xs)
+    if not (heads[:, :-k] == mine[:-k]).all():
+        seen = [f"{_DTYPES[h[0]].name}{list(h[2:2 + h[1]])} axis {h[-k - 1]}" for h in heads]
+        raise ValueError(f"allgather: ranks disagree on dtype, ndim, axis or off-axis shape: {seen} "
+                         f"(0 marks the gathered axis)")
+    return heads[:, -k:].reshape(-1).tolist()
+
+
 def _empty_from_head(head) -> np.ndarray:
     return np.empty(tuple(head[2:2 + head[1]].tolist()), _DTYPES[head[0]])
 
 
 def _bytes(x: np.ndarray) -> np.ndarray:
     """A C-contiguous array's memory as a flat uint8 view (no copy)."""
-    return np.ascontiguousarray(x).reshape(-1).view(np.uint8)
+    return np.asarray(x, order="C").reshape(-1).view(np.uint8)
 
 
 # ------------------------------------------------------------------------------------------
@@ -214,21 +241,12 @@ class MpiCommunicator:
         ax = _check(self.devices, xs, "allgather", same_shape=False, axis=axis)
         if self.tp == 1:
             return [xs[0]]
-        # Every rank learns every shard's size on `axis` (and checks that dtype and the other
-        # axes agree, so a mismatch raises on every rank instead of hanging one).
         shape0 = xs[0].shape
         rest = shape0[:ax] + shape0[ax + 1:]
-        mine = np.array([_dtype_code(xs[0].dtype), len(shape0), ax, *rest, *(x.shape[ax] for x in xs)],
-                        dtype=np.int64)
         if self.size > 1:
-            heads = np.empty((self.size, mine.size), np.int64)
-            self._mpi.Allgather(mine, heads)
-            if not (heads[:, :-len(xs)] == mine[:-len(xs)]).all():
-                raise ValueError(f"allgather: ranks disagree on dtype, ndim, axis or off-axis shape "
-                                 f"(dtype code, ndim, axis, *rest per rank: {heads[:, :-len(xs)].tolist()})")
-            sizes = heads[:, -len(xs):].reshape(-1).tolist()
+            sizes = _exchange_sizes(self._mpi, self.size, xs, ax)
         else:
-            sizes = mine[-len(xs):].tolist()
+            sizes = [x.shape[ax] for x in xs]
         # Move the axis first, lay the local shards back to back, gather bytes, move it back.
         row = int(np.prod(rest, dtype=np.int64)) * xs[0].dtype.itemsize  # bytes per index on `axis`
         send = np.concatenate([np.moveaxis(x, ax, 0) for x in xs], axis=0)  # [local rows, *rest]
@@ -313,7 +331,11 @@ class NcclRankCommunicator:
     """
 
     def __init__(self, all_devices: Sequence[Device], mpi_comm):
-        from cupy.cuda import nccl
+        try:
+            from cupy.cuda import nccl
+        except Exception as e:
+            raise RuntimeError(f"GPUs across MPI ranks need CuPy with NCCL ({e}); install tpmax[cuda12] "
+                               f"or tpmax[cuda13], or use cpu devices") from None
 
         all_devices = list(all_devices)
         self._mpi, self._nccl = mpi_comm, nccl
@@ -343,9 +365,6 @@ class NcclRankCommunicator:
     def _stream(self):
         return self._cp.cuda.get_current_stream().ptr
 
-    def _to_all(self, x):
-        return [x]
-
     def allreduce_sum(self, xs):
         _check(self.devices, xs, "allreduce_sum")
         if self.tp == 1:
@@ -366,13 +385,7 @@ class NcclRankCommunicator:
             return [xs[0]]
         cp, x = self._cp, xs[0]
         rest = x.shape[:ax] + x.shape[ax + 1:]
-        mine = np.array([_dtype_code(x.dtype), x.ndim, ax, *rest, x.shape[ax]], np.int64)
-        heads = np.empty((self.size, mine.size), np.int64)
-        self._mpi.Allgather(mine, heads)
-        if not (heads[:, :-1] == mine[:-1]).all():
-            raise ValueError(f"allgather: ranks disagree on dtype, ndim, axis or off-axis shape "
-                             f"(dtype code, ndim, axis, *rest per rank: {heads[:, :-1].tolist()})")
-        sizes = heads[:, -1].tolist()
+        sizes = _exchange_sizes(self._mpi, self.size, xs, ax)
         m = max(sizes)
         with cp.cuda.Device(self.devices[0].id):
             send = cp.zeros((m,) + rest, x.dtype)  # [m, *rest]
@@ -452,7 +465,30 @@ def mpi_communicator(all_devices: Sequence[Device], *, mpi_comm=None):
     local_devices(all_devices, mpi_comm.Get_rank(), mpi_comm.Get_size())  # the count check
     if kinds == {"cpu"}:
         return MpiCommunicator(all_devices, mpi_comm)
+    _check_one_gpu_per_rank(all_devices, mpi_comm)
     return NcclRankCommunicator(all_devices, mpi_comm)
+
+
+def _check_one_gpu_per_rank(all_devices, mpi_comm) -> None:
+    """Raise on every rank, before NCCL starts, unless each rank has one GPU and no two
+    ranks on one host name the same GPU id (NCCL refuses a GPU twice in a communicator)."""
+    size, rank = mpi_comm.Get_size(), mpi_comm.Get_rank()
+    if len(all_devices) != size:
+        raise ValueError(f"NCCL across MPI ranks drives one GPU per rank: --devices lists "
+                         f"{len(all_devices)} GPUs for {size} MPI ranks")
+    MPI = _import_mpi()
+    host = mpi_comm.Split_type(MPI.COMM_TYPE_SHARED)  # the ranks on this host
+    try:
+        ids = np.empty(host.Get_size(), np.int64)
+        host.Allgather(np.array([all_devices[rank].id], np.int64), ids)
+    finally:
+        host.Free()
+    bad = np.array([len(set(ids.tolist())) != ids.size], np.int64)
+    mpi_comm.Allreduce(MPI.IN_PLACE, bad, op=MPI.MAX)  # every rank raises, or none
+    if bad[0]:
+        raise ValueError(f"two MPI ranks on one host drive the same GPU (the ranks on this host drive "
+                         f"gpu ids {ids.tolist()}); NCCL needs a distinct GPU per rank; for several "
+                         f"logical devices on one GPU use one process (e.g. --devices gpu:0,0)")
 
 
 # ------------------------------------------------------------------------------------------
@@ -487,10 +523,10 @@ def bcast_arrays(arrays: Mapping[str, np.ndarray] | None, *, root: int = 0, comm
     """
     comm = _mpi_comm(comm)
     if comm is None or comm.Get_size() == 1:
-        return {k: np.ascontiguousarray(v) for k, v in arrays.items()}
+        return {k: np.asarray(v, order="C") for k, v in arrays.items()}
     sizes = np.zeros(2, np.int64)
     if comm.Get_rank() == root:
-        arrays = {str(k): np.ascontiguousarray(v) for k, v in arrays.items()}
+        arrays = {str(k): np.asarray(v, order="C") for k, v in arrays.items()}  # (0-d stays 0-d)
         names = [k.encode() for k in arrays]
         head = [len(arrays)]
         for name, a in zip(names, arrays.values()):
@@ -613,8 +649,3 @@ def abort_on_error():
         if w.is_mpi:
             _abort(w, type(e), e, e.__traceback__)
         raise
-
-
-def world_mpi():
-    """mpi4py's `MPI` module (imported on first use; raises as `world()` does without it)."""
-    return _import_mpi()

@@ -4,9 +4,11 @@ Usage: mpirun -n N python collectives_worker.py PORT. Rank 0 connects to 127.0.0
 and reads requests (`tests/mpi/wire.py` frames: header {op, k, axis, root} plus the
 per-device inputs of the whole group, in group order); it sends each one to the other
 ranks with `tpmax.mpi.bcast_json` / `bcast_arrays` (so those are exercised too); every rank
-runs the collective on its own `k` devices through `MpiCommunicator` (twice, to check it is
-deterministic); rank 0 gathers the outputs and replies with them in group order, or with
-the error every rank raised. `{"op": "quit"}` ends the job.
+runs the collective on its own `k` devices through `mpi_communicator` (an `MpiCommunicator`),
+twice, to check it is deterministic; rank 0 gathers the outputs and replies with them in
+group order, or with the error every rank raised. `{"op": "messages"}` runs
+`messages_worker.check` on every rank, `{"op": "factory", "devices": SPEC}` reports what
+`mpi_communicator` says to a device list; `{"op": "quit"}` ends the job.
 """
 import os
 import socket
@@ -16,6 +18,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
+import messages_worker  # noqa: E402
 import wire  # noqa: E402
 
 import tpmax  # noqa: E402
@@ -37,6 +40,10 @@ def run(comm, op, arrays, header):
         return comm.allgather(xs, axis=header["axis"])
     if op == "reduce_scatter":
         return comm.reduce_scatter(xs, axis=header["axis"])
+    if op == "mlp":  # a real layer on the communicator: inputs are [x]*tp + w13s + w2s
+        w13s = [arrays[f"x{comm.tp + g}"] for g in comm.ranks]
+        w2s = [arrays[f"x{2 * comm.tp + g}"] for g in comm.ranks]
+        return tpmax.mlp(xs, w13s, w2s, comm)
     if op == "broadcast":
         root = header["root"]
         return comm.broadcast(arrays[f"x{root}"] if root in comm.ranks else None, root=root)
@@ -44,9 +51,23 @@ def run(comm, op, arrays, header):
 
 
 def one_request(w, header, arrays):
+    if header["op"] == "factory":  # which communicator (or error) a device list gets here
+        try:
+            kind, ids = header["devices"].split(":")
+            comm = mpi.mpi_communicator([tpmax.Device(kind, int(i)) for i in ids.split(",")])
+            return ("error", f"no error: {comm!r}")
+        except Exception as e:
+            return ("error", f"{type(e).__name__}: {e}")
+    if header["op"] == "messages":
+        try:
+            messages_worker.check(w)
+            return ("ok", [])
+        except Exception as e:
+            return ("error", f"{type(e).__name__}: {e}")
     devs = [tpmax.Device("cpu", i) for i in range(header["k"] * w.size)]
     try:
-        comm = mpi.MpiCommunicator(devs, w.comm)
+        comm = mpi.mpi_communicator(devs)
+        assert isinstance(comm, mpi.MpiCommunicator), comm
         out = run(comm, header["op"], arrays, header)
         again = run(comm, header["op"], arrays, header)
         if any(a.tobytes() != b.tobytes() for a, b in zip(out, again)):
