@@ -18,15 +18,19 @@ from tpmax.loader import load
 FIX = Path(__file__).parent / "fixtures"
 
 
-def make_chat_model_dir(d: Path) -> Path:
+def make_chat_model_dir(d: Path, *, context: int | None = None) -> Path:
     """The tiny llama fixture plus a byte-level tokenizer (ids 0-2 <unk> <s> </s>, then the
-    256 bytes: 259 = the fixture's vocabulary) and a chat template, written into `d`."""
+    256 bytes: 259 = the fixture's vocabulary) and a chat template, written into `d`;
+    `context` overrides its max_position_embeddings (128)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
     d.mkdir(parents=True, exist_ok=True)
-    for f in ("config.json", "generation_config.json", "model.safetensors"):
+    for f in ("generation_config.json", "model.safetensors"):
         if not (d / f).exists():
             os.symlink((FIX / "hf" / "llama" / f).resolve(), d / f)
+    cfg = json.loads((FIX / "hf" / "llama" / "config.json").read_text())
+    cfg["max_position_embeddings"] = context or cfg["max_position_embeddings"]
+    (d / "config.json").write_text(json.dumps(cfg))
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
     vocab.update({ch: 3 + i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))})
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))

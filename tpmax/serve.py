@@ -61,6 +61,8 @@ class Metrics:
                               buckets=lat, registry=r)
         self.itl = Histogram("tpmax_inter_token_latency_seconds", "Between consecutive tokens of a request",
                              buckets=lat, registry=r)
+        self.batch = Histogram("tpmax_batch_size", "Tokens produced by each engine step (sequences batched)", registry=r,
+                               buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
         self.e2e = Histogram("tpmax_request_duration_seconds", "From request arrival to its last token",
                              buckets=lat, registry=r)
 
@@ -203,6 +205,8 @@ class EngineLoop:
                 self._jobs.pop(rid)
                 self._release(job, "error")
         now = time.perf_counter()
+        if any(ev.token is not None for ev in events):
+            self.metrics.batch.observe(sum(ev.token is not None for ev in events))
         for ev in events:
             job = self._jobs.get(ev.request.id)
             if job is None:
@@ -267,7 +271,7 @@ def _integer(body: dict, name: str) -> int | None:
 
 def sampling_params(body: dict, *, default_max_tokens: Callable[[], int], eos: tuple[int, ...]) -> SamplingParams:
     """SamplingParams from an OpenAI request body (max_tokens / max_completion_tokens,
-    temperature, top_p, top_k (extension), seed, stop, n)."""
+    temperature, top_p, seed, stop, n; extensions as in vLLM: top_k, ignore_eos)."""
     n = _integer(body, "n")
     if n not in (None, 1):
         raise _bad("n", f"only n=1 is supported, got n={n}")
@@ -293,6 +297,9 @@ def sampling_params(body: dict, *, default_max_tokens: Callable[[], int], eos: t
     stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
     if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
         raise _bad("stop", "'stop' must be a non-empty string or a list of non-empty strings")
+    ignore_eos = body.get("ignore_eos") or False
+    if not isinstance(ignore_eos, bool):
+        raise _bad("ignore_eos", "'ignore_eos' must be a boolean")
     for unsupported in ("logprobs", "top_logprobs", "echo", "suffix", "tools", "functions"):
         if body.get(unsupported):
             raise _bad(unsupported, f"'{unsupported}' is not supported by this server")
@@ -300,7 +307,7 @@ def sampling_params(body: dict, *, default_max_tokens: Callable[[], int], eos: t
         raise _bad("best_of", "only best_of=1 is supported")
     return SamplingParams(max_new_tokens=max_tokens if max_tokens is not None else default_max_tokens(),
                           temperature=temperature, top_k=max(top_k, 0), top_p=top_p, seed=seed, stop=tuple(stop),
-                          stop_token_ids=eos)
+                          stop_token_ids=() if ignore_eos else eos)
 
 
 def chat_messages(body: dict) -> list[dict]:
