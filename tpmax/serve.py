@@ -153,12 +153,16 @@ class EngineLoop:
 
     def _run(self) -> None:
         while True:
-            self._take_commands(block=not self.engine.busy)
-            if self._stop and not self.engine.busy:
-                break
-            if self.engine.busy:
-                self._step()
-            self._update_gauges()
+            try:
+                self._take_commands(block=not self.engine.busy)
+                if self._stop and not self.engine.busy:
+                    break
+                if self.engine.busy:
+                    self._step()
+                self._update_gauges()
+            except Exception:  # a bug here must not leave every client waiting on a dead thread
+                log.exception("engine loop error")
+                self._fail_all("engine loop error")
         log.info("engine loop stopped")
 
     def _take_commands(self, *, block: bool) -> None:
@@ -185,7 +189,7 @@ class EngineLoop:
             return
         try:
             job.rid = self.engine.submit(job.prompt, job.params)
-        except ValueError as e:
+        except Exception as e:  # ValueError: the prompt can never run here (too long, bad ids)
             self._release(job, "rejected_invalid")
             job.send(("rejected", str(e)))
             return
@@ -198,12 +202,8 @@ class EngineLoop:
             events = self.engine.step()
         except Exception as e:  # a bug in the engine: end what it was doing, keep serving
             log.exception("engine step failed")
-            events = []
-            for rid, job in list(self._jobs.items()):
-                c = self.engine.cancel(rid) or Completion(rid, len(job.prompt), [], "", "error")
-                job.send(("done", dataclasses.replace(c, finish_reason="error", error=f"engine failure: {e}")))
-                self._jobs.pop(rid)
-                self._release(job, "error")
+            self._fail_all(f"engine failure: {type(e).__name__}: {e}")
+            return
         now = time.perf_counter()
         if any(ev.token is not None for ev in events):
             self.metrics.batch.observe(sum(ev.token is not None for ev in events))
@@ -224,6 +224,14 @@ class EngineLoop:
                 del self._jobs[ev.request.id]
                 self._release(job, ev.completion.finish_reason)
                 job.send(("done", ev.completion))
+
+    def _fail_all(self, message: str) -> None:
+        """End every request the engine holds with an error."""
+        for rid, job in list(self._jobs.items()):
+            c = self.engine.cancel(rid) or Completion(rid, len(job.prompt), [], "", "error")
+            job.send(("done", dataclasses.replace(c, finish_reason="error", error=message)))
+            del self._jobs[rid]
+            self._release(job, "error")
 
     def _update_gauges(self) -> None:
         m, e = self.metrics, self.engine
@@ -428,7 +436,8 @@ def create_app(model: Model, *, max_batch: int = 16, max_queue: int = 64, cache_
         """Wait for the engine to take the job; a request it refuses (too long) is a 400."""
         msg = await job.out.get()
         if msg[0] == "rejected":
-            raise APIError(400, msg[1], param=param, code="context_length_exceeded")
+            too_long = "context" in msg[1] or "KV cache" in msg[1]
+            raise APIError(400, msg[1], param=param, code="context_length_exceeded" if too_long else "invalid_prompt")
 
     async def generate_response(request: Request, endpoint: str, prompt: list[int], params: SamplingParams,
                                 stream: bool, include_usage: bool, param: str):
