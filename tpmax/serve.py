@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import queue
+import signal
 import sys
 import threading
 import time
@@ -645,7 +646,14 @@ def run_serve(args) -> int:
               f"{args.served_model_name or model_id(model)!r} on http://{args.host}:{args.port}/v1", file=sys.stderr)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning" if args.quiet else "info",
                             access_log=not args.quiet, lifespan="on", timeout_graceful_shutdown=600)
-    uvicorn.Server(config).run()
+    main_thread = threading.current_thread() is threading.main_thread()
+    # uvicorn drains on SIGTERM, then re-raises it: exit 0 then rather than die by the signal.
+    previous = signal.signal(signal.SIGTERM, lambda *_: None) if main_thread else None
+    try:
+        uvicorn.Server(config).run()
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
     return 0
 
 
