@@ -3,7 +3,6 @@ port serving the tiny fixture (with a byte-level tokenizer and a 16k context, so
 requests take seconds)."""
 import concurrent.futures
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -276,7 +275,8 @@ BAD = [
 
 @pytest.mark.parametrize("endpoint, body, status, param", BAD)
 def test_bad_input_is_an_openai_error_and_the_server_goes_on(server, endpoint, body, status, param):
-    kw = {"content": body, "headers": {"content-type": "application/json"}} if isinstance(body, bytes) else {"json": body}
+    raw = isinstance(body, bytes)
+    kw = {"content": body, "headers": {"content-type": "application/json"}} if raw else {"json": body}
     path = "chat/completions" if endpoint == "chat" else "completions"
     r = httpx.post(f"{server.url}/v1/{path}", timeout=30, **kw)
     assert r.status_code == status, r.text

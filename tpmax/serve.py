@@ -26,7 +26,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 from .generate import Completion, Engine, SamplingParams, encode_chat
 from .loader import Model
@@ -62,8 +62,8 @@ class Metrics:
                               buckets=lat, registry=r)
         self.itl = Histogram("tpmax_inter_token_latency_seconds", "Between consecutive tokens of a request",
                              buckets=lat, registry=r)
-        self.batch = Histogram("tpmax_batch_size", "Tokens produced by each engine step (sequences batched)", registry=r,
-                               buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
+        self.batch = Histogram("tpmax_batch_size", "Tokens produced by each engine step (sequences batched)",
+                               buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
         self.e2e = Histogram("tpmax_request_duration_seconds", "From request arrival to its last token",
                              buckets=lat, registry=r)
 
