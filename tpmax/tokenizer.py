@@ -127,10 +127,6 @@ class Tokenizer:
         if bos_id is None and gen_bos is not None:
             bos_id = next(iter(_ids(gen_bos, "bos_token_id", path / "generation_config.json")), None)
         eos_ids = _resolve_eos(path, _token_id(backend, eos_token, "eos_token", config_file), generation)
-        vocab = backend.get_vocab_size(with_added_tokens=True)
-        for name, ids in (("bos_token_id", () if bos_id is None else (bos_id,)), ("eos_token_ids", eos_ids)):
-            if any(i >= vocab for i in ids):
-                raise LoadError(f"{path}: {name} {ids} outside the vocabulary of {tokenizer_file} (size {vocab})")
 
         # BOS is added when the config says so; without a flag, when tokenizer.json's own
         # post-processor adds it.
