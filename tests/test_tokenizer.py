@@ -32,10 +32,17 @@ REFERENCE = FIXTURES / "smollm2_reference.json"
 
 
 @pytest.fixture(scope="module")
-def smollm() -> Tokenizer:
+def smollm_meta() -> tuple[dict, Path]:
     from tpmax.hub import default_model_path
 
-    return Tokenizer.from_gguf(default_model_path())
+    path = default_model_path()
+    return gguf_metadata(gguf.GGUFReader(path)), path
+
+
+@pytest.fixture(scope="module")
+def smollm(smollm_meta) -> Tokenizer:
+    meta, path = smollm_meta
+    return Tokenizer.from_gguf(meta, source=str(path))
 
 
 @pytest.fixture(scope="module")
@@ -476,14 +483,12 @@ def test_gguf_metadata_refuses_what_it_cannot_decode(tmp_path):
 
 
 @pytest.mark.slow
-def test_smollm_from_metadata(smollm):
-    from tpmax.hub import default_model_path
-
-    path = default_model_path()
-    meta = gguf_metadata(gguf.GGUFReader(path))
-    assert len(meta["tokenizer.ggml.tokens"]) == 49152 and meta["general.architecture"] == "llama"
-    tok = Tokenizer.from_gguf(meta, source=str(path))
-    assert tok.encode("Hello world 2024!") == smollm.encode("Hello world 2024!")
+def test_smollm_metadata_decoded(smollm_meta, smollm):
+    meta, path = smollm_meta
+    assert len(meta["tokenizer.ggml.tokens"]) == len(meta["tokenizer.ggml.token_type"]) == 49152
+    assert meta["general.architecture"] == "llama" and meta["tokenizer.ggml.pre"] == "smollm"
+    assert all(type(v) in (str, int, float, bool, list) for v in meta.values())
+    assert smollm.chat_template_source == f"{path}: GGUF metadata tokenizer.chat_template"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -600,12 +605,12 @@ def test_chat_template_attacks_are_stopped(tmp_path, name):
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak < 200 << 10  # < 200 MiB more
 
 
-def test_the_two_reported_attacks_with_default_limits(tmp_path):
-    tok = _template_tok(tmp_path, ATTACKS["nested range"])
-    start = time.monotonic()
-    with pytest.raises(ChatTemplateError, match="took longer than 2 s"):
-        _render(tok)
-    assert time.monotonic() - start < 3.5
+def test_default_limits(tmp_path):
+    import inspect
+
+    params = inspect.signature(Tokenizer.apply_chat_template).parameters
+    assert params["max_seconds"].default == 2.0 and params["max_chars"].default == 1_000_000
+    assert len(_render(_template_tok(tmp_path, "{{ 'x' * 1000000 }}"))) == 1_000_000
     with pytest.raises(ChatTemplateError, match="'\\*' repetition would make about 2000000000 characters"):
         _render(_template_tok(tmp_path, ATTACKS["string repetition"]))
 
@@ -707,3 +712,69 @@ def test_sandbox_escapes_are_refused(tmp_path, monkeypatch, template):
         return
     for sign in ("PWNED", "<class", "<module", "<built-in", "<function", "root:", "__"):
         assert sign not in out, out
+
+
+# A template using most of what real chat templates use (Qwen / Llama 3 style tool calling).
+RICH_TEMPLATE = """
+{%- macro render_tool(tool, indent=2) -%}{{ tool | tojson(indent=indent) }}{%- endmacro -%}
+{%- set ns = namespace(system='', last_user=-1, seen={}) -%}
+{%- if messages and messages[0]['role'] == 'system' -%}
+  {%- set ns.system = messages[0]['content'] | trim -%}{%- set loop_messages = messages[1:] -%}
+{%- else -%}{%- set loop_messages = messages -%}{%- endif -%}
+{%- for m in loop_messages -%}{%- if m.role == 'user' -%}{%- set ns.last_user = loop.index0 -%}{%- endif -%}{%- endfor -%}
+{{ bos_token }}<|system|>{{ ns.system or 'You are helpful.' }} Today is {{ strftime_now('%Y') | length }} digits.
+{%- if tools is defined and tools %}
+# Tools ({{ tools | length }})
+{%- for tool in tools %}
+{{ render_tool(tool) }}
+{%- endfor %}
+{%- endif %}
+{%- for message in loop_messages %}
+  {%- if message['role'] not in ['user', 'assistant', 'tool'] -%}
+    {{ raise_exception('role ' ~ message['role'] ~ ' is not supported') }}
+  {%- endif -%}
+  {%- set header = {'user': 'U', 'assistant': 'A', 'tool': 'T'}[message.role] %}
+<|{{ header }}{{ loop.index }}/{{ loop.length }}{% if loop.last %}!{% endif %}|>
+  {%- if message.content is string %}{{ message.content.strip() | replace('\\n', ' ') }}{% endif %}
+  {%- for call in message.tool_calls | default([]) %}
+    {%- set name, args = call.function.name, call.function.arguments -%}
+<call {{ '%s' | format(name) }} {{ args | tojson }} {{ args.items() | list | length }}>
+  {%- endfor %}
+  {%- if loop.index0 == ns.last_user %}[last user, {{ message.content.split() | map('upper') | join(',') }}]{% endif %}
+  {%- for word in (message.content or '').split() %}{% if loop.index > 2 %}{% break %}{% endif %}<{{ word | center(7) }}>{% endfor %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+<|A|>{{ '{:>4}'.format('go') }}{{ (eos_token * 2)[:3] }}{{ [1, 2, 3] | sum }}{{ (1, 2) + (3,) }}{{ 2 ** 10 }}{{ 'x%dy' % 7 }}
+{%- endif %}
+"""
+
+RICH_VARS = dict(
+    bos_token="<s>",
+    eos_token="</s>",
+    add_generation_prompt=True,
+    tools=[{"name": "get_weather", "parameters": {"city": {"type": "string"}}}],
+    messages=[
+        {"role": "system", "content": "  Be brief.  "},
+        {"role": "user", "content": "what is the weather\nin Paris"},
+        {"role": "assistant", "content": None, "tool_calls": [{"function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+        {"role": "tool", "content": "sunny"},
+        {"role": "user", "content": "thanks a lot friend"},
+    ],
+)
+
+
+def test_rich_template_renders_as_plain_jinja2_does():
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    plain = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    plain.filters["tojson"] = tokenizer_module._tojson
+    plain.globals.update(strftime_now=tokenizer_module._strftime_now, raise_exception=tokenizer_module._raise_exception)
+    expected = plain.from_string(RICH_TEMPLATE).render(**RICH_VARS)
+    backend = Backend(models.WordLevel({"a": 0}, unk_token="a"))
+    tok = Tokenizer(backend, None, (), False, chat_template=RICH_TEMPLATE, bos_token="<s>", eos_token="</s>")
+    assert tok.apply_chat_template(RICH_VARS["messages"], tools=RICH_VARS["tools"]) == expected
+    assert "<call get_weather" in expected and "[last user, THANKS,A,LOT,FRIEND]" in expected
+    bad = [*RICH_VARS["messages"], {"role": "robot", "content": ""}]
+    with pytest.raises(ChatTemplateError, match="the template raised an error: role robot is not supported"):
+        tok.apply_chat_template(bad)
