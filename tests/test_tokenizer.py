@@ -778,3 +778,14 @@ def test_rich_template_renders_as_plain_jinja2_does():
     bad = [*RICH_VARS["messages"], {"role": "robot", "content": ""}]
     with pytest.raises(ChatTemplateError, match="the template raised an error: role robot is not supported"):
         tok.apply_chat_template(bad)
+
+
+def test_size_bounds_do_not_refuse_ordinary_large_content(tmp_path):
+    # A 600 kB message through the filters templates use on content stays renderable.
+    tok = _template_tok(tmp_path, (
+        "{% for m in messages %}{{ m.content|replace('\\n', '<br>')|wordwrap(80)|length }} "
+        "{{ m.content.replace('a', 'b')|length }} {{ m|tojson|length }}{% endfor %}"
+    ))
+    content = ("word " * 19 + "\n") * 6000
+    out = tok.apply_chat_template([{"role": "user", "content": content}])
+    assert out.split()[1] == str(len(content))

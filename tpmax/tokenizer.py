@@ -339,7 +339,7 @@ class Tokenizer:
         """
         if not self.has_chat_template:
             raise ValueError("this tokenizer has no chat template")
-        return render_chat_template(
+        return _render_chat_template(
             self._compiled_template,
             dict(
                 messages=list(messages),
@@ -555,14 +555,14 @@ class _Budget:
 
 _BUDGET: contextvars.ContextVar[_Budget] = contextvars.ContextVar("tpmax_chat_template_budget")
 _MAX_INT_BITS = 1 << 16  # integers the template computes stay below 2**65536
-_MAX_LIST_SUM = 10_000
+_MAX_LIST_SUM = 10_000  # `sum` over lists copies quadratically; at most this many items
 _EMIT_FACTOR = 8  # macro and block output is emitted again by its caller: allow L * this in all
-_MAX_TEMPLATE_CHARS = 1 << 20  # longer chat templates are refused before compiling  # `sum` over lists copies quadratically; at most this many items
+_MAX_TEMPLATE_CHARS = 1 << 20  # longer chat templates are refused before compiling
 
 
 def _budget() -> _Budget:
     budget = _BUDGET.get(None)
-    if budget is None:  # rendered outside render_chat_template (e.g. a test): default limits
+    if budget is None:  # rendered outside _render_chat_template (e.g. a test): default limits
         return _Budget(time.monotonic() + CHAT_TEMPLATE_SECONDS, CHAT_TEMPLATE_MAX_CHARS, CHAT_TEMPLATE_SECONDS)
     return budget
 
@@ -687,12 +687,22 @@ def _format_bound(fmt: str, args: Sequence[Any], kwargs: Mapping[str, Any], budg
     return len(fmt) + widths + fields * (_size(list(args), budget) + _size(dict(kwargs), budget))
 
 
+def _replace_bound(s: Any, old: Any, new: Any, count: Any) -> int:
+    """Upper bound of the length of `s.replace(old, new, count)` (0 for arguments it rejects)."""
+    if not (isinstance(s, (str, bytes)) and type(old) is type(s) and type(new) is type(s)):
+        return 0
+    hits = s.count(old) if old else len(s) + 1
+    if isinstance(count, int) and count >= 0:
+        hits = min(hits, count)
+    return len(s) + hits * max(0, len(new) - len(old))
+
+
 def _str_method_bound(method: Any, args: tuple, kwargs: dict, budget: _Budget) -> int | None:
     """Upper bound of a str/bytes method's result where it can multiply sizes; None if it cannot."""
     s, name = method.__self__, method.__name__
     arg = lambda i, key, default=None: args[i] if len(args) > i else kwargs.get(key, default)  # noqa: E731
     if name == "replace":
-        return len(s) + (len(s) + 1) * len(arg(1, "new", ""))
+        return _replace_bound(s, arg(0, "old"), arg(1, "new"), arg(2, "count", -1))
     if name == "join":
         items = arg(0, "iterable", ())
         return _size(items, budget) + len(items) * len(s) if isinstance(items, Sized) else None
@@ -716,20 +726,22 @@ def _filter_bound(name: str, value: Any, args: tuple, kwargs: dict, budget: _Bud
         per_line = len(width) if isinstance(width, str) else _int_arg(width)
         return text(value) + (str(value).count("\n") + 1) * per_line
     if name == "wordwrap":
-        wrap = arg(2, "wrapstring", None) or "\n"
-        return text(value) + (text(value) + 1) * (len(str(wrap)) + 1)
+        wrap, width = str(arg(2, "wrapstring", None) or "\n"), _int_arg(arg(0, "width", 79))
+        s = str(value)
+        lines = len(s.split()) + s.count("\n") + len(s) // max(width, 1) + 1
+        return len(s) + lines * len(wrap)
     if name == "join":
         sep = arg(0, "d", "")
         return _size(value, budget) + (len(value) if isinstance(value, Sized) else 0) * text(sep)
     if name == "replace":
-        return text(value) + (text(value) + 1) * text(arg(1, "new", ""))
+        return _replace_bound(str(value), str(arg(0, "old")), str(arg(1, "new")), arg(2, "count", None))
     if name == "format":
         return _percent_bound(str(value), [*args, kwargs], budget)
     if name == "tojson":
         indent = arg(1, "indent", None)
         per_level = len(indent) if isinstance(indent, str) else _int_arg(indent or 0)
         budget.check_bound(per_level, "a tojson indent")
-        return _rendered_size(value, budget.max_chars, indent=per_level + 2)
+        return _rendered_size(value, budget.max_chars, indent=per_level)
     if name == "pprint":
         return _rendered_size(value, budget.max_chars, indent=2)
     if name in ("batch", "slice"):
@@ -755,7 +767,9 @@ def _guard_filter(name: str, func: Callable, *, is_test: bool = False) -> Callab
     def guarded(*args: Any, **kwargs: Any) -> Any:
         budget = _budget()
         budget.tick()
-        head, value, rest = args[:skip], _materialize(args[skip], budget), args[skip + 1 :]
+        head, value, rest = args[:skip], args[skip], args[skip + 1 :]
+        if not is_test:  # a test must not consume an iterator the template uses afterwards
+            value = _materialize(value, budget)
         what = f"the input of |{name}" if not is_test else f"the input of the test {name!r}"
         for v in (value, *rest, *kwargs.values()):
             budget.check(v, what)
@@ -911,7 +925,7 @@ def _template_environment() -> _LimitedSandbox:
     return env
 
 
-def render_chat_template(
+def _render_chat_template(
     template: jinja2.Template,
     variables: Mapping[str, Any],
     *,
@@ -919,7 +933,8 @@ def render_chat_template(
     max_seconds: float = CHAT_TEMPLATE_SECONDS,
     max_chars: int = CHAT_TEMPLATE_MAX_CHARS,
 ) -> str:
-    """Render a template compiled by `_template_environment` within the limits.
+    """Render a template compiled by `_template_environment` within the limits (the body of
+    `Tokenizer.apply_chat_template`).
 
     Args:
       template: the compiled template.
