@@ -613,6 +613,10 @@ def test_default_limits(tmp_path):
     assert len(_render(_template_tok(tmp_path, "{{ 'x' * 1000000 }}"))) == 1_000_000
     with pytest.raises(ChatTemplateError, match="'\\*' repetition would make about 2000000000 characters"):
         _render(_template_tok(tmp_path, ATTACKS["string repetition"]))
+    start = time.monotonic()  # textwrap breaks a long word in quadratic time: refused up front
+    with pytest.raises(ChatTemplateError, match="wordwrap of a 1000000-character word"):
+        _render(_template_tok(tmp_path, "{{ ('x' * 1000000)|wordwrap(1) }}"))
+    assert time.monotonic() - start < 1.0
 
 
 def test_limits_are_per_render_and_per_thread(tmp_path):

@@ -556,6 +556,7 @@ class _Budget:
 _BUDGET: contextvars.ContextVar[_Budget] = contextvars.ContextVar("tpmax_chat_template_budget")
 _MAX_INT_BITS = 1 << 16  # integers the template computes stay below 2**65536
 _MAX_LIST_SUM = 10_000  # `sum` over lists copies quadratically; at most this many items
+_MAX_WRAP_WORK = 10**9  # bytes textwrap may copy to break one long word
 _EMIT_FACTOR = 8  # macro and block output is emitted again by its caller: allow L * this in all
 _MAX_TEMPLATE_CHARS = 1 << 20  # longer chat templates are refused before compiling
 
@@ -728,6 +729,9 @@ def _filter_bound(name: str, value: Any, args: tuple, kwargs: dict, budget: _Bud
     if name == "wordwrap":
         wrap, width = str(arg(2, "wrapstring", None) or "\n"), _int_arg(arg(0, "width", 79))
         s = str(value)
+        longest = max(map(len, s.split()), default=0)
+        if longest * longest // max(width, 1) > _MAX_WRAP_WORK:  # textwrap cuts long words in O(n^2)
+            raise _TemplateLimit(f"wordwrap of a {longest}-character word to width {width} is too slow")
         lines = len(s.split()) + s.count("\n") + len(s) // max(width, 1) + 1
         return len(s) + lines * len(wrap)
     if name == "join":
