@@ -220,10 +220,16 @@ class Tokenizer:
         backend.add_tokens([AddedToken(t, special=False, normalized=False) for t in user])
 
         def token_id(key: str) -> int | None:
+            """The id `key` names; an id outside the vocabulary is an error for BOS / EOS and
+            ignored for the others (files in the wild carry stray pad ids)."""
             i = meta.get(f"tokenizer.ggml.{key}", int)
-            if i is not None and not 0 <= i < len(tokens):
-                raise LoadError(f"{source}: GGUF tokenizer.ggml.{key} = {i} is outside the vocabulary ({len(tokens)} tokens)")
-            return i
+            if i is None or 0 <= i < len(tokens):
+                return i
+            if key in ("bos_token_id", "eos_token_id"):
+                raise LoadError(
+                    f"{source}: GGUF tokenizer.ggml.{key} = {i} is outside the vocabulary ({len(tokens)} tokens)"
+                )
+            return None
 
         def text_of(key: str) -> str | None:
             i = token_id(key)
@@ -1102,7 +1108,8 @@ def _pick_template(value: Any, source: Path) -> str | None:
         if "default" not in named:
             raise LoadError(f"{source}: chat_template list has no 'default' entry: {sorted(map(str, named))}")
         if not isinstance(named["default"], str):
-            raise LoadError(f"{source}: chat_template 'default' must be a string, got {type(named['default']).__name__}")
+            kind = type(named["default"]).__name__
+            raise LoadError(f"{source}: chat_template 'default' must be a string, got {kind}")
         return named["default"]
     raise LoadError(f"{source}: chat_template must be a string or a list, got {type(value).__name__}")
 
