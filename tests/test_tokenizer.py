@@ -382,6 +382,13 @@ def test_json_size_cap(tmp_path, monkeypatch):
         Tokenizer.from_hf_dir(tmp_path)
 
 
+def test_special_files_are_not_opened(tmp_path):
+    _write_hf_dir(tmp_path)
+    os.mkfifo(tmp_path / "tokenizer_config.json")  # opening it would block forever
+    with pytest.raises(LoadError, match="tokenizer_config.json: not a regular file"):
+        Tokenizer.from_hf_dir(tmp_path)
+
+
 def test_json_with_bom_is_read(tmp_path):
     _write_hf_dir(tmp_path)
     (tmp_path / "tokenizer_config.json").write_bytes(b"\xef\xbb\xbf" + json.dumps({"bos_token": "<s>"}).encode())

@@ -30,8 +30,7 @@ from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as _Backend
 
 from .errors import ChatTemplateError, LoadError
-
-MAX_JSON_BYTES = 256 << 20  # tokenizer.json and friends larger than this are refused
+from .files import MAX_JSON_BYTES, regular_file
 CHAT_TEMPLATE_SECONDS = 2.0  # default limits of one chat-template rendering
 CHAT_TEMPLATE_MAX_CHARS = 1_000_000
 
@@ -1046,7 +1045,9 @@ class StreamDecoder:
 
 
 def _read_text(path: Path, max_bytes: int) -> str:
-    """The UTF-8 text of `path` (a BOM is dropped); LoadError if unreadable, too large or not UTF-8."""
+    """The UTF-8 text of `path` (a BOM is dropped); LoadError if it is not a regular file, is
+    unreadable, too large or not UTF-8."""
+    regular_file(path)  # never opens a FIFO or a device
     try:
         with open(path, "rb") as f:
             data = f.read(max_bytes + 1)
