@@ -350,6 +350,7 @@ HF_BROKEN = {
     "bos not in vocab": ("tokenizer_config.json", {"bos_token": "<bos>"}, "bos_token '<bos>' is not in the vocabulary"),
     "eos not in vocab": ("tokenizer_config.json", {"eos_token": {"content": "<eos>"}}, "eos_token '<eos>' is not in"),
     "eos of a bad type": ("tokenizer_config.json", {"eos_token": 7}, "eos_token must be a string"),
+    "add_bos_token of a bad type": ("tokenizer_config.json", {"add_bos_token": "false"}, "add_bos_token must be true or false"),
     "template of a bad type": ("tokenizer_config.json", {"chat_template": 3}, "chat_template must be a string or a list"),
     "template list without default": ("tokenizer_config.json", {"chat_template": [{"name": "x", "template": ""}]}, "no 'default' entry"),
     "default template not a string": ("tokenizer_config.json", {"chat_template": [{"name": "default", "template": 1}]}, "'default' must be a string"),
@@ -800,3 +801,15 @@ def test_size_bounds_do_not_refuse_ordinary_large_content(tmp_path):
     content = ("word " * 19 + "\n") * 6000
     out = tok.apply_chat_template([{"role": "user", "content": content}])
     assert out.split()[1] == str(len(content))
+
+
+def test_a_rust_panic_in_the_library_is_a_load_error(tmp_path, monkeypatch):
+    class PanicException(BaseException):  # what pyo3 raises for a Rust panic: no Exception
+        pass
+
+    def panic(**kwargs):
+        raise PanicException("range end index 2 out of range")
+
+    monkeypatch.setattr(tokenizer_module.models, "BPE", panic)
+    with pytest.raises(LoadError, match="rejected by the tokenizers library: range end index"):
+        Tokenizer.from_gguf(_write_gguf(tmp_path / "t.gguf"))

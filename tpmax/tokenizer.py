@@ -31,6 +31,7 @@ from tokenizers import Tokenizer as _Backend
 
 from .errors import ChatTemplateError, LoadError
 from .files import MAX_JSON_BYTES, regular_file
+
 CHAT_TEMPLATE_SECONDS = 2.0  # default limits of one chat-template rendering
 CHAT_TEMPLATE_MAX_CHARS = 1_000_000
 
@@ -107,14 +108,11 @@ class Tokenizer:
         """
         path = Path(path)
         tokenizer_file = path / "tokenizer.json"
-        if not tokenizer_file.is_file():
+        if not tokenizer_file.exists():
             raise LoadError(f"{tokenizer_file}: not found (a Hugging Face tokenizer needs it)")
         text = _read_text(tokenizer_file, MAX_JSON_BYTES)
         _parse_json(tokenizer_file, text)  # a clear error for bad JSON before tokenizers sees it
-        try:
-            backend = _Backend.from_str(text)
-        except Exception as err:  # the library's parse errors, out-of-vocabulary merges included
-            raise LoadError(f"{tokenizer_file}: not a valid tokenizers file: {err}") from None
+        backend = _build(lambda: _Backend.from_str(text), f"{tokenizer_file}: not a valid tokenizers file")
         config_file = path / "tokenizer_config.json"
         config = _read_json(config_file)
         generation = _read_json(path / "generation_config.json")
@@ -130,6 +128,8 @@ class Tokenizer:
         # BOS is added when the config says so; without a flag, when tokenizer.json's own
         # post-processor adds it.
         add_bos = config.get("add_bos_token")
+        if not isinstance(add_bos, (bool, type(None))):
+            raise LoadError(f"{config_file}: add_bos_token must be true or false, got {add_bos!r:.80}")
         if add_bos is None:
             add_bos = bos_id is not None and backend.encode("a").ids[:1] == [bos_id]
 
@@ -204,7 +204,10 @@ class Tokenizer:
         vocab = {token: i for i, token in enumerate(tokens)}
         pairs = _gguf_merges(merges, vocab, source)
 
-        bpe = models.BPE(vocab=vocab, merges=pairs, ignore_merges=spec.ignore_merges)
+        bpe = _build(
+            lambda: models.BPE(vocab=vocab, merges=pairs, ignore_merges=spec.ignore_merges),
+            f"{source}: GGUF tokenizer rejected by the tokenizers library",
+        )
         backend = _Backend(bpe)
         backend.pre_tokenizer = pre_tokenizers.Sequence(
             [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in spec.splits]
@@ -1042,6 +1045,18 @@ class StreamDecoder:
 # ---------------------------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------------------------
+
+
+def _build(make: Callable[[], Any], failure: str) -> Any:
+    """`make()`, a call into the tokenizers library; its errors become LoadError(failure: ...)."""
+    try:
+        return make()
+    except Exception as err:  # parse errors, out-of-vocabulary merges, ...
+        raise LoadError(f"{failure}: {err}") from None
+    except BaseException as err:  # a Rust panic arrives as pyo3's PanicException, no Exception
+        if type(err).__name__ != "PanicException":
+            raise
+        raise LoadError(f"{failure}: {err}") from None
 
 
 def _read_text(path: Path, max_bytes: int) -> str:
