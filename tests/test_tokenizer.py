@@ -758,6 +758,7 @@ RICH_TEMPLATE = """
 {%- if add_generation_prompt %}
 <|A|>{{ '{:>4}'.format('go') }}{{ (eos_token * 2)[:3] }}{{ [1, 2, 3] | sum }}{{ (1, 2) + (3,) }}{{ 2 ** 10 }}{{ 'x%dy' % 7 }}
 {%- endif %}
+{% autoescape true %}{{ '<' ~ tools[0].name ~ '>' }}{% endautoescape %}{{ '<' ~ 1 ~ '>' }}
 """
 
 RICH_VARS = dict(
@@ -787,6 +788,7 @@ def test_rich_template_renders_as_plain_jinja2_does():
     tok = Tokenizer(backend, None, (), False, chat_template=RICH_TEMPLATE, bos_token="<s>", eos_token="</s>")
     assert tok.apply_chat_template(RICH_VARS["messages"], tools=RICH_VARS["tools"]) == expected
     assert "<call get_weather" in expected and "[last user, THANKS,A,LOT,FRIEND]" in expected
+    assert expected.endswith("&lt;get_weather&gt;<1>")
     bad = [*RICH_VARS["messages"], {"role": "robot", "content": ""}]
     with pytest.raises(ChatTemplateError, match="the template raised an error: role robot is not supported"):
         tok.apply_chat_template(bad)

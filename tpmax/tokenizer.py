@@ -875,11 +875,15 @@ class _GuardedCodeGenerator(CodeGenerator):
             self._checked(super().visit_Tuple, node, frame)
 
     def visit_Concat(self, node: Any, frame: Any) -> None:
+        if frame.eval_ctx.volatile:  # the join jinja2 would use, as in CodeGenerator.visit_Concat
+            join = "(markup_join if context.eval_ctx.volatile else str_join)"
+        else:
+            join = "markup_join" if frame.eval_ctx.autoescape else "str_join"
         self.write("environment.checked_concat((")
         for arg in node.nodes:
             self.visit(arg, frame)
             self.write(", ")
-        self.write("))")
+        self.write(f"), {join})")
 
 
 _CHECKED_ITER = "tpmax_checked_iter"  # the filter every loop's iterable goes through
@@ -896,10 +900,10 @@ def _checked_literal(value: Any) -> Any:
     return _budget().check(value, "a list, tuple or dict")
 
 
-def _checked_concat(values: tuple) -> str:
+def _checked_concat(values: tuple, join: Callable[[tuple], str]) -> str:
     budget = _budget()
     budget.check_bound(sum(_size(v, budget) for v in values), "'~' concatenation")
-    return "".join(map(str, values))
+    return join(values)
 
 
 def _finalize(value: Any) -> Any:
