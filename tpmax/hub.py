@@ -70,7 +70,8 @@ def default_model_path(
     target = cache_dir() / Path(WHEEL_MEMBER).name
     seen = _stat(target)
     if seen is not None and _verified(target, full_check=full_check):
-        return target  # the common path: no lock, no writes (a read-only cache works)
+        _remove_leftovers_if_idle(target)
+        return target  # the common path: no waiting, no writes needed (a read-only cache works)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -227,14 +228,37 @@ def _write_marker(target: Path) -> None:
 
 
 @contextmanager
-def _locked(folder: Path) -> Iterator[None]:
-    """Hold an exclusive advisory lock (flock) on `folder` itself: one fetch at a time."""
+def _locked(folder: Path, *, wait: bool = True) -> Iterator[bool]:
+    """Hold an exclusive advisory lock (flock) on `folder` itself: one fetch at a time.
+
+    Args:
+      folder: the cache folder.
+      wait: block until the lock is free; if False, yield False at once when it is not.
+    Returns:
+      (as the context value) whether the lock is held.
+    """
     fd = os.open(folder, os.O_RDONLY)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        yield True
     finally:
         os.close(fd)  # closing releases the lock
+
+
+def _remove_leftovers_if_idle(target: Path) -> None:
+    """`_remove_leftovers`, when there are any and no fetch holds the lock (never waits)."""
+    if not any(target.parent.glob(f".{target.name}.*")):
+        return
+    try:
+        with _locked(target.parent, wait=False) as held:
+            if held:
+                _remove_leftovers(target)
+    except OSError:
+        pass  # an unreadable folder: the next fetch cleans up
 
 
 def _remove_leftovers(target: Path) -> None:
