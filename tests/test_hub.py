@@ -279,9 +279,8 @@ def test_leftovers_are_kept_while_another_fetch_holds_the_lock(fake, monkeypatch
         assert holder.stdout.readline().strip() == "locked"
         assert temp.exists()
         if valid_cache:  # the fast path neither waits for the lock nor touches the temporaries
-            start = time.monotonic()
             assert hub.default_model_path() == cache / "fake.gguf"
-            assert time.monotonic() - start < 0.3 and temp.exists()
+            assert holder.poll() is None and temp.exists()  # the holder still runs: we did not wait
             holder.wait(timeout=10)
             assert hub.default_model_path() == cache / "fake.gguf"
             assert not temp.exists()
