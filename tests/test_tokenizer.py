@@ -577,6 +577,7 @@ ATTACKS = {
     "format_map fan-out": "{{ '{a}{a}{a}{a}{a}{a}{a}{a}'.format_map({'a': 'x' * 90000}) }}",
     "percent width": "{{ '%1000000000d' % 1 }}",
     "percent star": "{{ '%*d' % (1000000000, 1) }}",
+    "bytes percent width": "{{ 'x'.encode() ~ ('%1000000000d'.encode() % 1) }}",
     "percent fan-out": "{{ '%(a)s%(a)s%(a)s%(a)s%(a)s%(a)s' % {'a': 'x' * 90000} }}",
     "format filter": "{{ '%1000000000s'|format(1) }}",
     "ljust": "{{ 'x'.ljust(1000000000) }}",

@@ -819,8 +819,9 @@ class _LimitedSandbox(ImmutableSandboxedEnvironment):
                 raise _TemplateLimit(f"'**' of integers past {_MAX_INT_BITS} bits")
         elif operator == "+" and isinstance(left, seq) and isinstance(right, seq):
             budget.check_bound(_size(left, budget) + _size(right, budget), "'+'")
-        elif operator == "%" and isinstance(left, str):
-            budget.check_bound(_percent_bound(left, right, budget), "'%' formatting")
+        elif operator == "%" and isinstance(left, (str, bytes)):
+            fmt = left if isinstance(left, str) else left.decode("latin-1")
+            budget.check_bound(_percent_bound(fmt, right, budget), "'%' formatting")
         return _BINOP[operator](left, right)
 
     def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805
