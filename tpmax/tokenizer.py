@@ -891,6 +891,7 @@ _CHECKED_ITER = "tpmax_checked_iter"  # the filter every loop's iterable goes th
 
 
 def _checked_iter(iterable: Iterable) -> Iterator:
+    """The items of a `{% for %}` loop, the deadline checked before each."""
     budget = _budget()
     for item in iterable:
         budget.tick()
@@ -908,8 +909,9 @@ def _checked_concat(values: tuple, join: Callable[[tuple], str]) -> str:
 
 
 def _finalize(value: Any) -> Any:
+    """Every `{{ ... }}` value, before it becomes text: at most L alone, 8 L all together."""
     budget = _budget()
-    budget.emitted += _size(value, budget)
+    budget.emitted += _size(budget.check(value, "a {{ ... }} value"), budget)
     if budget.emitted > _EMIT_FACTOR * budget.max_chars:
         raise _TemplateLimit(
             f"the {{{{ ... }}}} values (in macros and blocks too) add up to more than "
