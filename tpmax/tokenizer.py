@@ -911,7 +911,9 @@ def _checked_concat(values: tuple, join: Callable[[tuple], str]) -> str:
 def _finalize(value: Any) -> Any:
     """Every `{{ ... }}` value, before it becomes text: at most L alone, 8 L all together."""
     budget = _budget()
-    budget.emitted += _size(budget.check(value, "a {{ ... }} value"), budget)
+    size = _size(value, budget)
+    budget.check_bound(size, "a {{ ... }} value")
+    budget.emitted += size
     if budget.emitted > _EMIT_FACTOR * budget.max_chars:
         raise _TemplateLimit(
             f"the {{{{ ... }}}} values (in macros and blocks too) add up to more than "
