@@ -376,11 +376,13 @@ def test_hf_dir_broken_files_raise_load_error(tmp_path, case):
     assert name in str(err.value) and message in str(err.value)
 
 
-def test_json_size_cap(tmp_path, monkeypatch):
+def test_json_size_cap(tmp_path):
+    from tpmax import files
+
     _write_hf_dir(tmp_path, {"bos_token": "<s>"})
-    monkeypatch.setattr(tokenizer_module, "MAX_JSON_BYTES", 100)
     with pytest.raises(LoadError, match=r"tokenizer.json: larger than 100 bytes"):
-        Tokenizer.from_hf_dir(tmp_path)
+        files.read_json(tmp_path / "tokenizer.json", limit=100)
+    assert files.read_json(tmp_path / "tokenizer_config.json", limit=100) == {"bos_token": "<s>"}
 
 
 def test_special_files_are_not_opened(tmp_path):

@@ -47,8 +47,8 @@ def inside(directory: Path, name: str) -> Path:
     return regular_file(path)
 
 
-def read_json(path: Path, *, limit: int = MAX_JSON_BYTES) -> dict:
-    """The JSON object in `path` (a regular file of at most `limit` bytes, UTF-8)."""
+def read_text(path: Path, *, limit: int = MAX_JSON_BYTES) -> str:
+    """The UTF-8 text of `path` (a regular file of at most `limit` bytes; a BOM is dropped)."""
     regular_file(path)
     try:
         with open(path, "rb") as f:
@@ -56,13 +56,26 @@ def read_json(path: Path, *, limit: int = MAX_JSON_BYTES) -> dict:
     except OSError as e:
         raise LoadError(f"{path}: cannot read ({e.strerror or e})") from None
     if len(data) > limit:
-        raise LoadError(f"{path}: larger than {limit >> 20} MiB; not a config file")
+        raise LoadError(f"{path}: larger than {limit:,} bytes; refusing to read it")
     try:
-        value = json.loads(data.decode("utf-8"))
+        return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise LoadError(f"{path}: not UTF-8 ({e.reason} at byte {e.start})") from None
+
+
+def parse_json(path: Path, text: str):
+    """`text` (read from `path`) as JSON; errors name the file."""
+    try:
+        return json.loads(text)
     except json.JSONDecodeError as e:
         raise LoadError(f"{path}: invalid JSON ({e})") from None
+    except RecursionError:
+        raise LoadError(f"{path}: invalid JSON (nested too deeply)") from None
+
+
+def read_json(path: Path, *, limit: int = MAX_JSON_BYTES) -> dict:
+    """The JSON object in `path` (a regular file of at most `limit` bytes, UTF-8)."""
+    value = parse_json(path, read_text(path, limit=limit))
     if not isinstance(value, dict):
         raise LoadError(f"{path}: expected a JSON object, got {type(value).__name__}")
     return value

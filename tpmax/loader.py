@@ -28,6 +28,7 @@ from .devices import Device, as_dtype, asarray, bfloat16, devices as parse_devic
 from .errors import LoadError
 from .files import inside, read_json, regular_file
 from .kv_cache import KVCacheParams, PagedKVCache
+from .tokenizer import gguf_metadata
 from .sharding import LAYER_PARAMS, MODEL_PARAMS, ceil_div
 from .weights import Weights, assemble, device_tensors, n_device_tensors
 
@@ -144,20 +145,6 @@ def open_gguf(path: Path):
         return gguf.GGUFReader(str(path))
     except Exception as e:  # bad magic, truncated data, ...
         raise LoadError(f"{path}: not a valid GGUF file ({type(e).__name__}: {e})") from None
-
-
-def gguf_metadata(reader) -> dict:
-    """Scalar and string metadata as `{key: value}` (large arrays are left out)."""
-    meta = {}
-    for key, field in reader.fields.items():
-        if key.startswith("tokenizer.ggml.") and key not in ("tokenizer.ggml.model", "tokenizer.ggml.pre") \
-                and len(field.data) > 1:
-            continue
-        try:
-            meta[key] = field.contents()
-        except Exception as e:
-            raise LoadError(f"GGUF metadata {key!r} cannot be decoded ({type(e).__name__}: {e})") from None
-    return meta
 
 
 class GGUFSource:
@@ -291,16 +278,13 @@ def load(path: str | Path | None = None, devices: Sequence[Device] | str | None 
             raise LoadError(f"{path}: not a model directory (no config.json)")
         cfg = ModelConfig.from_hf_config(read_json(cfg_path), source=str(cfg_path))
         src = SafetensorsSource(path)
-        tokenizer, eos = _hf_tokenizer(path, cfg_path)
+        tokenizer, eos = _hf_tokenizer(path)
     elif path.suffix == ".gguf":
         reader = open_gguf(path)
         src = GGUFSource(path, reader)
-        try:
-            meta = gguf_metadata(reader)
-        except LoadError as e:
-            raise LoadError(f"{path}: {e}") from None
+        meta = gguf_metadata(reader, source=str(path))  # decoded once, for the config and the tokenizer
         cfg = ModelConfig.from_gguf(meta, source=str(path), has_output="lm_head" in src.names())
-        tokenizer, eos = _gguf_tokenizer(reader, path)
+        tokenizer, eos = _gguf_tokenizer(meta, path)
         shard_cache = _shard_cache_dir(path, dtype, comm) if cache_shards and _in_cache(path) else None
     else:
         raise LoadError(f"{path}: expected a model directory or a .gguf file")
@@ -434,29 +418,20 @@ def _store_shards(folder: Path, layers: list[dict], top: dict, comm: Communicato
 # Tokenizers.
 
 
-def _hf_tokenizer(path: Path, cfg_path: Path):
-    eos = read_json(cfg_path).get("eos_token_id")
-    gen = path / "generation_config.json"
-    if gen.exists():
-        eos = read_json(gen).get("eos_token_id", eos)
-    tok = None
+def _hf_tokenizer(path: Path):
+    """The tokenizer (if the directory has one) and the EOS ids, resolved in one place."""
+    from .tokenizer import Tokenizer, hf_eos_token_ids
+
     if (path / "tokenizer.json").exists():
-        from .tokenizer import Tokenizer
         tok = Tokenizer.from_hf_dir(path)
-        eos = eos if eos is not None else list(tok.eos_token_ids)
-    return tok, _id_tuple(eos)
+        return tok, tuple(tok.eos_token_ids)
+    return None, hf_eos_token_ids(path)
 
 
-def _gguf_tokenizer(reader, path: Path):
+def _gguf_tokenizer(meta: dict, path: Path):
     from .tokenizer import Tokenizer
 
-    if "tokenizer.ggml.tokens" not in reader.fields:
+    if "tokenizer.ggml.tokens" not in meta:
         return None, ()
-    tok = Tokenizer.from_gguf(reader)
+    tok = Tokenizer.from_gguf(meta, source=str(path))
     return tok, tuple(tok.eos_token_ids)
-
-
-def _id_tuple(v) -> tuple[int, ...]:
-    if v is None:
-        return ()
-    return tuple(int(i) for i in (v if isinstance(v, (list, tuple)) else [v]))

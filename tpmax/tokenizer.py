@@ -30,7 +30,7 @@ from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as _Backend
 
 from .errors import ChatTemplateError, LoadError
-from .files import MAX_JSON_BYTES, regular_file
+from .files import parse_json, read_json, read_text
 
 CHAT_TEMPLATE_SECONDS = 2.0  # default limits of one chat-template rendering
 CHAT_TEMPLATE_MAX_CHARS = 1_000_000
@@ -110,8 +110,8 @@ class Tokenizer:
         tokenizer_file = path / "tokenizer.json"
         if not tokenizer_file.exists():
             raise LoadError(f"{tokenizer_file}: not found (a Hugging Face tokenizer needs it)")
-        text = _read_text(tokenizer_file, MAX_JSON_BYTES)
-        _parse_json(tokenizer_file, text)  # a clear error for bad JSON before tokenizers sees it
+        text = read_text(tokenizer_file)
+        parse_json(tokenizer_file, text)  # a clear error for bad JSON before tokenizers sees it
         backend = _build(lambda: _Backend.from_str(text), f"{tokenizer_file}: not a valid tokenizers file")
         config_file = path / "tokenizer_config.json"
         config = _read_json(config_file)
@@ -135,7 +135,7 @@ class Tokenizer:
 
         template_file = path / "chat_template.jinja"
         if template_file.is_file():
-            template, source = _read_text(template_file, MAX_JSON_BYTES), str(template_file)
+            template, source = read_text(template_file), str(template_file)
         else:
             template = _pick_template(config.get("chat_template"), config_file)
             source = f"{config_file} chat_template"
@@ -1068,38 +1068,9 @@ def _build(make: Callable[[], Any], failure: str) -> Any:
         raise LoadError(f"{failure}: {err}") from None
 
 
-def _read_text(path: Path, max_bytes: int) -> str:
-    """The UTF-8 text of `path` (a BOM is dropped); LoadError if it is not a regular file, is
-    unreadable, too large or not UTF-8."""
-    regular_file(path)  # never opens a FIFO or a device
-    try:
-        with open(path, "rb") as f:
-            data = f.read(max_bytes + 1)
-    except OSError as err:
-        raise LoadError(f"{path}: cannot read it: {err.strerror or err}") from None
-    if len(data) > max_bytes:
-        raise LoadError(f"{path}: larger than {max_bytes} bytes, refusing to read it")
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        raise LoadError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
-
-
-def _parse_json(path: Path, text: str) -> Any:
-    try:
-        return json.loads(text)
-    except (ValueError, RecursionError) as err:
-        raise LoadError(f"{path}: invalid JSON: {err}") from None
-
-
 def _read_json(path: Path) -> dict:
     """The JSON object in `path`, or {} if the (optional) file does not exist."""
-    if not path.exists():
-        return {}
-    value = _parse_json(path, _read_text(path, MAX_JSON_BYTES))
-    if not isinstance(value, dict):
-        raise LoadError(f"{path}: expected a JSON object, got {type(value).__name__}")
-    return value
+    return read_json(path) if path.exists() else {}
 
 
 def _token_text(value: Any, name: str, source: Path) -> str | None:
