@@ -272,8 +272,8 @@ def test_resident_bytes():
     rng = np.random.default_rng(3)
     tensors, qc, _ = make_gptq(rng, 64, 128, 4, 32, False, True)
     w = quant.read_quantized(reader_of(tensors), qc, (slice(None),), name="w")
-    # qweight 16x64 int32 + scales 4x64 f16 + zeros 4x64 u8 + g_idx 128 int32 vs 64*128*4 float32
-    assert w.nbytes == 16 * 64 * 4 + 4 * 64 * 2 + 4 * 64 + 128 * 4
+    # qweight 16x64 int32 + scales 4x64 f16 + zeros 4x64 u8 + g_idx 128 int16 vs 64*128*4 float32
+    assert w.nbytes == 16 * 64 * 4 + 4 * 64 * 2 + 4 * 64 + 128 * 2
     assert w.nbytes < 64 * 128 * 4 / 5
     tensors, qc, _ = make_fp8(rng, 64, 128, "channel")
     f = quant.read_quantized(reader_of(tensors), qc, (slice(None),), name="w")

@@ -85,7 +85,7 @@ class GPTQWeight:
     qweight: int32 `[ceil(in / pf), out]`, pf = 32/bits values per word along `in` (zero-padded)
     scales: float16/float32 `[groups, out]`
     zeros: uint8 (uint16 if one is 256) `[groups, out]`, the real zero points (GPTQ v1's +1 applied)
-    g_idx: int32 `[in]`, the local group of each input feature
+    g_idx: int16 (int32 past 32767 groups) `[in]`, the local group of each input feature
     """
 
     qweight: Array
@@ -575,12 +575,21 @@ def _gptq_layout(t: _Tensors, qc: QuantConfig):
 
 
 def _read_g_idx(t: _Tensors, suffix: str, a: int, b: int, group: int, groups: int) -> np.ndarray:
+    """Global groups of input features `[a, b)` (int64; the caller stores them local and small)."""
     if t.get(suffix, required=False) is None:
-        return (np.arange(a, b) // group if group != -1 else np.zeros(b - a, np.int64)).astype(np.int32)
-    g = t.read(suffix, (slice(a, b),), (np.int32, np.int64)).astype(np.int32)
+        return np.arange(a, b) // group if group != -1 else np.zeros(b - a, np.int64)
+    g = t.read(suffix, (slice(a, b),), (np.int32, np.int64)).astype(np.int64)
     if g.size and (g.min() < 0 or g.max() >= groups):
         t.fail(suffix, f"has group indices outside [0, {groups})")
     return g
+
+
+def _local_groups(g_idx: np.ndarray) -> tuple[int, int, np.ndarray]:
+    """`(g0, g1, g_idx - g0)`: the range of groups a piece touches and its local g_idx."""
+    if not g_idx.size:
+        return 0, 0, g_idx.astype(np.int16)
+    g0, g1 = int(g_idx.min()), int(g_idx.max()) + 1
+    return g0, g1, (g_idx - g0).astype(np.int16 if g1 - g0 <= 32767 else np.int32)
 
 
 def _check_cut(t: _Tensors, suffix: str, ia: int, ib: int, n_in: int, pf: int, group: int, repack: bool):
@@ -597,8 +606,7 @@ def _read_gptq(t: _Tensors, qc: QuantConfig, index: tuple, repack: bool) -> GPTQ
     pf, bits = 32 // qc.bits, qc.bits
     oa, ob, ia, ib = _piece(index, (n_out, n_in))
     _check_cut(t, "qweight", ia, ib, n_in, pf, qc.group_size, repack)
-    g_idx = _read_g_idx(t, "g_idx", ia, ib, qc.group_size, groups)  # [ib-ia] global groups
-    g0, g1 = (int(g_idx.min()), int(g_idx.max()) + 1) if g_idx.size else (0, 0)
+    g0, g1, g_idx = _local_groups(_read_g_idx(t, "g_idx", ia, ib, qc.group_size, groups))  # [ib-ia]
     # Packed rows covering [ia, ib); repack only when the piece does not start on a word.
     w0, w1 = ia // pf, -(-ib // pf)
     qweight = t.read("qweight", (slice(w0, w1), slice(oa, ob)), (np.int32, np.uint32)).view(np.int32)
@@ -613,7 +621,7 @@ def _read_gptq(t: _Tensors, qc: QuantConfig, index: tuple, repack: bool) -> GPTQ
     zeros = unpack_int32(qzeros, bits, axis=1)[:, oa - z0 * pf: ob - z0 * pf].astype(np.int32) + qc.zero_offset
     zeros = zeros.astype(np.uint8 if not zeros.size or zeros.max() <= 255 else np.uint16)
     _check_finite(t, "scales", scales)
-    return GPTQWeight(qweight, scales, zeros, g_idx - g0, bits, ib - ia)
+    return GPTQWeight(qweight, scales, zeros, g_idx, bits, ib - ia)
 
 
 def _ct_int_layout(t: _Tensors, qc: QuantConfig):
@@ -642,8 +650,7 @@ def _read_ct_int(t: _Tensors, qc: QuantConfig, index: tuple, repack: bool) -> GP
     pf, bits, half = 32 // qc.bits, qc.bits, 1 << (qc.bits - 1)
     oa, ob, ia, ib = _piece(index, (n_out, n_in))
     _check_cut(t, "weight_packed", ia, ib, n_in, pf, qc.group_size, repack)
-    g_idx = _read_g_idx(t, "weight_g_idx", ia, ib, qc.group_size, groups)
-    g0, g1 = (int(g_idx.min()), int(g_idx.max()) + 1) if g_idx.size else (0, 0)
+    g0, g1, g_idx = _local_groups(_read_g_idx(t, "weight_g_idx", ia, ib, qc.group_size, groups))
     w0, w1 = ia // pf, -(-ib // pf)
     packed = t.read("weight_packed", (slice(oa, ob), slice(w0, w1)), (np.int32,))
     q = unpack_int32(packed, bits, axis=1)[:, ia - w0 * pf: ib - w0 * pf]  # [out', in'] unsigned
@@ -658,7 +665,7 @@ def _read_ct_int(t: _Tensors, qc: QuantConfig, index: tuple, repack: bool) -> GP
         zp = unpack_int32(zp, bits, axis=0)[oa - z0 * pf: ob - z0 * pf]  # [out', groups'] stored +half
         zeros = zp.T.astype(np.uint8)  # (signed zp + half) = the unsigned zero
     return GPTQWeight(pack_int32(q.T, bits, axis=0), np.ascontiguousarray(scales), np.ascontiguousarray(zeros),
-                      g_idx - g0, bits, ib - ia)
+                      g_idx, bits, ib - ia)
 
 
 def _bf16():
@@ -711,6 +718,72 @@ def _read_fp8(t: _Tensors, qc: QuantConfig, index: tuple) -> FP8Weight:
 def _check_finite(t: _Tensors, sfx: str, a: np.ndarray):
     if not np.isfinite(a).all():
         t.fail(sfx, "contains NaN or inf")
+
+
+# ------------------------------------------------------------------------------------------
+# safetensors tensors NumPy's safetensors binding cannot read (F8_E4M3, BF16): the file is
+# memory-mapped and a slice reads only the pages it touches.
+
+_ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32,
+              "I16": np.int16, "I8": np.int8, "U8": np.uint8, "U16": np.uint16, "U32": np.uint32,
+              "U64": np.uint64, "BOOL": np.bool_}
+
+
+def _st_dtype(name: str):
+    import ml_dtypes
+
+    extra = {"BF16": ml_dtypes.bfloat16, "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2}
+    return np.dtype(_ST_DTYPES.get(name) or extra[name])
+
+
+class SafetensorsFile:
+    """A safetensors file read through its header and a memory map (every dtype, incl. F8_E4M3).
+
+    `get_slice(key)` answers like safetensors' own: `get_shape()` and `[slices]` -> NumPy copy.
+    """
+
+    def __init__(self, path):
+        import json
+
+        self.path = str(path)
+        try:
+            with open(self.path, "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(n))
+            self._mm = np.memmap(self.path, np.uint8, "r")
+            self._base = 8 + n
+            self._meta = {k: v for k, v in header.items() if k != "__metadata__"}
+        except Exception as e:
+            raise LoadError(f"{self.path}: not a valid safetensors file ({e})") from None
+
+    def keys(self):
+        return list(self._meta)
+
+    def get_slice(self, key: str) -> "_MappedTensor":
+        m = self._meta[key]
+        try:
+            dt = _st_dtype(m["dtype"])
+        except KeyError:
+            raise LoadError(f"{self.path}: tensor {key} has unsupported dtype {m['dtype']}") from None
+        a, b = m["data_offsets"]
+        shape = tuple(m["shape"])
+        if b - a != dt.itemsize * int(np.prod(shape, dtype=np.int64)) or self._base + b > self._mm.size:
+            raise LoadError(f"{self.path}: tensor {key} has a data range that does not fit its shape or the file")
+        return _MappedTensor(self._mm[self._base + a: self._base + b].view(dt).reshape(shape))
+
+
+class _MappedTensor:
+    def __init__(self, view: np.ndarray):
+        self._view = view
+
+    def get_shape(self):
+        return list(self._view.shape)
+
+    def get_dtype(self) -> str:
+        return str(self._view.dtype)
+
+    def __getitem__(self, index):
+        return np.array(self._view[index])
 
 
 # ------------------------------------------------------------------------------------------
