@@ -369,3 +369,41 @@ def test_quant_config_errors(qc, match):
     with pytest.raises(ConfigError, match=match) as e:
         quant.quant_config_from_hf({"quantization_config": qc}, source="dir/config.json")
     assert "dir/config.json" in str(e.value)
+
+
+def test_group_quantized():
+    q = quant.quant_config_from_hf({"quantization_config": GPTQ_HF}, source="c")
+    keys = ["model.layers.0.self_attn.q_proj.qweight", "model.layers.0.self_attn.q_proj.qzeros",
+            "model.layers.0.self_attn.q_proj.scales", "model.layers.0.self_attn.q_proj.g_idx",
+            "model.norm.weight", "lm_head.weight"]
+    assert quant.group_quantized(keys, q, source="d") == {"model.layers.0.self_attn.q_proj": {
+        "qweight": keys[0], "qzeros": keys[1], "scales": keys[2], "g_idx": keys[3]}}
+    with pytest.raises(LoadError, match="d: tensor model.layers.0.self_attn.q_proj.qzeros is missing"):
+        quant.group_quantized([k for k in keys if "qzeros" not in k], q, source="d")
+    with pytest.raises(LoadError, match="q_proj.qweight is missing"):
+        quant.group_quantized([k for k in keys if "qweight" not in k], q, source="d")
+    fp8 = quant.QuantConfig("compressed-tensors", "float-quantized", 8, strategy="channel")
+    with pytest.raises(LoadError, match="q_proj.weight_scale is missing"):
+        quant.group_quantized(["m.q_proj.weight", "m.norm.weight"], fp8, source="d",
+                              is_fp8=lambda k: "q_proj" in k)
+
+
+def test_resident_bytes_of_weights():
+    import dataclasses as dc
+
+    @dc.dataclass(frozen=True)
+    class W:
+        embed: tuple
+        layers: tuple
+        lm_head: tuple
+
+    @dc.dataclass(frozen=True)
+    class L:
+        w: tuple
+
+    rng = np.random.default_rng(6)
+    tensors, qc, _ = make_fp8(rng, 16, 32, "channel")
+    f = quant.read_quantized(reader_of(tensors), qc, (slice(None),), name="w")
+    e = np.zeros((10, 4), np.float16)
+    got = quant.resident_bytes(W(embed=(e,), layers=(L(w=(f,)),), lm_head=(e,)))  # tied: e once
+    assert got == [(80 + 16 * 32 + 16 * 4, 160 + 16 * 32 * 4)]

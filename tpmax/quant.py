@@ -720,6 +720,74 @@ def _check_finite(t: _Tensors, sfx: str, a: np.ndarray):
         t.fail(sfx, "contains NaN or inf")
 
 
+def marker_suffix(qc: QuantConfig) -> str:
+    """The tensor whose presence makes a linear quantized (its float twin lacks it)."""
+    return {"gptq": "qweight", "pack-quantized": "weight_packed", "fp8-block": "weight_scale_inv"}.get(
+        qc.format, "weight_scale")
+
+
+def group_quantized(keys, qc: QuantConfig, *, source: str, is_fp8=lambda key: False) -> dict[str, dict[str, str]]:
+    """The quantized linears among checkpoint `keys`: `{module: {suffix: key}}`.
+
+    A module is quantized when its marker tensor (`marker_suffix`) is present, or, for FP8
+    formats, when its `weight` is stored as F8_E4M3 (`is_fp8(key)`); then every required
+    suffix must be present.
+    Raises:
+        LoadError: a quantized linear missing a required tensor, naming it.
+    """
+    keys = set(keys)
+    wanted = qc.suffixes + qc.optional_suffixes
+    fp8 = qc.format in ("float-quantized", "fp8-block")
+    modules = {k[: -len(marker_suffix(qc)) - 1] for k in keys if k.endswith("." + marker_suffix(qc))}
+    if fp8:
+        modules |= {k[: -len(".weight")] for k in keys if k.endswith(".weight") and is_fp8(k)}
+    if qc.format == "gptq":  # any GPTQ tensor marks the module (a missing qweight is then an error)
+        modules |= {k.rsplit(".", 1)[0] for k in keys if k.rsplit(".", 1)[-1] in ("qzeros", "scales", "g_idx")}
+    out = {}
+    for m in sorted(modules):
+        have = {sfx: f"{m}.{sfx}" for sfx in wanted if f"{m}.{sfx}" in keys}
+        for sfx in qc.suffixes:
+            if sfx not in have:
+                raise LoadError(f"{source}: tensor {m}.{sfx} is missing ({qc.describe()} linear)")
+        out[m] = have
+    return out
+
+
+def resident_bytes(weights) -> list[tuple[int, int]]:
+    """Per device `(bytes held, bytes as float32)` of a `Weights` (fields: one entry per
+    device; layers a tuple of such). Arrays shared between fields (tied embeddings) count once."""
+    per_dev: dict[int, list[int]] = {}
+    seen: set[int] = set()
+
+    def add(r, v):
+        if v is None or id(v) in seen:
+            return
+        seen.add(id(v))
+        acc = per_dev.setdefault(r, [0, 0])
+        if is_quantized(v):
+            acc[0] += v.nbytes
+            acc[1] += 4 * int(v.shape[0]) * int(v.shape[1])
+        elif dataclasses.is_dataclass(v):
+            for f in dataclasses.fields(v):
+                add(r, getattr(v, f.name))
+        elif hasattr(v, "nbytes") and hasattr(v, "size"):
+            acc[0] += int(v.nbytes)
+            acc[1] += 4 * int(v.size)
+
+    def walk(obj):
+        for f in dataclasses.fields(obj):
+            v = getattr(obj, f.name)
+            if f.name == "layers":
+                for layer in v:
+                    walk(layer)
+            else:
+                for r, x in enumerate(v):
+                    add(r, x)
+
+    walk(weights)
+    return [tuple(per_dev[r]) for r in sorted(per_dev)]
+
+
 # ------------------------------------------------------------------------------------------
 # safetensors tensors NumPy's safetensors binding cannot read (F8_E4M3, BF16): the file is
 # memory-mapped and a slice reads only the pages it touches.
