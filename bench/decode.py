@@ -61,7 +61,7 @@ def tpmax_decode(model, prompts: np.ndarray, steps: int, warmup: int) -> tuple[c
 
     Returns (step timing, batch row 0's generated tokens, prefill seconds).
     """
-    import tpmax
+    from tpmax.generate import forward
 
     B, P = prompts.shape
     cache = model.new_cache(B * (P + warmup + steps + 16))
@@ -69,15 +69,13 @@ def tpmax_decode(model, prompts: np.ndarray, steps: int, warmup: int) -> tuple[c
     for s in seqs:
         cache.add(s)
     t0 = time.perf_counter()
-    (last,) = tpmax.distributed_transformer(model.weights, model.cfg, prompts.reshape(-1),
-                                            np.arange(0, B * P + 1, P), cache, seqs, model.comm)
+    (last,) = forward(model, cache, seqs, prompts)  # reserve, forward, commit
     prefill_s = time.perf_counter() - t0
     nxt = np.asarray(last).argmax(-1)  # [B]
-    offs = np.arange(B + 1)
     out, times = [int(nxt[0])], []
     for _ in range(warmup + steps):
         t0 = time.perf_counter()
-        (last,) = tpmax.distributed_transformer(model.weights, model.cfg, nxt, offs, cache, seqs, model.comm)
+        (last,) = forward(model, cache, seqs, nxt[:, None])
         nxt = np.asarray(last).argmax(-1)
         times.append(time.perf_counter() - t0)
         out.append(int(nxt[0]))

@@ -32,15 +32,14 @@ def figures(backend: str, T: int, t: common.Timing, *, cfg, roof: dict, **extra)
 
 
 def tpmax_prefill(model, ids: np.ndarray, *, warmup: int, repeats: int) -> common.Timing:
-    import tpmax
+    from tpmax.generate import forward
 
     T = len(ids)
     cache = model.new_cache(T + 16)
-    offs = np.array([0, T])
 
     def once():
         cache.add(0)
-        (last,) = tpmax.distributed_transformer(model.weights, model.cfg, ids, offs, cache, [0], model.comm)
+        (last,) = forward(model, cache, [0], [ids])
         int(np.asarray(last).argmax())
         cache.release(0)
 

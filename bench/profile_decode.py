@@ -23,6 +23,7 @@ import decode  # noqa: E402
 
 def main(argv=None) -> int:
     import tpmax
+    from tpmax.generate import forward
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--devices", default="cpu:0,1")
@@ -40,14 +41,13 @@ def main(argv=None) -> int:
     for s in seqs:
         cache.add(s)
     prompts = decode.prompts_for(B, P, model.cfg.vocab_size)
-    (last,) = tpmax.distributed_transformer(model.weights, model.cfg, prompts.reshape(-1), np.arange(0, B * P + 1, P),
-                                            cache, seqs, model.comm)
-    nxt, offs = np.asarray(last).argmax(-1), np.arange(B + 1)
+    (last,) = forward(model, cache, seqs, prompts)
+    nxt = np.asarray(last).argmax(-1)
 
     def steps(n):
         nonlocal nxt
         for _ in range(n):
-            (lg,) = tpmax.distributed_transformer(model.weights, model.cfg, nxt, offs, cache, seqs, model.comm)
+            (lg,) = forward(model, cache, seqs, nxt[:, None])
             nxt = np.asarray(lg).argmax(-1)
 
     steps(3)  # warm-up

@@ -96,13 +96,9 @@ def make_mask(T, kind, window=None):
     return m
 
 
-def forward(W, cfg, ids, *, mask_kind=None, clip_qkv=None):
+def forward(W, cfg, ids, *, mask_kind=None):
     """Logits [T, V] (float64) and the final hidden states before the norm [T, D]."""
     W = {k: np.asarray(v, np.float64) for k, v in W.items()}
-    if clip_qkv is not None:
-        for k in list(W):
-            if k.endswith(("q_proj", "k_proj", "v_proj")):
-                W[k] = np.clip(W[k], -clip_qkv, clip_qkv)
     T = len(ids)
     kind = mask_kind or ("sliding_window" if cfg.sliding_window else "causal")
     mask = make_mask(T, kind, cfg.sliding_window)

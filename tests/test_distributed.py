@@ -29,9 +29,9 @@ def test_forward_sharded_layers():
         tpmax.forward_sharded_layers(layers[:2], [1, 2, 3])
 
 
-@pytest.mark.parametrize("parallel", [True, False])
-def test_per_device(parallel):
-    out = tpmax.per_device(lambda a, b: a + b, [1, 2, 3], [10, 20, 30], parallel=parallel)
+@pytest.mark.parametrize("threads", [True, False])
+def test_per_device(threads):
+    out = tpmax.per_device(lambda a, b: a + b, [1, 2, 3], [10, 20, 30], threads=threads)
     assert out == [11, 22, 33]
     with pytest.raises(ValueError, match="differ in length"):
         tpmax.per_device(lambda a, b: a, [1], [1, 2])

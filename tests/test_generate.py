@@ -88,7 +88,8 @@ def test_sampling_respects_top_k_top_p(lg, seed, temp, top_k, top_p):
     assert tok == sample(lg, p, np.random.default_rng(seed))  # seeded: reproducible
     if top_k:
         assert lg[tok] >= np.sort(lg)[-min(top_k, len(lg))]
-    probs = np.exp((lg - lg.max()) / temp)
+    z = lg.astype(np.float64)  # the sampler's arithmetic: float64 (float32 here would round 0.5 + 1e-9 to 0.5)
+    probs = np.exp((z - z.max()) / temp)
     probs /= probs.sum()
     order = np.argsort(-probs, kind="stable")
     cum_before = np.cumsum(probs[order]) - probs[order]

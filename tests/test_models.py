@@ -173,7 +173,7 @@ BAD_HF = {
     "extra tensor": (lambda d: edit_tensors(d, lambda t: t.update({"model.layers.0.mlp.extra.weight": np.ones(2, np.float32)})),
                      "unexpected tensor"),
     "extra layer": (lambda d: edit_tensors(d, lambda t: t.update({"model.layers.7.mlp.up_proj.weight": np.ones((100, 48), np.float32)})),
-                    "unexpected tensor.*layers.7.up_proj"),
+                    "the config has 2 layers, the checkpoint holds 8"),
     "wrong shape": (lambda d: edit_tensors(d, lambda t: t.update({"model.norm.weight": np.ones(47, np.float32)})),
                     r"norm has shape \(47,\), expected \(48,\)"),
     "nan weights": (lambda d: edit_tensors(d, lambda t: t["model.layers.0.self_attn.k_proj.weight"].__setitem__((0, 0), np.nan)),
@@ -282,7 +282,8 @@ def test_smollm2_perplexity_matches_transformers(smollm2):
 
 @pytest.mark.parametrize("dtype, tol", [("bfloat16", 0.08), ("float16", 0.01)])
 def test_half_precision_weights(dtype, tol):
-    model = load(FIX / "hf" / "llama", devices="cpu:0,1", dtype=dtype, progress=False)
+    with pytest.warns(UserWarning, match=f"{dtype} on CPU runs slower than float32"):
+        model = load(FIX / "hf" / "llama", devices="cpu:0,1", dtype=dtype, progress=False)
     assert model.weights.layers[0].w13[1].dtype == tpmax.as_dtype(dtype)
     assert model.new_cache(16).pages[0].dtype == tpmax.as_dtype(dtype)
     for ids, want in hf_reference("llama"):

@@ -30,8 +30,7 @@ def model_cases(draw):
         sliding_window=draw(st.sampled_from([None, None, 1, 3])),
         attention_scale=draw(st.sampled_from([None, 0.3])),
         embedding_multiplier=draw(st.sampled_from([1.0, 2.0])), residual_multiplier=draw(st.sampled_from([1.0, 0.5])),
-        logits_scaling=draw(st.sampled_from([1.0, 4.0])), tie_embeddings=draw(st.booleans()),
-        clip_qkv=draw(st.sampled_from([None, 0.4])))
+        logits_scaling=draw(st.sampled_from([1.0, 4.0])), tie_embeddings=draw(st.booleans()))
     tp = draw(st.integers(1, min(4, n_heads, cfg.ffn_size)))
     seed = draw(st.integers(0, 10**6))
     return cfg, tp, seed
@@ -63,11 +62,16 @@ def close(out, want):
 
 
 def run(weights, cfg, cache, comm, seqs, ids, **kw):
+    """Reserve, forward, commit: what a caller of the forward pass does."""
     for s in ids:
         if s not in cache:
             cache.add(s)
-    offs = np.cumsum([0] + [len(s) for s in seqs])
-    return tpmax.distributed_transformer(weights, cfg, np.concatenate(seqs), offs, cache, ids, comm, **kw)
+    n_new = [len(s) for s in seqs]
+    offs = np.cumsum([0] + n_new)
+    slots = cache.reserve(ids, n_new)
+    out = tpmax.distributed_transformer(weights, cfg, np.concatenate(seqs), offs, cache.pages, slots, comm, **kw)
+    cache.commit(ids, n_new)
+    return out
 
 
 @settings(max_examples=120)
@@ -80,7 +84,7 @@ def test_ragged_prefill_equals_reference(case, lengths, stacked, data):
     last, logits, offs = run(weights, cfg, cache, comm, seqs, list(range(len(seqs))), return_logits=ReturnLogits.ALL)
     assert logits.dtype == np.float32 and logits.shape == (sum(lengths), cfg.vocab_size)
     for b, s in enumerate(seqs):
-        want, _ = ref.forward(full, cfg, s, clip_qkv=cfg.clip_qkv)
+        want, _ = ref.forward(full, cfg, s)
         close(logits[offs[b]:offs[b + 1]], want)
         close(last[b], want[-1])
 
@@ -96,8 +100,8 @@ def test_prefill_then_decode_equals_full_forward(case, prompt_len, steps, data):
     run(weights, cfg, cache, comm, [a[:prompt_len], b[:2]], ["a", "b"])
     for t in range(steps):
         (last,) = run(weights, cfg, cache, comm, [a[prompt_len + t:prompt_len + t + 1], b[2 + t:3 + t]], ["a", "b"])
-    close(last[0], ref.forward(full, cfg, a, clip_qkv=cfg.clip_qkv)[0][-1])
-    close(last[1], ref.forward(full, cfg, b, clip_qkv=cfg.clip_qkv)[0][-1])
+    close(last[0], ref.forward(full, cfg, a)[0][-1])
+    close(last[1], ref.forward(full, cfg, b)[0][-1])
     assert cache.length("a") == prompt_len + steps and cache.length("b") == 2 + steps
 
 
@@ -124,11 +128,10 @@ def test_attention_masks_equal_reference(case, mask, T, window):
     x = np.random.default_rng(seed).standard_normal((T, cfg.hidden_size)).astype(np.float32)
     cache.add(0)
     inputs = attention_inputs(acfg, cfg.rope(), cache.reserve([0], [T]), comm.devices)
-    out = tpmax.tensor_parallel_attention_with_rope([x] * tp, weights.layers[0].attn, acfg, inputs, cache, 0, comm)
+    out = tpmax.tensor_parallel_attention_with_rope([x] * tp, weights.layers[0].attn, acfg, inputs, cache.pages, 0,
+                                                    comm)
     kind = {"causal": "causal", "sliding_window_causal": "sliding_window", "null": "null"}[mask.value]
-    W = {k: np.clip(v, -cfg.clip_qkv, cfg.clip_qkv) if cfg.clip_qkv and k.endswith(("q_proj", "k_proj", "v_proj"))
-         else v for k, v in full.items()}
-    want = ref.attention(x.astype(np.float64), {k: v.astype(np.float64) for k, v in W.items()}, 0, cfg,
+    want = ref.attention(x.astype(np.float64), {k: v.astype(np.float64) for k, v in full.items()}, 0, cfg,
                          ref.make_mask(T, kind, window))
     for o in out:
         close(o, want)
@@ -147,8 +150,8 @@ def test_materialize_kv_from_hidden_writes_what_attention_writes(case, T):
     slots = cache_a.reserve([0], [T])
     cache_b.reserve([0], [T])  # same page ids as cache_a: both caches start empty
     inputs = attention_inputs(acfg, cfg.rope(), slots, comm.devices)
-    tpmax.tensor_parallel_attention_with_rope([x] * tp, weights.layers[0].attn, acfg, inputs, cache_a, 0, comm)
-    tpmax.materialize_kv_from_hidden(0, [x] * tp, weights.layers[0].attn, acfg, cache_b, inputs)
+    tpmax.tensor_parallel_attention_with_rope([x] * tp, weights.layers[0].attn, acfg, inputs, cache_a.pages, 0, comm)
+    tpmax.materialize_kv_from_hidden(0, [x] * tp, weights.layers[0].attn, acfg, cache_b.pages, inputs, comm)
     for pa, pb in zip(cache_a.pages, cache_b.pages):
         np.testing.assert_array_equal(pa, pb)
         assert np.abs(pb).sum() > 0
@@ -237,17 +240,18 @@ def test_kv_cache_full_raises_for_the_requester_and_keeps_others():
     ([1, 2, 3], [1, 3], "rise strictly"),
     ([1, 99], [0, 2], "token id 99 outside"),
     ([1, -1], [0, 2], "token id -1 outside"),
-    ([[1, 2]], [0, 2], "flat integer array"),
-    ([1.5, 2.0], [0, 2], "flat integer array"),
+    ([[1, 2]], [0, 2], "1-D integer array"),
+    ([1.5, 2.0], [0, 2], "1-D integer array"),
 ])
 def test_bad_ragged_batches(tokens, offsets, match):
     cfg, _, weights, cache, comm = small()
     for s in ("a", "b"):
         cache.add(s)
     free = cache.free_pages
+    slots = cache.reserve(["a"], [1])
     with pytest.raises(ValueError, match=match):
-        tpmax.distributed_transformer(weights, cfg, np.array(tokens), np.array(offsets), cache,
-                                      ["a", "b"][:len(offsets) - 1], comm)
+        tpmax.distributed_transformer(weights, cfg, np.array(tokens), np.array(offsets), cache.pages, slots, comm)
+    cache.rollback(["a"])
     assert cache.free_pages == free and cache.length("a") == 0
 
 
@@ -260,8 +264,11 @@ def test_cache_bookkeeping_errors():
         cache.add("a")
     with pytest.raises(ValueError, match="twice"):
         cache.reserve(["a", "a"], [1, 1])
-    with pytest.raises(ValueError, match="2 seq_ids for a batch of 1"):
-        tpmax.distributed_transformer(weights, cfg, np.array([1]), np.array([0, 1]), cache, ["a", "b"], comm)
+    slots = cache.reserve(["a"], [2])
+    with pytest.raises(ValueError, match="reserved for a batch with offsets"):
+        tpmax.distributed_transformer(weights, cfg, np.array([1]), np.array([0, 1]), cache.pages, slots, comm)
+    cache.rollback(["a"])
+    assert cache.free_pages == cache.num_pages
     with pytest.raises(ValueError, match="page_size must be positive"):
         tpmax.KVCacheParams("float32", 1, 4, 0, 1, tuple(comm.devices))
 
@@ -284,4 +291,4 @@ def test_device_threads_and_query_blocks_change_nothing(case, T):
         (_, blocked, _) = run(weights, cfg, cache, comm, [seq], ["s"], return_logits=ReturnLogits.ALL, threads=True)
     finally:
         A.ATTENTION_BLOCK = old
-    close(blocked, ref.forward(full, cfg, seq, clip_qkv=cfg.clip_qkv)[0])
+    close(blocked, ref.forward(full, cfg, seq)[0])

@@ -18,7 +18,7 @@ import numpy as np
 from .comm import Communicator
 from .devices import Array, Device, asarray, xp_of
 from .distributed import per_device
-from .kv_cache import BatchSlots, PagedKVCache, gather_kv, write_kv
+from .kv_cache import BatchSlots, gather_kv, write_kv
 from .layers import RopeTables, RotaryEmbedding, linear, rms_norm, rotate
 from .sharding import HeadShard, head_shard
 
@@ -289,35 +289,46 @@ def attention_local(x: Array, w: AttentionWeights, heads: HeadShard, cfg: Attent
 
 def tensor_parallel_attention_with_rope(xs: Sequence[Array], ws: Sequence[AttentionWeights],
                                         cfg: AttentionConfig, inputs: Sequence[AttentionInputs],
-                                        cache: PagedKVCache, layer: int, comm: Communicator) -> list[Array]:
-    """Attention over every device's heads, then one all-reduce.
+                                        kv_pages: Sequence[Array], layer: int, comm: Communicator, *,
+                                        threads: bool = False) -> list[Array]:
+    """MAX's `TensorParallelAttentionWithRope`: every device's heads, then one all-reduce.
 
     Args:
         xs: per device `[T, D]` (replicated, already normed).
         ws: per device `AttentionWeights`.
         inputs: per device `AttentionInputs` of this batch (from `attention_inputs`).
-        cache: the paged KV cache the batch's pages were reserved in.
+        kv_pages: per device the paged KV cache (`PagedKVCache.pages`) whose slots the caller
+            reserved for this batch; this layer's K/V are written into them.
+        threads: run the devices' shares on their own threads (see `per_device`).
     Returns:
         per device `[T, D]`.
     """
-    heads = cfg.heads(len(xs))
+    heads = local_heads(cfg, comm)
     partials = per_device(lambda x, w, h, inp, pages: attention_local(x, w, h, cfg, inp, pages, layer),
-                          xs, ws, heads, inputs, cache.pages)
-    return comm.allreduce_sum(partials)
+                          xs, ws, heads, inputs, kv_pages, threads=threads)  # per device [T, D] partial
+    return comm.allreduce_sum(partials)  # -> [T, D]
+
+
+def local_heads(cfg: AttentionConfig, comm: Communicator) -> list[HeadShard]:
+    """The heads of each device `comm` drives (by the device's index in the whole group)."""
+    group = cfg.heads(comm.tp)
+    return [group[r] for r in comm.ranks]
 
 
 def materialize_kv_from_hidden(layer_idx: int, hiddens: Sequence[Array], ws: Sequence[AttentionWeights],
-                               cfg: AttentionConfig, cache: PagedKVCache,
-                               inputs: Sequence[AttentionInputs]) -> None:
+                               cfg: AttentionConfig, kv_pages: Sequence[Array],
+                               inputs: Sequence[AttentionInputs], comm: Communicator) -> None:
     """Project hidden states to k/v (with qk-norm and RoPE) and store them in the cache.
 
     q is discarded and no collective runs. Used by speculative-decoding draft models to
     build their cache from the target model's hidden states.
-    """
-    heads = cfg.heads(len(hiddens))
 
+    Args:
+        hiddens: per device `[T, D]`; kv_pages, inputs: as for
+            `tensor_parallel_attention_with_rope`.
+    """
     def one(x, w, h, inp, pages):
         _, k, v = qkv_rope(x, w, h, cfg, inp.rope)
         write_kv(pages, layer_idx, k, v, inp.page, inp.slot)
 
-    per_device(one, hiddens, ws, heads, inputs, cache.pages)
+    per_device(one, hiddens, ws, local_heads(cfg, comm), inputs, kv_pages)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 from .attention import AttentionConfig, MHAMaskVariant
 from .errors import ConfigError
@@ -16,6 +17,10 @@ ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "granite")
 
 _HF_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh",
                    "gelu_new": "gelu_tanh", "relu": "relu", "tanh": "tanh", "sigmoid": "sigmoid"}
+
+
+_MAX_DIM = 1 << 24  # no dimension of a real model comes near this; bigger is a broken config
+_MAX_LAYERS = 1 << 12
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,16 +47,31 @@ class ModelConfig:
     residual_multiplier: float = 1.0
     logits_scaling: float = 1.0
     tie_embeddings: bool = False
-    clip_qkv: float | None = None
 
     def __post_init__(self):
-        for f in ("vocab_size", "hidden_size", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_size"):
-            if not isinstance(getattr(self, f), int) or getattr(self, f) <= 0:
-                raise ConfigError(f"{f} must be a positive integer, got {getattr(self, f)!r}")
+        for f in ("vocab_size", "hidden_size", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_size",
+                  "max_seq_len"):
+            v = getattr(self, f)
+            if not isinstance(v, int) or isinstance(v, bool) or not 0 < v <= (_MAX_LAYERS if f == "n_layers" else _MAX_DIM << 8):
+                raise ConfigError(f"{f} must be a positive integer (at most {_MAX_LAYERS if f == 'n_layers' else _MAX_DIM << 8}), "
+                                  f"got {v!r}")
         if self.n_heads % self.n_kv_heads:
             raise ConfigError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
         if self.activation not in ACTIVATIONS:
             raise ConfigError(f"unknown activation {self.activation!r}")
+        for f in ("norm_eps", "rope_theta", "embedding_multiplier", "residual_multiplier", "logits_scaling"):
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v > 0):
+                raise ConfigError(f"{f} must be a positive finite float, got {v!r}")
+        if self.attention_scale is not None and not (math.isfinite(self.attention_scale) and self.attention_scale > 0):
+            raise ConfigError(f"attention_scale must be positive, got {self.attention_scale!r}")
+        if self.sliding_window is not None and not (isinstance(self.sliding_window, int) and self.sliding_window > 0):
+            raise ConfigError(f"sliding_window must be a positive integer, got {self.sliding_window!r}")
+        s = self.rope_scaling
+        if s is not None and not all(math.isfinite(v) and v > 0 for v in dataclasses.astuple(s)):
+            raise ConfigError(f"rope scaling values must be positive, got {s}")
+        if isinstance(s, Llama3Scaling) and s.high_freq_factor <= s.low_freq_factor:
+            raise ConfigError(f"llama3 rope scaling needs high_freq_factor > low_freq_factor, got {s}")
 
     # -- derived pieces -----------------------------------------------------------------------
 
@@ -94,115 +114,170 @@ class ModelConfig:
 
     @classmethod
     def from_hf_config(cls, c: dict, *, source: str = "config.json") -> "ModelConfig":
-        """From a Hugging Face `config.json` dict (transformers 4.x or 5.x spelling)."""
+        """From a Hugging Face `config.json` dict (transformers 4.x or 5.x spelling); every
+        value is type- and range-checked, errors name the file and the key."""
+        if not isinstance(c, dict):
+            raise ConfigError(f"{source}: expected a JSON object")
+        get = _Getter(c, source)
         arch = c.get("model_type")
         if arch not in ARCHITECTURES:
             raise ConfigError(f"{source}: unsupported model_type {arch!r}; supported: {', '.join(ARCHITECTURES)}")
-
-        def need(key):
-            if key not in c:
-                raise ConfigError(f"{source}: missing required key {key!r}")
-            return c[key]
-
-        if c.get("attention_bias") and arch in ("llama", "mistral", "granite"):
+        if get.bool("attention_bias", False) and arch in ("llama", "mistral", "granite"):
             raise ConfigError(f"{source}: attention_bias=true (bias on o_proj) is not supported")
-        if c.get("mlp_bias"):
+        if get.bool("mlp_bias", False):
             raise ConfigError(f"{source}: mlp_bias=true is not supported")
-        act = c.get("hidden_act", "silu")
+        act = get.str("hidden_act", "silu")
         if act not in _HF_ACTIVATIONS:
             raise ConfigError(f"{source}: unsupported hidden_act {act!r}")
-        n_heads = need("num_attention_heads")
-        hidden = need("hidden_size")
-        theta, scaling = _hf_rope(c, source)
+        n_heads = get.int("num_attention_heads")
+        hidden = get.int("hidden_size")
+        theta, scaling = _hf_rope(c, get, source)
         window = None
         if arch == "mistral":
-            window = c.get("sliding_window")
-        elif arch in ("qwen2", "qwen3") and c.get("use_sliding_window"):
+            window = get.int("sliding_window", None)
+        elif arch in ("qwen2", "qwen3") and get.bool("use_sliding_window", False):
             raise ConfigError(f"{source}: use_sliding_window=true (per-layer windows) is not supported")
-        return cls(
-            arch=arch, vocab_size=need("vocab_size"), hidden_size=hidden, n_layers=need("num_hidden_layers"),
-            n_heads=n_heads, n_kv_heads=c.get("num_key_value_heads") or n_heads,
-            head_dim=c.get("head_dim") or hidden // n_heads, ffn_size=need("intermediate_size"),
-            norm_eps=float(c.get("rms_norm_eps", 1e-6)), rope_theta=theta, rope_scaling=scaling,
-            max_seq_len=int(c.get("max_position_embeddings", 4096)), activation=_HF_ACTIVATIONS[act],
-            qkv_bias=arch == "qwen2" or bool(c.get("attention_bias", False)), qk_norm=arch == "qwen3",
+        granite = arch == "granite"
+        return _checked(source, lambda: cls(
+            arch=arch, vocab_size=get.int("vocab_size"), hidden_size=hidden, n_layers=get.int("num_hidden_layers"),
+            n_heads=n_heads, n_kv_heads=get.int("num_key_value_heads", None) or n_heads,
+            head_dim=get.int("head_dim", None) or hidden // n_heads, ffn_size=get.int("intermediate_size"),
+            norm_eps=get.float("rms_norm_eps", 1e-6), rope_theta=theta, rope_scaling=scaling,
+            max_seq_len=get.int("max_position_embeddings", 4096), activation=_HF_ACTIVATIONS[act],
+            qkv_bias=arch == "qwen2" or get.bool("attention_bias", False), qk_norm=arch == "qwen3",
             sliding_window=window,
-            attention_scale=c.get("attention_multiplier") if arch == "granite" else None,
-            embedding_multiplier=float(c.get("embedding_multiplier", 1.0)) if arch == "granite" else 1.0,
-            residual_multiplier=float(c.get("residual_multiplier", 1.0)) if arch == "granite" else 1.0,
-            logits_scaling=float(c.get("logits_scaling", 1.0)) if arch == "granite" else 1.0,
-            tie_embeddings=bool(c.get("tie_word_embeddings", False)),
-        )
+            attention_scale=get.float("attention_multiplier", None) if granite else None,
+            embedding_multiplier=get.float("embedding_multiplier", 1.0) if granite else 1.0,
+            residual_multiplier=get.float("residual_multiplier", 1.0) if granite else 1.0,
+            logits_scaling=get.float("logits_scaling", 1.0) if granite else 1.0,
+            tie_embeddings=get.bool("tie_word_embeddings", False),
+        ))
 
     @classmethod
     def from_gguf(cls, meta: dict, *, source: str = "model.gguf", has_output: bool = True) -> "ModelConfig":
-        """From GGUF metadata (`{key: value}`); only the `llama` architecture.
+        """From decoded GGUF metadata (`{key: value}`); only the `llama` architecture.
 
         `has_output`: whether the file stores `output.weight` (otherwise tied embeddings).
         """
         arch = meta.get("general.architecture")
         if arch != "llama":
             raise ConfigError(f"{source}: unsupported GGUF architecture {arch!r}; supported: llama")
-
-        def need(key):
-            if f"llama.{key}" not in meta:
-                raise ConfigError(f"{source}: missing metadata key 'llama.{key}'")
-            return meta[f"llama.{key}"]
-
-        hidden, n_heads = int(need("embedding_length")), int(need("attention.head_count"))
-        vocab = meta.get("llama.vocab_size") or len(meta.get("tokenizer.ggml.tokens", ()))
+        get = _Getter({k[len("llama."):]: v for k, v in meta.items() if k.startswith("llama.")}, source,
+                      prefix="llama.")
+        hidden, n_heads = get.int("embedding_length"), get.int("attention.head_count")
+        tokens = meta.get("tokenizer.ggml.tokens")
+        vocab = get.int("vocab_size", None) or (len(tokens) if isinstance(tokens, list) else None)
         if not vocab:
-            raise ConfigError(f"{source}: cannot tell the vocabulary size")
+            raise ConfigError(f"{source}: cannot tell the vocabulary size (no llama.vocab_size, no tokenizer tokens)")
         scaling = None
-        if meta.get("llama.rope.scaling.type") == "linear":
-            scaling = LinearScaling(float(meta["llama.rope.scaling.factor"]))
-        elif meta.get("llama.rope.scaling.type") not in (None, "none"):
-            raise ConfigError(f"{source}: unsupported rope scaling {meta['llama.rope.scaling.type']!r}")
-        head_dim = int(meta.get("llama.attention.key_length") or hidden // n_heads)
-        return cls(
-            arch="llama", vocab_size=int(vocab), hidden_size=hidden, n_layers=int(need("block_count")),
-            n_heads=n_heads, n_kv_heads=int(meta.get("llama.attention.head_count_kv") or n_heads),
-            head_dim=head_dim, ffn_size=int(need("feed_forward_length")),
-            norm_eps=float(meta.get("llama.attention.layer_norm_rms_epsilon", 1e-5)),
-            rope_theta=float(meta.get("llama.rope.freq_base", 10000.0)), rope_scaling=scaling,
-            rope_interleaved=True, max_seq_len=int(meta.get("llama.context_length", 4096)),
-            tie_embeddings=not has_output)
+        kind = get.str("rope.scaling.type", "none")
+        if kind == "linear":
+            scaling = LinearScaling(get.float("rope.scaling.factor"))
+        elif kind != "none":
+            raise ConfigError(f"{source}: unsupported rope scaling {kind!r}")
+        return _checked(source, lambda: cls(
+            arch="llama", vocab_size=vocab, hidden_size=hidden, n_layers=get.int("block_count"),
+            n_heads=n_heads, n_kv_heads=get.int("attention.head_count_kv", None) or n_heads,
+            head_dim=get.int("attention.key_length", None) or hidden // n_heads,
+            ffn_size=get.int("feed_forward_length"),
+            norm_eps=get.float("attention.layer_norm_rms_epsilon", 1e-5),
+            rope_theta=get.float("rope.freq_base", 10000.0), rope_scaling=scaling,
+            rope_interleaved=True, max_seq_len=get.int("context_length", 4096), tie_embeddings=not has_output))
 
     @classmethod
     def preset(cls, name: str) -> "ModelConfig":
+        """An exact-name preset (the shapes benchmarks build random models of)."""
         if name not in PRESETS:
             raise ConfigError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
         return PRESETS[name]
 
 
-def _hf_rope(c: dict, source: str):
+def _checked(source: str, make):
+    """Build the config; a value the dataclass rejects names the file."""
+    try:
+        return make()
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
+class _Getter:
+    """Typed, range-checked reads of config values; every error names the file and the key."""
+
+    _MISSING = object()
+
+    def __init__(self, c: dict, source: str, prefix: str = ""):
+        self.c, self.source, self.prefix = c, source, prefix
+
+    def _get(self, key, default):
+        if key not in self.c or self.c[key] is None:
+            if default is self._MISSING:
+                raise ConfigError(f"{self.source}: missing required key {self.prefix + key!r}")
+            return default
+        return self.c[key]
+
+    def _bad(self, key, v, what):
+        return ConfigError(f"{self.source}: {self.prefix + key} must be {what}, got {v!r}")
+
+    def int(self, key, default=_MISSING):
+        v = self._get(key, default)
+        if v is default:
+            return v
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise self._bad(key, v, "an integer")
+        if v <= 0:
+            raise self._bad(key, v, "positive")
+        return v
+
+    def float(self, key, default=_MISSING):
+        v = self._get(key, default)
+        if v is default:
+            return v
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise self._bad(key, v, "a finite number")
+        if v <= 0:
+            raise self._bad(key, v, "positive")
+        return float(v)
+
+    def bool(self, key, default=_MISSING):
+        v = self._get(key, default)
+        if not isinstance(v, bool):
+            raise self._bad(key, v, "true or false")
+        return v
+
+    def str(self, key, default=_MISSING):
+        v = self._get(key, default)
+        if not isinstance(v, str):
+            raise self._bad(key, v, "a string")
+        return v
+
+
+def _hf_rope(c: dict, get: _Getter, source: str):
     """(theta, scaling) from `rope_theta`/`rope_scaling` (4.x) or `rope_parameters` (5.x)."""
     params = c.get("rope_parameters")
-    if isinstance(params, dict) and "sliding_attention" in params:
+    if params is not None and not isinstance(params, dict):
+        raise ConfigError(f"{source}: rope_parameters must be a mapping, got {type(params).__name__}")
+    if params is not None and "sliding_attention" in params:
         raise ConfigError(f"{source}: per-layer-type rope_parameters are not supported")
     scaling = params if params is not None else c.get("rope_scaling")
-    theta = (params or {}).get("rope_theta", c.get("rope_theta", 10000.0))
+    if scaling is not None and not isinstance(scaling, dict):
+        raise ConfigError(f"{source}: rope_scaling must be a mapping, got {type(scaling).__name__}")
+    theta = _Getter(params, source, "rope_parameters.").float("rope_theta", None) if params else None
+    theta = theta or get.float("rope_theta", 10000.0)
     if not scaling:
-        return float(theta), None
+        return theta, None
+    sget = _Getter(scaling, source, "rope_parameters." if params is not None else "rope_scaling.")
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     if kind == "default":
-        return float(theta), None
+        return theta, None
     if kind == "linear":
-        return float(theta), LinearScaling(float(scaling["factor"]))
+        return theta, LinearScaling(sget.float("factor"))
     if kind == "llama3":
-        try:
-            return float(theta), Llama3Scaling(
-                float(scaling["factor"]), float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"]),
-                int(scaling["original_max_position_embeddings"]))
-        except KeyError as e:
-            raise ConfigError(f"{source}: llama3 rope scaling lacks {e.args[0]!r}") from None
+        return theta, Llama3Scaling(sget.float("factor"), sget.float("low_freq_factor"),
+                                    sget.float("high_freq_factor"), sget.int("original_max_position_embeddings"))
     raise ConfigError(f"{source}: unsupported rope scaling type {kind!r} (supported: default, linear, llama3)")
 
 
 PRESETS = {
-    "smollm2-135m": ModelConfig(arch="llama", vocab_size=49152, hidden_size=576, n_layers=30, n_heads=9,
-                                n_kv_heads=3, head_dim=64, ffn_size=1536, norm_eps=1e-5, rope_theta=100000.0,
-                                max_seq_len=8192, tie_embeddings=True),
     "llama-3-8b": ModelConfig(arch="llama", vocab_size=128256, hidden_size=4096, n_layers=32, n_heads=32,
                               n_kv_heads=8, head_dim=128, ffn_size=14336, norm_eps=1e-5, rope_theta=500000.0,
                               rope_scaling=Llama3Scaling(8.0, 1.0, 4.0, 8192), max_seq_len=8192),

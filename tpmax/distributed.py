@@ -52,8 +52,8 @@ def forward_sharded_layers(layers: Sequence[Callable], xs: Sequence[Array]) -> l
 _pools: dict[int, ThreadPoolExecutor] = {}
 
 
-def per_device(fn: Callable, *per_device_args: Sequence, parallel: bool = False) -> list:
-    """`[fn(*args_r) for each device r]`; with `parallel`, devices 1.. run on worker threads
+def per_device(fn: Callable, *per_device_args: Sequence, threads: bool = False) -> list:
+    """`[fn(*args_r) for each device r]`; with `threads`, devices 1.. run on worker threads
     while device 0 runs on the calling thread.
 
     NumPy and CuPy release the GIL inside BLAS and kernels, so with enough cores the devices
@@ -63,7 +63,7 @@ def per_device(fn: Callable, *per_device_args: Sequence, parallel: bool = False)
     n = len(per_device_args[0])
     if any(len(a) != n for a in per_device_args):
         raise ValueError(f"per_device: argument lists differ in length: {[len(a) for a in per_device_args]}")
-    if n == 1 or not parallel:
+    if n == 1 or not threads:
         return [fn(*args) for args in zip(*per_device_args)]
     pool = _pools.get(n)
     if pool is None:

@@ -17,7 +17,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 
 from .devices import to_numpy
-from .kv_cache import KVCacheFullError
+from .kv_cache import KVCacheFullError, PagedKVCache
 from .loader import Model
 from .transformer import ReturnLogits, distributed_transformer
 
@@ -37,10 +37,29 @@ def logits(model: Model, sequences: Sequence[Sequence[int]], *, page_size: int =
     cache = model.new_cache(sum(-(-len(s) // page_size) * page_size for s in seqs), page_size=page_size)
     for i in range(len(seqs)):
         cache.add(i)
-    _, all_logits, _ = distributed_transformer(model.weights, model.cfg, np.concatenate(seqs), offs, cache,
-                                               list(range(len(seqs))), model.comm, return_logits=ReturnLogits.ALL)
+    _, all_logits, _ = forward(model, cache, list(range(len(seqs))), seqs, return_logits=ReturnLogits.ALL)
     all_logits = to_numpy(all_logits)
     return [all_logits[offs[i]:offs[i + 1]] for i in range(len(seqs))]
+
+
+def forward(model: Model, cache: PagedKVCache, seq_ids: Sequence, chunks: Sequence[Sequence[int]], **kw) -> tuple:
+    """One ragged step: reserve the chunks' KV slots, run the forward pass, commit.
+
+    `chunks[b]` are the new tokens of sequence `seq_ids[b]`. If the pass fails, the
+    reservation is rolled back (no page stays reserved but uncommitted) and the error raised.
+    Returns the tuple of `distributed_transformer`.
+    """
+    n_new = [len(c) for c in chunks]
+    tokens = np.concatenate([np.asarray(c, np.int64) for c in chunks])
+    offsets = np.cumsum([0] + n_new)
+    slots = cache.reserve(seq_ids, n_new)
+    try:
+        out = distributed_transformer(model.weights, model.cfg, tokens, offsets, cache.pages, slots, model.comm, **kw)
+    except BaseException:
+        cache.rollback(seq_ids)
+        raise
+    cache.commit(seq_ids, n_new)
+    return out
 
 
 def perplexity(model: Model, ids: Sequence[int], *, context_length: int) -> tuple[float, int]:
@@ -237,11 +256,8 @@ class Engine:
     def _forward(self, reqs: list[Request], chunks: list[list[int]]) -> np.ndarray:
         """Run one ragged batch; a request that finds the cache full is ended (others go on)."""
         while True:
-            toks = np.concatenate([np.asarray(c, np.int64) for c in chunks])
-            offs = np.cumsum([0] + [len(c) for c in chunks])
             try:
-                (last,) = distributed_transformer(self.model.weights, self.model.cfg, toks, offs, self.cache,
-                                                  [r.id for r in reqs], self.model.comm)
+                (last,) = forward(self.model, self.cache, [r.id for r in reqs], chunks)
                 return to_numpy(last)
             except KVCacheFullError as e:
                 i = [r.id for r in reqs].index(e.seq_id)

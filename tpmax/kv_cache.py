@@ -5,6 +5,10 @@ Per device the pages are one array `[num_layers, 2, num_pages, page_size, kv_hea
 head_dim]` (2 = k, v). Page ids are the same on every device; a sequence's page table lists
 its pages in order, so token position p lives in page `table[p // page_size]`, slot
 `p % page_size`.
+
+As in MAX, the cache manager lives outside the forward pass: the caller `reserve`s pages for
+a step (getting the step's `BatchSlots`), runs the forward pass, which only writes K/V into
+those slots, then `commit`s the step (or `rollback`s it if the pass failed).
 """
 from __future__ import annotations
 
@@ -76,14 +80,23 @@ class BatchSlots:
 class PagedKVCache:
     """Pages on every device plus the host-side allocator (page tables, lengths, free list)."""
 
-    def __init__(self, params: KVCacheParams, num_pages: int):
+    def __init__(self, params: KVCacheParams, num_pages: int, *, ranks: Sequence[int] | None = None):
+        """Allocate `num_pages` pages on the devices of `params` this process drives.
+
+        Args:
+            ranks: group indices of the devices held here (default: all of `params.devices`;
+                under MPI each process holds its own block, see `Communicator.ranks`).
+        """
         if num_pages <= 0:
             raise ValueError(f"num_pages must be positive, got {num_pages}")
         self.params = params
         self.num_pages = num_pages
+        self.ranks = list(range(len(params.devices)) if ranks is None else ranks)
         dtype = as_dtype(params.dtype)
-        self.pages: list[Array] = []
-        for d, n_kv in zip(params.devices, params.n_kv_heads_per_device):
+        n_kv_all = params.n_kv_heads_per_device
+        self.pages: list[Array] = []  # one per held device
+        for r in self.ranks:
+            d, n_kv = params.devices[r], n_kv_all[r]
             shape = (params.num_layers, 2, num_pages, params.page_size, n_kv, params.head_dim)
             try:
                 with on_device_context(d):
@@ -163,6 +176,16 @@ class PagedKVCache:
         """Count the tokens of a finished step as cached."""
         for s, n in zip(seq_ids, n_new):
             self._lengths[s] += int(n)
+
+    def rollback(self, seq_ids: Sequence[Hashable]) -> None:
+        """Undo an uncommitted `reserve`: give back every page beyond what each sequence's
+        committed tokens occupy (a failed step leaves no page reserved but uncommitted)."""
+        ps = self.params.page_size
+        for s in seq_ids:
+            if s in self._tables:
+                keep = -(-self._lengths[s] // ps)
+                self._free.extend(reversed(self._tables[s][keep:]))
+                del self._tables[s][keep:]
 
 
 def write_kv(pages: Array, layer: int, k: Array, v: Array, page: Array, slot: Array) -> None:

@@ -266,11 +266,6 @@ class DistributedGemmConfig:
     enable_matmul_allreduce: bool = False
     chunks: int = 4
 
-    @staticmethod
-    def generate() -> "DistributedGemmConfig | None":
-        """The default config (MAX: None, the plain path)."""
-        return None
-
 
 def mlp_local(x: Array, w13: Array, w2: Array, /, *, act: str = "silu",
               b13: Array | None = None) -> Array:
@@ -289,16 +284,22 @@ def mlp_local(x: Array, w13: Array, w2: Array, /, *, act: str = "silu",
 
 def mlp(xs: Sequence[Array], w13s: Sequence[Array], w2s: Sequence[Array], comm: Communicator, *,
         act: str = "silu", b13s=None, b2: Array | None = None,
-        gemm_config: DistributedGemmConfig | None = None) -> list[Array]:
+        gemm_config: DistributedGemmConfig | None = None, threads: bool = False) -> list[Array]:
     """MAX's tensor-parallel `MLP`: gate/up rowwise, down columnwise, then all-reduce.
 
     Args:
-        xs: per device `[T, D]` (replicated). Returns per device `[T, D]`.
+        xs: per device `[T, D]` (replicated); w13s: per device `[2*F_r, D]`; w2s: `[D, F_r]`.
+        gemm_config: with `enable_matmul_allreduce`, the down projection and its all-reduce
+            run chunk by chunk (`DistributedGemmConfig`).
+        threads: run the devices' shares on their own threads (see `per_device`).
+    Returns:
+        per device `[T, D]`.
     """
     b13s = b13s or [None] * len(xs)
     if gemm_config is None or not gemm_config.enable_matmul_allreduce or xs[0].shape[0] < 2:
-        partials = per_device(lambda x, a, b, c: mlp_local(x, a, b, act=act, b13=c), xs, w13s, w2s, b13s)
-        ys = comm.allreduce_sum(partials)
+        partials = per_device(lambda x, a, b, c: mlp_local(x, a, b, act=act, b13=c), xs, w13s, w2s, b13s,
+                              threads=threads)  # per device [T, D] partial
+        ys = comm.allreduce_sum(partials)  # -> [T, D]
     else:
         ys = _mlp_matmul_allreduce(xs, w13s, w2s, b13s, comm, act, gemm_config.chunks)
     return ys if b2 is None else [y + b2 for y in ys]
@@ -340,23 +341,43 @@ def embedding_local(ids: np.ndarray, table: Array, start: int, /) -> Array:
     return out
 
 
-def vocab_parallel_embedding(ids, tables: Sequence[Array], comm: Communicator) -> list[Array]:
+def vocab_parallel_embedding(ids, tables: Sequence[Array], comm: Communicator, *,
+                             vocab_size: int | None = None) -> list[Array]:
     """MAX's `VocabParallelEmbedding`: contiguous vocab ranges per device, then all-reduce.
 
     Args:
-        ids: `[T]` token ids (host ints); tables: per device `[V_r, D]`.
+        ids: `[T]` token ids (host ints); tables: per device `[V_r, D]`, the rows the split
+            rule gives each device of `comm` (by its index in the group).
+        vocab_size: the whole vocabulary V; may be left out when `comm` drives the whole group.
     Returns:
         per device `[T, D]`.
     Raises:
         ValueError: for ids outside `[0, vocab)` (MAX silently returns zeros).
     """
+    if vocab_size is None:
+        if len(tables) != comm.tp:
+            raise ValueError("vocab_parallel_embedding: pass vocab_size when this process holds part of the group")
+        vocab_size = sum(t.shape[0] for t in tables)
+    check_token_ids(ids, vocab_size)
     ids = np.asarray(ids)
-    if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
-        raise ValueError(f"token ids must be a 1-D integer array, got shape {ids.shape} dtype {ids.dtype}")
-    vocab = sum(t.shape[0] for t in tables)
-    bad = ids[(ids < 0) | (ids >= vocab)]
-    if bad.size:
-        raise ValueError(f"token id {int(bad[0])} outside the vocabulary [0, {vocab})")
-    starts = np.cumsum([0] + [t.shape[0] for t in tables[:-1]]).tolist()
+    bounds = split_bounds(vocab_size, comm.tp)
+    starts = []
+    for t, r in zip(tables, comm.ranks):
+        a, b = bounds[r]
+        if t.shape[0] != b - a:
+            raise ValueError(f"vocab_parallel_embedding: device {r} holds {t.shape[0]} rows, the split rule "
+                             f"gives it {b - a} of {vocab_size}")
+        starts.append(a)
     partials = per_device(lambda t, s: embedding_local(ids, t, s), tables, starts)  # [T, D] each
     return comm.allreduce_sum(partials)
+
+
+def check_token_ids(ids, vocab_size: int) -> None:
+    """Token ids must be a 1-D integer array inside `[0, vocab_size)` (the one check tpmax
+    makes of ids, wherever they enter)."""
+    ids = np.asarray(ids)
+    if ids.ndim != 1 or (ids.size and not np.issubdtype(ids.dtype, np.integer)):
+        raise ValueError(f"token ids must be a 1-D integer array, got shape {ids.shape} dtype {ids.dtype}")
+    bad = ids[(ids < 0) | (ids >= vocab_size)]
+    if bad.size:
+        raise ValueError(f"token id {int(bad[0])} outside the vocabulary [0, {vocab_size})")

@@ -1,73 +1,52 @@
 """Loading real checkpoints, sharded: Hugging Face safetensors directories and GGUF files.
 
-Each format becomes a tensor source that speaks the sharding table's names; `shard_weights`
-then reads, per device, only that device's slices (safetensors `get_slice`; GGUF rows of the
-memory-mapped blocks), so host memory stays near one copy of the model. Nothing is ever
-unpickled. `load` returns a `Model`: config, per-device weights, communicator, tokenizer.
+Each format becomes a tensor source that speaks the sharding table's names (its HF / GGUF
+columns give the checkpoint names); `shard_weights` then reads, per device, only that
+device's slices (safetensors `get_slice`; GGUF rows of the memory-mapped blocks), so host
+memory stays near one copy of the model. Nothing is ever unpickled, and every file a
+checkpoint names must be a regular file inside its directory. Dequantized GGUF shards are
+cached as safetensors next to the cached model, so a second load skips the dequantization.
+`load` returns a `Model`: config, per-device weights, communicator, tokenizer.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
+import hashlib
+import os
 import re
 import sys
+import time
+import warnings
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 
 from .comm import Communicator, communicator
 from .config import ModelConfig
-from .devices import Device, as_dtype, devices as parse_devices
+from .devices import Device, as_dtype, asarray, bfloat16, devices as parse_devices
 from .errors import LoadError
+from .files import inside, read_json, regular_file
 from .kv_cache import KVCacheParams, PagedKVCache
-from .weights import Weights, n_tensor_groups, shard_weights
+from .sharding import LAYER_PARAMS, MODEL_PARAMS
+from .weights import Weights, assemble, device_tensors, n_device_tensors
 
 # ------------------------------------------------------------------------------------------
-# Name maps: checkpoint name -> table name. Layer names are relative to the layer prefix.
+# Checkpoint names -> table names, from the table's HF and GGUF columns.
 
 HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
-HF_NAMES = {
-    "model.embed_tokens.weight": "embed",
-    "model.norm.weight": "norm",
-    "lm_head.weight": "lm_head",
-}
-HF_LAYER_NAMES = {
-    "input_layernorm.weight": "attn_norm",
-    "self_attn.q_proj.weight": "q_proj",
-    "self_attn.k_proj.weight": "k_proj",
-    "self_attn.v_proj.weight": "v_proj",
-    "self_attn.qkv_proj.weight": "qkv_proj",
-    "self_attn.q_proj.bias": "q_bias",
-    "self_attn.k_proj.bias": "k_bias",
-    "self_attn.v_proj.bias": "v_bias",
-    "self_attn.q_norm.weight": "q_norm",
-    "self_attn.k_norm.weight": "k_norm",
-    "self_attn.o_proj.weight": "o_proj",
-    "post_attention_layernorm.weight": "mlp_norm",
-    "mlp.gate_proj.weight": "gate_proj",
-    "mlp.up_proj.weight": "up_proj",
-    "mlp.gate_up_proj.weight": "gate_up_proj",
-    "mlp.down_proj.weight": "down_proj",
-}
+HF_NAMES = {p.hf: p.name for p in MODEL_PARAMS}
+HF_LAYER_NAMES = {p.hf: p.name for p in LAYER_PARAMS}
 HF_IGNORED = re.compile(r"rotary_emb\.inv_freq$")  # a buffer some exports carry; recomputed
 
 GGUF_LAYER = re.compile(r"^blk\.(\d+)\.(.+)$")
-GGUF_NAMES = {"token_embd.weight": "embed", "output_norm.weight": "norm", "output.weight": "lm_head"}
-GGUF_LAYER_NAMES = {
-    "attn_norm.weight": "attn_norm",
-    "attn_q.weight": "q_proj",
-    "attn_k.weight": "k_proj",
-    "attn_v.weight": "v_proj",
-    "attn_q.bias": "q_bias",
-    "attn_k.bias": "k_bias",
-    "attn_v.bias": "v_bias",
-    "attn_output.weight": "o_proj",
-    "ffn_norm.weight": "mlp_norm",
-    "ffn_gate.weight": "gate_proj",
-    "ffn_up.weight": "up_proj",
-    "ffn_down.weight": "down_proj",
-}
+GGUF_NAMES = {p.gguf: p.name for p in MODEL_PARAMS if p.gguf}
+GGUF_LAYER_NAMES = {p.gguf: p.name for p in LAYER_PARAMS if p.gguf}
 GGUF_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q8_0")
+
+_SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": bfloat16,
+                       "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
+                       "BOOL": np.bool_}
 
 
 def _table_name(name: str, top: dict, layer_re: re.Pattern, layer_names: dict, source: str) -> str:
@@ -75,7 +54,7 @@ def _table_name(name: str, top: dict, layer_re: re.Pattern, layer_names: dict, s
         return top[name]
     m = layer_re.match(name)
     if m and m.group(2) in layer_names:
-        return f"layers.{m.group(1)}.{layer_names[m.group(2)]}"
+        return f"layers.{int(m.group(1))}.{layer_names[m.group(2)]}"
     raise LoadError(f"{source}: unexpected tensor {name!r} (not part of a supported architecture)")
 
 
@@ -90,22 +69,9 @@ class SafetensorsSource:
         from safetensors import safe_open
 
         self.name = str(directory)
-        index = directory / "model.safetensors.index.json"
-        if index.exists():
-            files = sorted(set(_read_json(index).get("weight_map", {}).values()))
-            if not files:
-                raise LoadError(f"{index}: no weight_map")
-        elif (directory / "model.safetensors").exists():
-            files = ["model.safetensors"]
-        else:
-            files = sorted(p.name for p in directory.glob("model*.safetensors"))
-        if not files:
-            raise LoadError(f"{directory}: no model*.safetensors weights (pickled .bin checkpoints are not loaded)")
+        self.files = self._files(directory)
         self._where: dict[str, tuple] = {}
-        for fname in files:
-            path = directory / fname
-            if not path.exists():
-                raise LoadError(f"{path}: listed in the index but missing")
+        for path in self.files:
             try:
                 handle = safe_open(str(path), framework="numpy")
                 keys = list(handle.keys())
@@ -115,7 +81,34 @@ class SafetensorsSource:
                 if HF_IGNORED.search(key):
                     continue
                 name = _table_name(key, HF_NAMES, HF_LAYER, HF_LAYER_NAMES, str(path))
+                if name in self._where:
+                    raise LoadError(f"{path}: tensor {key!r} is also in {self._where[name][2]}")
                 self._where[name] = (handle, key, path)
+
+    @staticmethod
+    def _files(directory: Path) -> list[Path]:
+        index = directory / "model.safetensors.index.json"
+        if index.exists():
+            weight_map = read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise LoadError(f"{index}: weight_map must be a non-empty mapping of tensor -> file")
+            names = set()
+            for key, fname in weight_map.items():
+                if not isinstance(fname, str):
+                    raise LoadError(f"{index}: weight_map[{key!r}] must be a file name, got {fname!r}")
+                names.add(fname)
+            files = []
+            for fname in sorted(names):
+                if not (directory / fname).exists():
+                    raise LoadError(f"{directory / fname}: listed in the index but missing")
+                files.append(inside(directory, fname))
+            return files
+        if (directory / "model.safetensors").exists():
+            return [inside(directory, "model.safetensors")]
+        files = [inside(directory, p.name) for p in sorted(directory.glob("model*.safetensors"))]
+        if not files:
+            raise LoadError(f"{directory}: no model*.safetensors weights (pickled .bin checkpoints are not loaded)")
+        return files
 
     def names(self):
         return set(self._where)
@@ -123,6 +116,13 @@ class SafetensorsSource:
     def shape(self, name):
         handle, key, _ = self._where[name]
         return tuple(handle.get_slice(key).get_shape())
+
+    def dtype(self, name):
+        handle, key, path = self._where[name]
+        code = handle.get_slice(key).get_dtype()
+        if code not in _SAFETENSORS_DTYPES:
+            raise LoadError(f"{path}: tensor {key!r} has unsupported dtype {code}")
+        return np.dtype(_SAFETENSORS_DTYPES[code])
 
     def read(self, name, index):
         handle, key, path = self._where[name]
@@ -132,17 +132,6 @@ class SafetensorsSource:
             raise LoadError(f"{path}: cannot read tensor {key!r} ({e})") from None
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except json.JSONDecodeError as e:
-        raise LoadError(f"{path}: invalid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise LoadError(f"{path}: expected a JSON object")
-    return data
-
-
 # ------------------------------------------------------------------------------------------
 # GGUF.
 
@@ -150,6 +139,7 @@ def _read_json(path: Path) -> dict:
 def open_gguf(path: Path):
     import gguf
 
+    regular_file(path)
     try:
         return gguf.GGUFReader(str(path))
     except Exception as e:  # bad magic, truncated data, ...
@@ -165,8 +155,8 @@ def gguf_metadata(reader) -> dict:
             continue
         try:
             meta[key] = field.contents()
-        except Exception:
-            continue
+        except Exception as e:
+            raise LoadError(f"GGUF metadata {key!r} cannot be decoded ({type(e).__name__}: {e})") from None
     return meta
 
 
@@ -175,6 +165,7 @@ class GGUFSource:
 
     def __init__(self, path: Path, reader):
         self.name = str(path)
+        self.path = path
         self._tensors = {}
         for t in reader.tensors:
             if t.name == "rope_freqs.weight":
@@ -182,13 +173,19 @@ class GGUFSource:
             if t.tensor_type.name not in GGUF_TYPES:
                 raise LoadError(f"{path}: tensor {t.name} has unsupported type {t.tensor_type.name}; "
                                 f"supported: {', '.join(GGUF_TYPES)}")
-            self._tensors[_table_name(t.name, GGUF_NAMES, GGUF_LAYER, GGUF_LAYER_NAMES, str(path))] = t
+            name = _table_name(t.name, GGUF_NAMES, GGUF_LAYER, GGUF_LAYER_NAMES, str(path))
+            if name in self._tensors:
+                raise LoadError(f"{path}: tensor {t.name} appears twice")
+            self._tensors[name] = t
 
     def names(self):
         return set(self._tensors)
 
     def shape(self, name):
         return tuple(int(n) for n in reversed(self._tensors[name].shape))  # GGUF lists ne0 first
+
+    def dtype(self, name):
+        return np.dtype(np.float32)  # every supported type (GGUF_TYPES) dequantizes to floats
 
     def read(self, name, index):
         import gguf
@@ -208,9 +205,13 @@ class GGUFSource:
 # The model.
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, repr=False)
 class Model:
-    """A loaded model: everything generation needs, as plain data."""
+    """A loaded model: everything generation needs, as plain data.
+
+    `devices` are the devices this process drives (all of them in one process; its own block
+    under MPI, see `comm.ranks`).
+    """
 
     cfg: ModelConfig
     weights: Weights
@@ -221,65 +222,188 @@ class Model:
     dtype: str
     path: str
 
+    def __repr__(self):
+        c = self.cfg
+        return (f"Model({c.arch}, {c.n_params() / 1e6:.1f}M parameters, {c.n_layers} layers, "
+                f"devices={','.join(map(str, self.devices))}, tp={self.comm.tp}, dtype={self.dtype}, "
+                f"quantization=none, path={self.path!r})")
+
     def new_cache(self, num_tokens: int, *, page_size: int = 16) -> PagedKVCache:
         """A paged KV cache with room for `num_tokens` tokens in all (rounded up to pages)."""
+        group = _group_devices(self.comm)
         params = KVCacheParams(self.dtype, self.cfg.n_kv_heads, self.cfg.head_dim, page_size, self.cfg.n_layers,
-                               self.devices, n_heads=self.cfg.n_heads)
-        return PagedKVCache(params, max(1, -(-num_tokens // page_size)))
+                               group, n_heads=self.cfg.n_heads)
+        return PagedKVCache(params, max(1, -(-num_tokens // page_size)), ranks=self.comm.ranks)
+
+
+def _group_devices(comm: Communicator) -> tuple[Device, ...]:
+    """Every device of the group, in group order (this process's own where it holds them)."""
+    group = getattr(comm, "all_devices", None)
+    return tuple(group) if group is not None else tuple(comm.devices)
 
 
 def load(path: str | Path | None = None, devices: Sequence[Device] | str | None = None, dtype: str = "float32", *,
-         progress: bool = True) -> Model:
+         progress: bool = True, comm: Communicator | None = None, cache_shards: bool = True) -> Model:
     """Load a model, sharded over `devices`.
 
     Args:
         path: a HF directory (config.json + *.safetensors), a `.gguf` file, or None for the
             default model (SmolLM2-135M-Instruct, fetched once into the cache).
         devices: a list of `Device`, a spec like "cpu:0,1", or None for "cpu".
-        dtype: weight dtype on the devices ("float32", "bfloat16", "float16").
-        progress: show a progress bar on stderr.
+        dtype: weight dtype on the devices ("float32", "bfloat16", "float16"). On CPU the
+            half types are slower than float32 (NumPy has no half-precision BLAS): a warning
+            says so.
+        progress: one line of load progress on stderr.
+        comm: the communicator to shard for (default: `communicator(devices)`); it decides
+            which of the group's devices this process holds.
+        cache_shards: for a GGUF file in tpmax's model cache (the default model), cache its
+            dequantized per-device shards beside it (safetensors, keyed by the file, dtype and
+            device split) so the next load skips dequantizing.
     """
     if path is None:
         from .hub import default_model_path
         path = default_model_path()
     path = Path(path)
     devs = tuple(parse_devices(devices or "cpu") if isinstance(devices, (str, type(None))) else devices)
-    as_dtype(dtype)
+    dt = as_dtype(dtype)
+    if dt.kind != "f" and dt != bfloat16:
+        raise ValueError(f"dtype {dtype!r}: model weights must be float32, bfloat16 or float16")
+    comm = comm if comm is not None else communicator(devs)
+    if dt != np.float32 and any(d.kind == "cpu" for d in comm.devices):
+        warnings.warn(f"dtype {dtype} on CPU runs slower than float32 (NumPy has no half-precision matmul: "
+                      f"it converts every weight on every use); use float32 on CPU", stacklevel=2)
     if not path.exists():
         raise LoadError(f"{path}: no such file or directory")
+    shard_cache = None
     if path.is_dir():
         cfg_path = path / "config.json"
         if not cfg_path.exists():
             raise LoadError(f"{path}: not a model directory (no config.json)")
-        cfg = ModelConfig.from_hf_config(_read_json(cfg_path), source=str(cfg_path))
+        cfg = ModelConfig.from_hf_config(read_json(cfg_path), source=str(cfg_path))
         src = SafetensorsSource(path)
         tokenizer, eos = _hf_tokenizer(path, cfg_path)
     elif path.suffix == ".gguf":
         reader = open_gguf(path)
         src = GGUFSource(path, reader)
-        cfg = ModelConfig.from_gguf(gguf_metadata(reader), source=str(path), has_output="lm_head" in src.names())
+        try:
+            meta = gguf_metadata(reader)
+        except LoadError as e:
+            raise LoadError(f"{path}: {e}") from None
+        cfg = ModelConfig.from_gguf(meta, source=str(path), has_output="lm_head" in src.names())
         tokenizer, eos = _gguf_tokenizer(reader, path)
+        shard_cache = _shard_cache_dir(path, dtype, comm) if cache_shards and _in_cache(path) else None
     else:
         raise LoadError(f"{path}: expected a model directory or a .gguf file")
-    weights = _shard_with_progress(src, cfg, devs, dtype, progress, path.name)
-    return Model(cfg, weights, devs, communicator(devs), tokenizer, eos, dtype, str(path))
+    bar = _Progress(n_device_tensors(cfg), f"loading {path.name} on {len(comm.devices)} device(s)", progress)
+    weights = _cached_weights(shard_cache, cfg, comm, dt) if shard_cache else None
+    if weights is None:
+        layers, top = device_tensors(src, cfg, comm.devices, dtype, ranks=comm.ranks, tp=comm.tp,
+                                     progress=bar.update)
+        if shard_cache:
+            _store_shards(shard_cache, layers, top, comm)
+        weights = assemble(layers, top, len(comm.devices))
+        bar.done()
+    else:
+        bar.done("from the shard cache")
+    return Model(cfg, weights, tuple(comm.devices), comm, tokenizer, eos, dtype, str(path))
 
 
-def _shard_with_progress(src, cfg, devs, dtype, progress, label):
-    if not progress:
-        return shard_weights(src, cfg, devs, dtype)
-    from tqdm import tqdm
+class _Progress:
+    """One line on stderr: updated in place on a terminal; elsewhere one line when done."""
 
-    with tqdm(total=n_tensor_groups(cfg), desc=f"loading {label} on {len(devs)} device(s)", unit="tensor",
-              file=sys.stderr, leave=False, disable=None) as bar:
-        return shard_weights(src, cfg, devs, dtype, progress=lambda n: bar.update(n - bar.n))
+    def __init__(self, total: int, label: str, enabled: bool):
+        self.total, self.label, self.enabled = total, label, enabled
+        self.tty = enabled and sys.stderr.isatty()
+        self.t0 = time.perf_counter()
+
+    def update(self, n: int) -> None:
+        if self.tty:
+            print(f"\r{self.label}: {n}/{self.total} tensors", end="", file=sys.stderr, flush=True)
+
+    def done(self, how: str = "") -> None:
+        if self.enabled:
+            line = f"{self.label}: done in {time.perf_counter() - self.t0:.1f} s" + (f" ({how})" if how else "")
+            print(("\r" if self.tty else "") + line + ("\033[K" if self.tty else ""), file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------------------
+# The GGUF shard cache: each device's dequantized tensors as one safetensors file per device.
+
+
+def _in_cache(path: Path) -> bool:
+    from .hub import cache_dir
+
+    return cache_dir().resolve() in path.resolve().parents
+
+
+def _shard_cache_dir(path: Path, dtype: str, comm: Communicator) -> Path:
+    """The cache folder of one (file, dtype, device split), keyed by a fast hash of the file
+    (its size and mtime, and its first, middle and last MiB)."""
+    from .hub import cache_dir
+
+    st = path.stat()
+    h = hashlib.blake2b(f"{st.st_size} {st.st_mtime_ns} {dtype} tp{comm.tp}".encode(), digest_size=12)
+    with open(path, "rb") as f:
+        for at in (0, st.st_size // 2, max(0, st.st_size - (1 << 20))):
+            f.seek(at)
+            h.update(f.read(1 << 20))
+    return cache_dir() / "shards" / f"{path.stem}-{h.hexdigest()}"
+
+
+def _cached_weights(folder: Path, cfg: ModelConfig, comm: Communicator, dt: np.dtype) -> Weights | None:
+    """The weights from the shard cache, or None when any device's file is missing or unreadable."""
+    from safetensors.numpy import load_file
+
+    per_device = []
+    for r in comm.ranks:
+        f = folder / f"device{r}.safetensors"
+        if not f.is_file():
+            return None
+        try:
+            per_device.append(load_file(str(f)))
+        except Exception:
+            return None
+    names = per_device[0].keys()
+    if any(t.keys() != names or any(a.dtype != dt for a in t.values()) for t in per_device):
+        return None
+
+    def tensors(prefix):
+        keys = [k for k in names if k.startswith(prefix) and "." not in k[len(prefix):]]
+        return {k[len(prefix):]: tuple(asarray(t[k], d) for t, d in zip(per_device, comm.devices)) for k in keys}
+
+    layers = [tensors(f"layers.{i}.") for i in range(cfg.n_layers)]
+    if any(not t for t in layers):
+        return None
+    return assemble(layers, tensors(""), len(comm.devices))
+
+
+def _store_shards(folder: Path, layers: list[dict], top: dict, comm: Communicator) -> None:
+    """Write each device's tensors (best effort: a read-only or full disk only skips the cache)."""
+    from safetensors.numpy import save_file
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        for i, r in enumerate(comm.ranks):
+            flat = {f"layers.{n}.{k}": np.ascontiguousarray(v[i]) for n, t in enumerate(layers) for k, v in t.items()}
+            flat.update({k: np.ascontiguousarray(v[i]) for k, v in top.items()})
+            if any(not isinstance(a, np.ndarray) for a in flat.values()):
+                return  # only host arrays are cached
+            tmp = folder / f".device{r}.{os.getpid()}.tmp"
+            save_file(flat, str(tmp))
+            os.replace(tmp, folder / f"device{r}.safetensors")
+    except OSError:
+        return
+
+
+# ------------------------------------------------------------------------------------------
+# Tokenizers.
 
 
 def _hf_tokenizer(path: Path, cfg_path: Path):
-    eos = _read_json(cfg_path).get("eos_token_id")
+    eos = read_json(cfg_path).get("eos_token_id")
     gen = path / "generation_config.json"
     if gen.exists():
-        eos = _read_json(gen).get("eos_token_id", eos)
+        eos = read_json(gen).get("eos_token_id", eos)
     tok = None
     if (path / "tokenizer.json").exists():
         from .tokenizer import Tokenizer

@@ -168,43 +168,87 @@ STRATEGIES = {f.__name__: f for f in (rowwise, columnwise, replicate, q_heads, k
 
 
 # ------------------------------------------------------------------------------------------
-# THE table: every weight of the model, its stored shape (symbolic) and its strategy.
-# D = hidden size, V = vocab, F = ffn size, Hq/Hkv = heads, hd = head dim.
-# `fused` names the device-side tensor the piece goes into (q/k/v -> wqkv, gate/up -> w13).
+# THE table: every tensor of a layer and of the model, one row each. A row says everything
+# tpmax knows about a tensor: its stored shape (symbolic: D = hidden size, V = vocab, F = ffn
+# size, Hq/Hkv = heads, hd = head dim), its strategy, when a checkpoint has it, its names in
+# Hugging Face and GGUF checkpoints (layer rows relative to `model.layers.{i}.` / `blk.{i}.`),
+# and the device tensor it lands in (pieces landing in one tensor are concatenated on axis 0
+# in table order: q, k, v -> wqkv; gate, up -> w13). The loader's name maps, the checks,
+# random weights, the progress count, the weight dataclasses' construction and
+# docs/sharding.md are all derived from these rows.
 
-LAYER_SHARDING = {
-    #  name          shape               strategy                  fused into
-    "attn_norm":    (("D",),             "replicate",              "attn_norm"),
-    "q_proj":       (("Hq*hd", "D"),     "q_heads",                "wqkv"),
-    "k_proj":       (("Hkv*hd", "D"),    "kv_heads",               "wqkv"),
-    "v_proj":       (("Hkv*hd", "D"),    "kv_heads",               "wqkv"),
-    "qkv_proj":     (("(Hq+2Hkv)*hd", "D"), "stacked_qkv",         "wqkv"),
-    "q_bias":       (("Hq*hd",),         "q_heads",                "bqkv"),
-    "k_bias":       (("Hkv*hd",),        "kv_heads",               "bqkv"),
-    "v_bias":       (("Hkv*hd",),        "kv_heads",               "bqkv"),
-    "q_norm":       (("hd",),            "replicate",              "q_norm"),
-    "k_norm":       (("hd",),            "replicate",              "k_norm"),
-    "o_proj":       (("D", "Hq*hd"),     "head_aware_columnwise",  "wo"),
-    "mlp_norm":     (("D",),             "replicate",              "mlp_norm"),
-    "gate_proj":    (("F", "D"),         "rowwise",                "w13"),
-    "up_proj":      (("F", "D"),         "rowwise",                "w13"),
-    "gate_up_proj": (("2F", "D"),        "gate_up",                "w13"),
-    "down_proj":    (("D", "F"),         "columnwise",             "w2"),
+
+@dataclasses.dataclass(frozen=True)
+class Param:
+    """One row of the sharding table.
+
+    `when` names a presence rule of `PRESENCE` ("always", "qkv_bias", "qk_norm", "untied").
+    Rows with a `stacked` form are an alternative: a checkpoint stores either the separate
+    rows feeding `into` (`stacked=False`) or the one stacked row (`stacked=True`).
+    """
+
+    name: str
+    shape: tuple[str, ...]
+    strategy: str
+    into: str
+    hf: str
+    gguf: str | None = None
+    when: str = "always"
+    stacked: bool = False
+
+
+P = Param
+LAYER_PARAMS: tuple[Param, ...] = (
+    #  name          stored shape            strategy                 into         HF name (model.layers.{i}.)        GGUF (blk.{i}.)
+    P("attn_norm",    ("D",),                 "replicate",             "attn_norm", "input_layernorm.weight",          "attn_norm.weight"),
+    P("q_proj",       ("Hq*hd", "D"),         "q_heads",               "wqkv",      "self_attn.q_proj.weight",         "attn_q.weight"),
+    P("k_proj",       ("Hkv*hd", "D"),        "kv_heads",              "wqkv",      "self_attn.k_proj.weight",         "attn_k.weight"),
+    P("v_proj",       ("Hkv*hd", "D"),        "kv_heads",              "wqkv",      "self_attn.v_proj.weight",         "attn_v.weight"),
+    P("qkv_proj",     ("(Hq+2Hkv)*hd", "D"),  "stacked_qkv",           "wqkv",      "self_attn.qkv_proj.weight",       None, stacked=True),
+    P("q_bias",       ("Hq*hd",),             "q_heads",               "bqkv",      "self_attn.q_proj.bias",           "attn_q.bias", "qkv_bias"),
+    P("k_bias",       ("Hkv*hd",),            "kv_heads",              "bqkv",      "self_attn.k_proj.bias",           "attn_k.bias", "qkv_bias"),
+    P("v_bias",       ("Hkv*hd",),            "kv_heads",              "bqkv",      "self_attn.v_proj.bias",           "attn_v.bias", "qkv_bias"),
+    P("q_norm",       ("hd",),                "replicate",             "q_norm",    "self_attn.q_norm.weight",         "attn_q_norm.weight", "qk_norm"),
+    P("k_norm",       ("hd",),                "replicate",             "k_norm",    "self_attn.k_norm.weight",         "attn_k_norm.weight", "qk_norm"),
+    P("o_proj",       ("D", "Hq*hd"),         "head_aware_columnwise", "wo",        "self_attn.o_proj.weight",         "attn_output.weight"),
+    P("mlp_norm",     ("D",),                 "replicate",             "mlp_norm",  "post_attention_layernorm.weight", "ffn_norm.weight"),
+    P("gate_proj",    ("F", "D"),             "rowwise",               "w13",       "mlp.gate_proj.weight",            "ffn_gate.weight"),
+    P("up_proj",      ("F", "D"),             "rowwise",               "w13",       "mlp.up_proj.weight",              "ffn_up.weight"),
+    P("gate_up_proj", ("2F", "D"),            "gate_up",               "w13",       "mlp.gate_up_proj.weight",         None, stacked=True),
+    P("down_proj",    ("D", "F"),             "columnwise",            "w2",        "mlp.down_proj.weight",            "ffn_down.weight"),
+)
+MODEL_PARAMS: tuple[Param, ...] = (
+    P("embed",        ("V", "D"),             "rowwise",               "embed",     "model.embed_tokens.weight",       "token_embd.weight"),
+    P("norm",         ("D",),                 "replicate",             "norm",      "model.norm.weight",               "output_norm.weight"),
+    P("lm_head",      ("V", "D"),             "rowwise",               "lm_head",   "lm_head.weight",                  "output.weight", "untied"),
+)
+del P
+
+# When a row is present, by the config's flags (a tied model may still store lm_head: it is
+# then ignored, as transformers does).
+PRESENCE = {
+    "always": lambda cfg: True,
+    "qkv_bias": lambda cfg: cfg.qkv_bias,
+    "qk_norm": lambda cfg: cfg.qk_norm,
+    "untied": lambda cfg: not cfg.tie_embeddings,
 }
 
-MODEL_SHARDING = {
-    "embed":   (("V", "D"), "rowwise",   "embed"),
-    "norm":    (("D",),     "replicate", "norm"),
-    "lm_head": (("V", "D"), "rowwise",   "lm_head"),
-}
+PARAMS: dict[str, Param] = {p.name: p for p in LAYER_PARAMS + MODEL_PARAMS}
+LAYER_SHARDING = {p.name: (p.shape, p.strategy, p.into) for p in LAYER_PARAMS}  # name -> (shape, strategy, into)
+MODEL_SHARDING = {p.name: (p.shape, p.strategy, p.into) for p in MODEL_PARAMS}
+
+
+def base_name(name: str) -> str:
+    """The row name of a weight name: `layers.3.q_proj` -> `q_proj`, `embed` -> `embed`."""
+    return name.rsplit(".", 1)[-1]
 
 
 def strategy_of(name: str):
-    """The strategy function for a weight name of either table."""
-    table = LAYER_SHARDING if name in LAYER_SHARDING else MODEL_SHARDING
-    if name not in table:
+    """The strategy function of a weight name (`q_proj`, `layers.3.q_proj`, `embed`, ...)."""
+    base = base_name(name)
+    if base not in PARAMS:
         raise KeyError(f"no sharding rule for weight {name!r}")
-    return STRATEGIES[table[name][1]]
+    return STRATEGIES[PARAMS[base].strategy]
 
 
 def shard_pieces(name: str, shape, lay: Layout) -> list[Index]:
@@ -220,8 +264,12 @@ def shard(name: str, w: np.ndarray, lay: Layout) -> np.ndarray:
 
 def sharding_markdown() -> str:
     """The table as Markdown: what docs/sharding.md shows (a test keeps them equal)."""
-    lines = ["| weight | stored shape | strategy | device tensor |", "| --- | --- | --- | --- |"]
-    for table in (LAYER_SHARDING, MODEL_SHARDING):
-        for name, (shape, strategy, fused) in table.items():
-            lines.append(f"| `{name}` | `[{', '.join(shape)}]` | `{strategy}` | `{fused}` |")
+    lines = ["| weight | stored shape | strategy | device tensor | present | HF name | GGUF name |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for table, hf_prefix, gguf_prefix in ((LAYER_PARAMS, "model.layers.{i}.", "blk.{i}."), (MODEL_PARAMS, "", "")):
+        for p in table:
+            present = p.when + (" (stacked form)" if p.stacked else "")
+            gguf = f"`{gguf_prefix}{p.gguf}`" if p.gguf else "-"
+            lines.append(f"| `{p.name}` | `[{', '.join(p.shape)}]` | `{p.strategy}` | `{p.into}` | {present} "
+                         f"| `{hf_prefix}{p.hf}` | {gguf} |")
     return "\n".join(lines) + "\n"

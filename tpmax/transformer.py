@@ -11,17 +11,18 @@ from __future__ import annotations
 import contextlib
 import enum
 import functools
-from typing import Callable, Hashable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
-from .attention import AttentionInputs, attention_inputs, attention_local
+from .attention import AttentionInputs, attention_inputs, tensor_parallel_attention_with_rope
 from .comm import Communicator
 from .config import ModelConfig
-from .devices import Array, Device, asarray, to_numpy
+from .devices import Array, Device, asarray, device_of, to_numpy
 from .distributed import blas_threads_for, forward_sharded_layers, per_device
-from .kv_cache import PagedKVCache
-from .layers import DistributedGemmConfig, column_parallel_linear, mlp, mlp_local, rms_norm, vocab_parallel_embedding
+from .kv_cache import BatchSlots
+from .layers import (DistributedGemmConfig, check_token_ids, column_parallel_linear, mlp, rms_norm,
+                     vocab_parallel_embedding)
 from .weights import LayerWeights, Weights
 
 
@@ -43,36 +44,33 @@ class ReturnHiddenStates(str, enum.Enum):
 
 
 def distributed_transformer_block(xs: list[Array], lw: LayerWeights, layer: int, cfg: ModelConfig, *,
-                                  inputs: Sequence[AttentionInputs], cache: PagedKVCache, comm: Communicator,
+                                  inputs: Sequence[AttentionInputs], kv_pages: Sequence[Array], comm: Communicator,
                                   gemm_config: DistributedGemmConfig | None = None,
-                                  parallel: bool = False) -> list[Array]:
+                                  threads: bool = False) -> list[Array]:
     """`h = x + allreduce(attn(norm(x)))`, `out = h + allreduce(mlp(norm(h)))`.
 
-    Each half is one task per device (the norm and the device's share of attention or MLP)
-    followed by its all-reduce.
+    The two halves are MAX's public TP layers, `tensor_parallel_attention_with_rope` and
+    `mlp`, each ending in its own all-reduce.
 
     Args:
         xs: per device `[T, D]` (replicated). Returns per device `[T, D]`.
-        parallel: run the devices' tasks on their own threads (`per_device`).
+        inputs, kv_pages: see `tensor_parallel_attention_with_rope`.
+        threads: run the devices' shares on their own threads (`per_device`).
     """
-    eps, m, acfg = cfg.norm_eps, cfg.residual_multiplier, cfg.attention()
+    eps, m = cfg.norm_eps, cfg.residual_multiplier
+    norm = lambda x, w: rms_norm(x, w, eps=eps)  # noqa: E731
 
-    def attention_part(x, norm_w, w, heads, inp, pages):  # [T, D] -> partial [T, D]
-        return attention_local(rms_norm(x, norm_w, eps=eps), w, heads, acfg, inp, pages, layer)
+    normed = per_device(norm, xs, lw.attn_norm, threads=threads)  # per device [T, D]
+    attn = tensor_parallel_attention_with_rope(normed, lw.attn, cfg.attention(), inputs, kv_pages, layer, comm,
+                                               threads=threads)  # all-reduce #1
+    hs = [_residual(x, a, m) for x, a in zip(xs, attn)]
+    normed = per_device(norm, hs, lw.mlp_norm, threads=threads)
+    ff = mlp(normed, lw.w13, lw.w2, comm, act=cfg.activation, gemm_config=gemm_config, threads=threads)  # #2
+    return [_residual(h, f, m) for h, f in zip(hs, ff)]
 
-    partials = per_device(attention_part, xs, lw.attn_norm, lw.attn, acfg.heads(len(xs)), inputs, cache.pages,
-                          parallel=parallel)
-    attn = comm.allreduce_sum(partials)  # all-reduce #1
-    hs = [x + a * m if m != 1.0 else x + a for x, a in zip(xs, attn)]
-    if gemm_config is not None and gemm_config.enable_matmul_allreduce:
-        normed = per_device(lambda h, w: rms_norm(h, w, eps=eps), hs, lw.mlp_norm)
-        ff = mlp(normed, lw.w13, lw.w2, comm, act=cfg.activation, gemm_config=gemm_config)  # all-reduce #2, chunked
-    else:
-        def mlp_part(h, norm_w, w13, w2):  # [T, D] -> partial [T, D]
-            return mlp_local(rms_norm(h, norm_w, eps=eps), w13, w2, act=cfg.activation)
 
-        ff = comm.allreduce_sum(per_device(mlp_part, hs, lw.mlp_norm, lw.w13, lw.w2, parallel=parallel))  # #2
-    return [h + f * m if m != 1.0 else h + f for h, f in zip(hs, ff)]
+def _residual(x, y, m: float):
+    return x + y * m if m != 1.0 else x + y
 
 
 # ------------------------------------------------------------------------------------------
@@ -82,24 +80,32 @@ def distributed_transformer_block(xs: list[Array], lw: LayerWeights, layer: int,
 def check_ragged(tokens, input_row_offsets, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
     """Validate a ragged batch on the host; returns (tokens `[T]` int64, offsets `[B+1]`)."""
     tokens = np.asarray(to_numpy(tokens) if not isinstance(tokens, (list, tuple)) else tokens)
-    offs = np.asarray(to_numpy(input_row_offsets) if not isinstance(input_row_offsets, (list, tuple))
-                      else input_row_offsets)
-    if tokens.ndim != 1 or (tokens.size and not np.issubdtype(tokens.dtype, np.integer)):
-        raise ValueError(f"tokens must be a flat integer array [total_tokens], got shape {tokens.shape} "
-                         f"dtype {tokens.dtype}")
-    if offs.ndim != 1 or offs.size < 2 or not np.issubdtype(offs.dtype, np.integer):
-        raise ValueError(f"input_row_offsets must be an integer array [batch+1], got {offs!r}")
+    offs = _offsets(input_row_offsets)
+    check_token_ids(tokens, vocab_size)
     if offs[0] != 0 or offs[-1] != tokens.size or np.any(np.diff(offs) <= 0):
         raise ValueError(f"input_row_offsets {offs.tolist()} must rise strictly from 0 to "
                          f"len(tokens)={tokens.size} (every sequence needs at least one token)")
-    bad = tokens[(tokens < 0) | (tokens >= vocab_size)]
-    if bad.size:
-        raise ValueError(f"token id {int(bad[0])} outside the vocabulary [0, {vocab_size})")
-    return tokens.astype(np.int64), offs.astype(np.int64)
+    return tokens.astype(np.int64), offs
+
+
+def _offsets(input_row_offsets) -> np.ndarray:
+    """`input_row_offsets` as one host int64 array `[B+1]`: given as one array (or list of
+    ints), or as MAX passes it, one equal copy per device."""
+    v = input_row_offsets
+    if isinstance(v, (list, tuple)) and v and not isinstance(v[0], (int, np.integer)):
+        copies = [np.asarray(to_numpy(c)) for c in v]
+        if any(c.shape != copies[0].shape or not np.array_equal(c, copies[0]) for c in copies):
+            raise ValueError("input_row_offsets: the per-device copies differ")
+        v = copies[0]
+    offs = np.asarray(to_numpy(v) if not isinstance(v, (list, tuple)) else v)
+    if offs.ndim != 1 or offs.size < 2 or not np.issubdtype(offs.dtype, np.integer):
+        raise ValueError(f"input_row_offsets must be an integer array [batch+1] (or one copy per device), "
+                         f"got shape {offs.shape} dtype {offs.dtype}")
+    return offs.astype(np.int64)
 
 
 def distributed_transformer(weights: Weights, cfg: ModelConfig, tokens, input_row_offsets,
-                            cache: PagedKVCache, seq_ids: Sequence[Hashable], comm: Communicator, *,
+                            kv_pages: Sequence[Array], kv_slots: BatchSlots, comm: Communicator, *,
                             return_logits: ReturnLogits = ReturnLogits.LAST_TOKEN, return_n_logits: int = 1,
                             return_hidden_states: ReturnHiddenStates = ReturnHiddenStates.NONE,
                             subgraph_layer_groups: Sequence[Sequence[int]] | None = None,
@@ -107,11 +113,15 @@ def distributed_transformer(weights: Weights, cfg: ModelConfig, tokens, input_ro
     """MAX's `DistributedTransformer` forward pass over one ragged batch.
 
     Embedding (vocab-parallel, all-reduce) -> layers -> final norm -> lm head (column
-    parallel, allgather), through `distributed_logits_postprocess`. Sequence `seq_ids[b]`
-    gets tokens `tokens[offsets[b]:offsets[b+1]]` appended after what the cache holds.
+    parallel, allgather), through `distributed_logits_postprocess`. The pass only computes:
+    as in MAX, the KV-cache manager lives outside it. The caller reserves the batch's slots
+    (`kv_slots = cache.reserve(seq_ids, lengths)`), the pass writes every layer's K/V into
+    them, and the caller commits (`cache.commit`) or rolls back (`cache.rollback`).
 
     Args:
-        tokens: `[T]` token ids; input_row_offsets: `[B+1]`; seq_ids: `[B]` cache sequence ids.
+        tokens: `[T]` token ids; input_row_offsets: `[B+1]` (or one copy per device).
+        kv_pages: per device the cache pages (`PagedKVCache.pages`); kv_slots: the batch's
+            reserved slots (cache lengths, page tables, where each new token goes).
         subgraph_layer_groups: layer groups (a GPU capture unit; no numeric effect); must list
             every layer once, in order.
         threads: run each device's work on its own thread (BLAS limited to cores / devices).
@@ -119,30 +129,28 @@ def distributed_transformer(weights: Weights, cfg: ModelConfig, tokens, input_ro
             than running them in turn with every core for BLAS (decode 15 vs 21 tok/s at TP 2).
     Returns:
         the tuple of `distributed_logits_postprocess`.
-    Raises:
-        KVCacheFullError: for the first sequence that found too few pages (nothing changed).
     """
     tokens, offs = check_ragged(tokens, input_row_offsets, cfg.vocab_size)
-    if len(seq_ids) != len(offs) - 1:
-        raise ValueError(f"{len(seq_ids)} seq_ids for a batch of {len(offs) - 1} sequences")
+    if not np.array_equal(np.asarray(kv_slots.input_row_offsets), offs):
+        raise ValueError(f"kv_slots were reserved for a batch with offsets {list(kv_slots.input_row_offsets)}, "
+                         f"not {offs.tolist()}")
+    if len(kv_pages) != len(comm.devices):
+        raise ValueError(f"{len(kv_pages)} KV page arrays for {len(comm.devices)} devices")
     groups = _layer_groups(subgraph_layer_groups, cfg.n_layers)
-    n_new = np.diff(offs).tolist()
-    slots = cache.reserve(seq_ids, n_new)
     devices = comm.devices
-    xs = vocab_parallel_embedding(tokens, weights.embed, comm)  # per device [T, D]
+    xs = vocab_parallel_embedding(tokens, weights.embed, comm, vocab_size=cfg.vocab_size)  # per device [T, D]
     if cfg.embedding_multiplier != 1.0:
         xs = [x * cfg.embedding_multiplier for x in xs]
-    inputs = attention_inputs(cfg.attention(), cfg.rope(), slots, devices)  # once per pass, for every layer
+    inputs = attention_inputs(cfg.attention(), cfg.rope(), kv_slots, devices)  # once per pass, for every layer
     with blas_threads_for(devices) if threads else contextlib.nullcontext():
         for group in groups:
             for i in group:
-                xs = distributed_transformer_block(xs, weights.layers[i], i, cfg, inputs=inputs, cache=cache,
-                                                   comm=comm, gemm_config=gemm_config, parallel=threads)
-    cache.commit(seq_ids, n_new)
+                xs = distributed_transformer_block(xs, weights.layers[i], i, cfg, inputs=inputs, kv_pages=kv_pages,
+                                                   comm=comm, gemm_config=gemm_config, threads=threads)
     norm_shards = [functools.partial(_final_norm, w=w, eps=cfg.norm_eps) for w in weights.norm]
     lm_head = functools.partial(_lm_head, weights.lm_head)
     return distributed_logits_postprocess(xs, offs, return_n_logits, norm_shards, lm_head, comm, return_logits,
-                                          devices[0], return_hidden_states, cfg.logits_scaling)
+                                          0, return_hidden_states, cfg.logits_scaling)
 
 
 def _final_norm(x, *, w, eps):
@@ -185,8 +193,21 @@ def distributed_logits_postprocess(h: Sequence[Array], input_row_offsets, return
         (LAST `[B, D]`, ALL / ALL_NORMALIZED `[T, D]`). Logits are float32, divided by
         `logits_scaling` when it is not 1.
     """
-    offs = np.asarray(to_numpy(input_row_offsets), np.int64)
-    r = device if isinstance(device, int) else comm.devices.index(device)
+    offs = _offsets(input_row_offsets)
+    if len(h) != len(comm.devices) or len(norm_shards) != len(h):
+        raise ValueError(f"distributed_logits_postprocess: {len(h)} hidden states and {len(norm_shards)} norms "
+                         f"for {len(comm.devices)} devices")
+    if offs[0] != 0 or offs[-1] != h[0].shape[0] or np.any(np.diff(offs) <= 0):
+        raise ValueError(f"input_row_offsets {offs.tolist()} must rise strictly from 0 to the "
+                         f"{h[0].shape[0]} rows of the hidden states")
+    if isinstance(device, int):
+        if not 0 <= device < len(comm.devices):
+            raise ValueError(f"device index {device} out of range for {len(comm.devices)} devices")
+        r = device
+    elif device in comm.devices:
+        r = comm.devices.index(device)
+    else:
+        raise ValueError(f"device {device} is not one of this communicator's devices {list(map(str, comm.devices))}")
     last = offs[1:] - 1  # [B]
 
     def logits_at(rows: np.ndarray | None):
@@ -223,4 +244,4 @@ def distributed_logits_postprocess(h: Sequence[Array], input_row_offsets, return
 
 
 def _idx(x, rows):
-    return rows if isinstance(x, np.ndarray) else asarray(rows, Device("gpu", x.device.id))
+    return rows if isinstance(x, np.ndarray) else asarray(rows, device_of(x))

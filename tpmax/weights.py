@@ -2,8 +2,10 @@
 source by reading, for each device, only the slices the sharding table assigns to it.
 
 A tensor source names weights by the table's names (`layers.3.q_proj`, `embed`, ...) and
-answers `shape(name)` and `read(name, index)`; the loader provides sources for safetensors
-and GGUF files, and `DictSource` serves in-memory arrays (tests, random models).
+answers `shape(name)`, `dtype(name)` and `read(name, index)`; the loader provides sources for
+safetensors and GGUF files, and `DictSource` serves in-memory arrays (tests, random models).
+Which tensors a model has, how each is split and which device tensor it is fused into all
+come from the rows of the sharding table (`tpmax.sharding.LAYER_PARAMS` / `MODEL_PARAMS`).
 """
 from __future__ import annotations
 
@@ -14,9 +16,9 @@ import numpy as np
 
 from .attention import AttentionWeights
 from .config import ModelConfig
+from .devices import Array, Device, as_dtype, asarray, bfloat16
 from .errors import WeightError
-from .devices import Array, Device, as_dtype, asarray
-from .sharding import LAYER_SHARDING, MODEL_SHARDING, shard_pieces
+from .sharding import LAYER_PARAMS, MODEL_PARAMS, PRESENCE, Param, shard_pieces
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +53,7 @@ class TensorSource(Protocol):
 
     def names(self) -> set[str]: ...
     def shape(self, name: str) -> tuple[int, ...]: ...
+    def dtype(self, name: str) -> np.dtype: ...
     def read(self, name: str, index: tuple) -> np.ndarray: ...
 
 
@@ -66,150 +69,182 @@ class DictSource:
     def shape(self, name):
         return tuple(self.tensors[name].shape)
 
+    def dtype(self, name):
+        return np.asarray(self.tensors[name]).dtype
+
     def read(self, name, index):
         return np.asarray(self.tensors[name][index])
 
 
-def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+# ------------------------------------------------------------------------------------------
+# What a checkpoint must hold, from the sharding table.
+
+
+def expected_shapes(cfg: ModelConfig) -> dict[str, int]:
     """Symbol -> size, for the symbolic shapes of the sharding table."""
     D, hd, F = cfg.hidden_size, cfg.head_dim, cfg.ffn_size
     return {"D": D, "V": cfg.vocab_size, "F": F, "2F": 2 * F, "hd": hd, "Hq*hd": cfg.n_heads * hd,
             "Hkv*hd": cfg.n_kv_heads * hd, "(Hq+2Hkv)*hd": (cfg.n_heads + 2 * cfg.n_kv_heads) * hd}
 
 
-def _table_entry(name: str):
-    base = name.split(".")[-1] if name.startswith("layers.") else name
-    return base, (LAYER_SHARDING.get(base) or MODEL_SHARDING[base])
+def layer_params(cfg: ModelConfig, *, stacked: Sequence[str] = ()) -> list[Param]:
+    """The rows one layer of `cfg` has, in table order; `stacked` names the device tensors
+    (`wqkv`, `w13`) a checkpoint stores in their stacked form."""
+    return [p for p in LAYER_PARAMS if PRESENCE[p.when](cfg) and p.stacked == (p.into in stacked)]
 
 
-def check_source(src: TensorSource, cfg: ModelConfig) -> None:
-    """Every needed tensor present with the right shape, and nothing unknown left over."""
+def model_params(cfg: ModelConfig) -> list[Param]:
+    """The model-level rows of `cfg` (embedding, final norm, and lm_head unless tied)."""
+    return [p for p in MODEL_PARAMS if PRESENCE[p.when](cfg)]
+
+
+def stacked_forms(have: set[str]) -> set[str]:
+    """The device tensors a checkpoint (table names `have`) stores stacked."""
+    return {p.into for p in LAYER_PARAMS if p.stacked and any(n.endswith("." + p.name) for n in have)}
+
+
+def check_source(src: TensorSource, cfg: ModelConfig) -> dict[str, Param]:
+    """Every tensor the config needs is present, of a float dtype, with the right shape, and
+    nothing unknown is left over. Returns `{weight name: its row}` of what will be read.
+
+    The layer count is checked against the checkpoint first, so a config claiming 10^9
+    layers fails at once instead of listing 10^9 layers' names.
+    """
     have = src.names()
-    sizes = expected_shapes(cfg)
-    needed = {"embed", "norm"} | ({"lm_head"} if not cfg.tie_embeddings else set())
-    optional = {"lm_head"} if cfg.tie_embeddings else set()
+    layer_ids = {int(n.split(".")[1]) for n in have if n.startswith("layers.")}
+    held = max(layer_ids) + 1 if layer_ids else 0
+    if cfg.n_layers != held:
+        raise WeightError(f"{src.name}: the config has {cfg.n_layers} layers, the checkpoint holds {held}")
+    stacked = stacked_forms(have)
+    needed = {p.name: p for p in model_params(cfg)}
     for i in range(cfg.n_layers):
-        p = f"layers.{i}."
-        needed |= {p + n for n in ("attn_norm", "o_proj", "mlp_norm", "down_proj")}
-        needed |= {p + "qkv_proj"} if p + "qkv_proj" in have else {p + n for n in ("q_proj", "k_proj", "v_proj")}
-        needed |= {p + "gate_up_proj"} if p + "gate_up_proj" in have else {p + "gate_proj", p + "up_proj"}
-        if cfg.qkv_bias:
-            needed |= {p + n for n in ("q_bias", "k_bias", "v_bias")}
-        if cfg.qk_norm:
-            needed |= {p + "q_norm", p + "k_norm"}
-    missing = sorted(needed - have)
+        needed.update({f"layers.{i}.{p.name}": p for p in layer_params(cfg, stacked=stacked)})
+    ignored = {"lm_head"} if cfg.tie_embeddings else set()
+    missing = sorted(set(needed) - have)
     if missing:
         raise WeightError(f"{src.name}: missing tensor(s) {', '.join(missing[:5])}"
                           + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
-    extra = sorted(have - needed - optional)
+    extra = sorted(have - set(needed) - ignored)
     if extra:
         raise WeightError(f"{src.name}: unexpected tensor(s) {', '.join(extra[:5])}"
                           + (f" and {len(extra) - 5} more" if len(extra) > 5 else "")
                           + f" for a {cfg.arch} config (qkv_bias={cfg.qkv_bias}, qk_norm={cfg.qk_norm})")
-    for name in sorted(needed | (optional & have)):
-        want = tuple(sizes[s] for s in _table_entry(name)[1][0])
+    sizes = expected_shapes(cfg)
+    for name, p in needed.items():
+        want = tuple(sizes[s] for s in p.shape)
         if src.shape(name) != want:
             raise WeightError(f"{src.name}: tensor {name} has shape {src.shape(name)}, expected {want}")
+        dt = np.dtype(src.dtype(name))
+        if dt.kind != "f" and dt not in (bfloat16,):
+            raise WeightError(f"{src.name}: tensor {name} has dtype {dt}; weights must be floating point")
+    return needed
+
+
+def n_device_tensors(cfg: ModelConfig) -> int:
+    """How many device tensors `shard_weights` builds (the progress count)."""
+    per_layer = len({p.into for p in layer_params(cfg)})
+    return cfg.n_layers * per_layer + len({p.into for p in model_params(cfg)})
+
+
+# ------------------------------------------------------------------------------------------
+# Building every device's weights.
 
 
 def shard_weights(src: TensorSource, cfg: ModelConfig, devices: Sequence[Device], dtype="float32", *,
+                  ranks: Sequence[int] | None = None, tp: int | None = None,
                   progress: Callable[[int], None] | None = None) -> Weights:
-    """Build every device's weights, reading only its slices from `src`.
+    """Build the weights of `devices`, reading only each device's slices from `src`.
+
+    `device_tensors` with the same arguments, put together by `assemble`.
+    """
+    layers, top = device_tensors(src, cfg, devices, dtype, ranks=ranks, tp=tp, progress=progress)
+    return assemble(layers, top, len(devices))
+
+
+def device_tensors(src: TensorSource, cfg: ModelConfig, devices: Sequence[Device], dtype="float32", *,
+                   ranks: Sequence[int] | None = None, tp: int | None = None,
+                   progress: Callable[[int], None] | None = None) -> tuple[list[dict], dict]:
+    """Every device tensor of `devices`, read slice by slice from `src`: one dict per layer
+    and one for the model, `{into name: tuple with one array per device}` (see `assemble`).
 
     Args:
-        progress: called with the number of tensors done after each one (for a progress bar).
+        devices: the devices this process drives; ranks: their indices in the whole group
+            (default 0..n-1); tp: the group's size (default len(devices)). Under MPI each
+            process passes its own devices and `comm.ranks` / `comm.tp`.
+        progress: called with the number of device tensors done after each one.
     Raises:
-        WeightError: missing, extra or misshapen tensors, or NaN/inf values.
+        WeightError: missing, extra, misshapen or non-float tensors, or NaN/inf values.
         ConfigError: the model cannot be split over this many devices.
     """
-    tp = len(devices)
+    ranks = list(range(len(devices)) if ranks is None else ranks)
+    tp = len(devices) if tp is None else tp
     cfg.check_tp(tp)
-    check_source(src, cfg)
+    rows = check_source(src, cfg)
     dt = as_dtype(dtype)
-    have = src.names()
-    layouts = [cfg.layout(tp, r) for r in range(tp)]
+    layouts = [cfg.layout(tp, r) for r in ranks]
+    done = 0
 
-    def read(name: str, r: int) -> np.ndarray:
-        """Device r's shard of `name` as a float32 host array (pieces stacked on axis 0)."""
-        base, _ = _table_entry(name)
-        pieces = [src.read(name, idx) for idx in shard_pieces(base, src.shape(name), layouts[r])]
-        a = pieces[0] if len(pieces) == 1 else np.concatenate(pieces, axis=0)
-        a = np.asarray(a, np.float32)
+    def read(name: str, i: int) -> np.ndarray:
+        """Local device i's shard of `name` as a float32 host array (pieces stacked on axis 0)."""
+        pieces = [src.read(name, idx) for idx in shard_pieces(name, src.shape(name), layouts[i])]
+        a = np.asarray(pieces[0] if len(pieces) == 1 else np.concatenate(pieces, axis=0), np.float32)
         if not np.isfinite(a).all():
             raise WeightError(f"{src.name}: tensor {name} contains NaN or inf")
         return a
 
-    def fused(names: Sequence[str], r: int) -> np.ndarray:
-        return np.concatenate([read(n, r) for n in names], axis=0)
-
-    def place(a: np.ndarray, r: int) -> Array:
-        return asarray(a, devices[r], dtype=dt)
-
-    done = 0
-
-    def tick():
+    def build(names: Sequence[str]) -> tuple:
+        """One device tensor from its rows' shards, for every local device."""
         nonlocal done
+        out = tuple(asarray(np.concatenate([read(n, i) for n in names], axis=0) if len(names) > 1
+                            else read(names[0], i), d, dtype=dt) for i, d in enumerate(devices))
         done += 1
         if progress:
             progress(done)
-
-    def each_device(build: Callable[[int], object]) -> tuple:
-        out = tuple(build(r) for r in range(tp))
-        tick()
         return out
+
+    def tensors(prefix: str, params) -> dict[str, tuple]:
+        """`{device tensor: per-device arrays}` for the rows under `prefix` (fused in table order)."""
+        by_into: dict[str, list[str]] = {}
+        for name, p in params:
+            by_into.setdefault(p.into, []).append(name)
+        return {into: build(names) for into, names in by_into.items()}
 
     layers = []
     for i in range(cfg.n_layers):
-        p = f"layers.{i}."
-        qkv = [p + "qkv_proj"] if p + "qkv_proj" in have else [p + "q_proj", p + "k_proj", p + "v_proj"]
-        gu = [p + "gate_up_proj"] if p + "gate_up_proj" in have else [p + "gate_proj", p + "up_proj"]
-
-        def attn(r):
-            wqkv = fused(qkv, r)
-            if cfg.clip_qkv is not None:
-                wqkv = np.clip(wqkv, -cfg.clip_qkv, cfg.clip_qkv)
-            opt = lambda n: place(read(p + n, r), r) if cfg.qk_norm else None  # noqa: E731
-            return AttentionWeights(
-                wqkv=place(wqkv, r), wo=place(read(p + "o_proj", r), r),
-                bqkv=place(fused([p + "q_bias", p + "k_bias", p + "v_bias"], r), r) if cfg.qkv_bias else None,
-                q_norm=opt("q_norm"), k_norm=opt("k_norm"))
-
-        layers.append(LayerWeights(
-            attn_norm=each_device(lambda r: place(read(p + "attn_norm", r), r)),
-            attn=each_device(attn),
-            mlp_norm=each_device(lambda r: place(read(p + "mlp_norm", r), r)),
-            w13=each_device(lambda r: place(fused(gu, r), r)),
-            w2=each_device(lambda r: place(read(p + "down_proj", r), r)),
-        ))
-    embed = each_device(lambda r: place(read("embed", r), r))
-    head = "embed" if cfg.tie_embeddings else "lm_head"
-    lm_head = embed if head == "embed" else each_device(lambda r: place(read(head, r), r))
-    norm = each_device(lambda r: place(read("norm", r), r))
-    return Weights(embed=embed, layers=tuple(layers), norm=norm, lm_head=lm_head)
+        prefix = f"layers.{i}."
+        layers.append(tensors(prefix, [(n, p) for n, p in rows.items() if n.startswith(prefix)]))
+    top = tensors("", [(n, p) for n, p in rows.items() if not n.startswith("layers.")])
+    return layers, top
 
 
-def n_tensor_groups(cfg: ModelConfig) -> int:
-    """How many progress ticks `shard_weights` makes (for a progress bar's total)."""
-    return 5 * cfg.n_layers + 2 + (0 if cfg.tie_embeddings else 1)
+def assemble(layers: Sequence[dict[str, tuple]], top: dict[str, tuple], n_devices: int) -> Weights:
+    """`Weights` from device tensors keyed by the table's `into` names: one dict per layer
+    (`wqkv`, `wo`, `w13`, ...) and one for the model (`embed`, `norm`, `lm_head`), each value
+    a tuple with one array per device."""
+    out = []
+    for t in layers:
+        attn = tuple(AttentionWeights(**{f: t[f][r] for f in _ATTENTION_FIELDS if f in t}) for r in range(n_devices))
+        out.append(LayerWeights(attn=attn, **{f: t[f] for f in _LAYER_FIELDS}))
+    return Weights(embed=top["embed"], layers=tuple(out), norm=top["norm"], lm_head=top.get("lm_head", top["embed"]))
+
+
+_ATTENTION_FIELDS = tuple(f.name for f in dataclasses.fields(AttentionWeights))
+_LAYER_FIELDS = tuple(f.name for f in dataclasses.fields(LayerWeights) if f.name != "attn")
 
 
 def random_weights(cfg: ModelConfig, *, seed: int = 0, std: float = 0.02) -> dict[str, np.ndarray]:
-    """Full (unsharded) float32 weights with random values, keyed by table names (separate
-    q/k/v and gate/up). For tests and benchmarks; norms are near 1."""
+    """Full (unsharded) float32 weights with random values, keyed by table names (the
+    separate q/k/v and gate/up rows). For tests and benchmarks; norms are near 1."""
     rng = np.random.default_rng(seed)
     sizes = expected_shapes(cfg)
 
-    def make(name):
-        base, (shape, _, _) = _table_entry(name)
-        shape = tuple(sizes[s] for s in shape)
-        if base.endswith("norm"):
+    def make(p: Param):
+        shape = tuple(sizes[s] for s in p.shape)
+        if p.name.endswith("norm"):
             return (1.0 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
         return (std * rng.standard_normal(shape)).astype(np.float32)
 
-    names = ["embed", "norm"] + ([] if cfg.tie_embeddings else ["lm_head"])
+    out = {p.name: make(p) for p in model_params(cfg)}
     for i in range(cfg.n_layers):
-        layer = ["attn_norm", "q_proj", "k_proj", "v_proj", "o_proj", "mlp_norm", "gate_proj", "up_proj", "down_proj"]
-        layer += ["q_bias", "k_bias", "v_bias"] if cfg.qkv_bias else []
-        layer += ["q_norm", "k_norm"] if cfg.qk_norm else []
-        names += [f"layers.{i}.{n}" for n in layer]
-    return {n: make(n) for n in names}
+        out.update({f"layers.{i}.{p.name}": make(p) for p in layer_params(cfg)})
+    return out
