@@ -140,3 +140,123 @@ def test_resident_bytes(case):
         # 8-bit ~ 1/4 of float32 + scales; 4-bit ~ 1/8 + group-16 scales/zeros + g_idx (tiny dims)
         limit = 0.34 if ("8" in case) else 0.3
         assert q < limit * f, (case, tp, per_dev)
+
+
+# ------------------------------------------------------------------------------------------
+# tpmax.load: quantized checkpoints load sharded and stay quantized on the devices.
+
+
+@pytest.mark.parametrize("tp", [1, 2, 3, 4])
+@pytest.mark.parametrize("case", CASES)
+def test_load_quantized_matches_transformers(case, tp):
+    model = tpmax.load(FIX / case, devices=spec(tp), progress=False)
+    assert model.quant is not None and model.quant.describe() in repr(model)
+    for layer in model.weights.layers:
+        for w in (layer.w13 + layer.w2 + tuple(a.wqkv for a in layer.attn) + tuple(a.wo for a in layer.attn)):
+            assert quant.is_quantized(w)
+    pairs = reference(case)
+    for got, (_, want) in zip(tpmax.logits(model, [ids for ids, _ in pairs]), pairs):
+        assert got.dtype == np.float32 and got.shape == want.shape
+        assert np.abs(got - want).max() <= 1e-4
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_load_resident_bytes(case):
+    """What each device holds, against the float32 model of the same shapes: only the
+    linears shrink (embeddings, norms and lm_head stay float)."""
+    for tp in (1, 3):
+        per_dev = quant.resident_bytes(tpmax.load(FIX / case, devices=spec(tp), progress=False).weights)
+        assert len(per_dev) == tp
+        for held, as_f32 in per_dev:
+            assert held < 0.6 * as_f32
+        linears_f32 = sum(f for _, f in resident_bytes(case, tp))
+        linears_q = sum(q for q, _ in resident_bytes(case, tp))
+        held_linears = sum(h for h, _ in per_dev) - (sum(f for _, f in per_dev) - linears_f32)
+        # fusing q/k/v and gate/up shares g_idx (GPTQ) or turns tensor scales into row scales (FP8)
+        assert 0.9 * linears_q <= held_linears <= 1.1 * linears_q  # (4 bytes a row: 4/in of a real model)
+
+
+# ------------------------------------------------------------------------------------------
+# Malformed quantized checkpoints: LoadError naming the tensor; bad configs: ConfigError.
+
+
+def rewrite(tmp_path, case, *, drop=(), replace=None, config=None):
+    """A copy of fixture `case` with tensors dropped/replaced (raw bytes, any dtype) or config edited."""
+    d = tmp_path / case
+    d.mkdir()
+    for f in (FIX / case).iterdir():
+        if f.name != "model.safetensors":
+            (d / f.name).write_bytes(f.read_bytes())
+    st = quant.SafetensorsFile(FIX / case / "model.safetensors")
+    header = json.loads((FIX / case / "model.safetensors").read_bytes()[8:8 + int.from_bytes(
+        (FIX / case / "model.safetensors").read_bytes()[:8], "little")])
+    tensors = {}
+    for k in st.keys():
+        if k in drop:
+            continue
+        a = st.get_slice(k)[...]
+        tensors[k] = (header[k]["dtype"], a)
+    for k, v in (replace or {}).items():
+        tensors[k] = v
+    write_safetensors(d / "model.safetensors", tensors)
+    if config:
+        c = json.loads((d / "config.json").read_text())
+        config(c)
+        (d / "config.json").write_text(json.dumps(c))
+    return d
+
+
+def write_safetensors(path, tensors):
+    """`{key: (safetensors dtype code, array)}` -> file (F8_E4M3 from its uint8 bits)."""
+    header, blobs, at = {}, [], 0
+    for k, (code, a) in sorted(tensors.items()):
+        raw = np.ascontiguousarray(a).tobytes()
+        header[k] = {"dtype": code, "shape": list(a.shape), "data_offsets": [at, at + len(raw)]}
+        blobs.append(raw)
+        at += len(raw)
+    h = json.dumps(header).encode()
+    h += b" " * (-len(h) % 8)
+    path.write_bytes(len(h).to_bytes(8, "little") + h + b"".join(blobs))
+
+
+Q = "model.layers.1.self_attn.q_proj"
+
+
+@pytest.mark.parametrize("case, drop, replace, match", [
+    ("llama_gptq", [f"{Q}.scales"], None, f"{Q}.scales is missing"),
+    ("llama_gptq", [f"{Q}.qzeros"], None, f"{Q}.qzeros is missing"),
+    ("llama_gptq", [], {f"{Q}.qweight": ("I32", np.zeros((5, 48), np.int32))}, f"{Q}.qweight has shape"),
+    ("llama_gptq", [], {f"{Q}.qweight": ("I32", np.zeros((6, 40), np.int32))}, f"{Q}.scales has shape"),
+    ("llama_gptq", [], {f"{Q}.qzeros": ("I32", np.zeros((3, 5), np.int32))}, f"{Q}.qzeros has shape"),
+    ("llama_gptq", [], {f"{Q}.scales": ("I32", np.zeros((3, 48), np.int32))}, f"{Q}.scales has dtype int32"),
+    ("llama_gptq_act", [f"{Q}.g_idx"], None, f"{Q}.g_idx is missing"),
+    ("llama_fp8", [f"{Q}.weight_scale"], None, f"{Q}.weight_scale is missing"),
+    ("llama_fp8", [], {f"{Q}.weight_scale": ("F32", np.ones((47, 1), np.float32))}, f"{Q}.weight_scale has shape"),
+    ("llama_fp8_block", [], {f"{Q}.weight_scale_inv": ("F32", np.ones((3, 2), np.float32))},
+     f"{Q}.weight_scale_inv has shape"),
+    ("llama_int4", [f"{Q}.weight_zero_point"], None, f"{Q}.weight_zero_point is missing"),
+    ("llama_int4", [], {f"{Q}.weight_packed": ("I32", np.zeros((48, 5), np.int32))}, f"{Q}.weight_packed has shape"),
+])
+def test_malformed_quantized_checkpoint(tmp_path, case, drop, replace, match):
+    d = rewrite(tmp_path, case, drop=drop, replace=replace)
+    with pytest.raises(tpmax.LoadError, match=match.replace(".", r"\.")) as e:
+        tpmax.load(d, devices="cpu:0,1", progress=False)
+    assert str(e.value).startswith(f"{d}: tensor {Q}.") or str(e.value).startswith(f"{d}: {Q}")
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda c: c["quantization_config"].update(bits=3), "GPTQ bits=3 unsupported"),
+    (lambda c: c["quantization_config"].update(quant_method="awq"), "unsupported quant_method 'awq'"),
+    (lambda c: c["quantization_config"].update(checkpoint_format="marlin"), "checkpoint_format 'marlin'"),
+])
+def test_unsupported_quant_config(tmp_path, edit, match):
+    d = rewrite(tmp_path, "llama_gptq", config=edit)
+    with pytest.raises(tpmax.ConfigError, match=match) as e:
+        tpmax.load(d, devices="cpu", progress=False)
+    assert str(d / "config.json") in str(e.value)
+
+
+def test_quantized_tensors_without_quantization_config(tmp_path):
+    d = rewrite(tmp_path, "llama_gptq", config=lambda c: c.pop("quantization_config"))
+    with pytest.raises(tpmax.LoadError, match="looks quantized but config.json has no quantization_config"):
+        tpmax.load(d, devices="cpu", progress=False)

@@ -30,7 +30,10 @@ def matmul_t(x: Array, w: Array) -> Array:
     """`x @ w.T` for x `[..., in]`, w `[out, in]` -> `[..., out]`.
 
     NumPy has no fast half-precision GEMM, so half weights are computed in float32 there.
+    A quantized weight (`tpmax.quant`: anything with its own `matmul_t`) computes it itself.
     """
+    if hasattr(w, "matmul_t"):
+        return w.matmul_t(x)
     if xp_of(x) is np:
         if w.dtype in _HALF:
             return x.astype(np.float32) @ w.astype(np.float32).T

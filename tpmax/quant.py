@@ -494,10 +494,10 @@ def _piece(index: tuple, shape: tuple[int, int]) -> tuple[int, int, int, int]:
 
 
 class _Tensors:
-    """The stored tensors of one linear, with errors naming them."""
+    """The stored tensors of one linear, with errors naming them (and `source`, the file)."""
 
-    def __init__(self, reader: Reader, name: str):
-        self.reader, self.name = reader, name
+    def __init__(self, reader: Reader, name: str, source: str | None = None):
+        self.reader, self.name, self.source = reader, name, source
 
     def get(self, suffix: str, *, required: bool = True):
         try:
@@ -505,7 +505,7 @@ class _Tensors:
         except KeyError:
             t = None
         if t is None and required:
-            raise LoadError(f"tensor {self.name}.{suffix} is missing")
+            self.fail(suffix, "is missing")
         return t
 
     def shape(self, suffix: str) -> tuple[int, ...]:
@@ -514,17 +514,16 @@ class _Tensors:
     def read(self, suffix: str, index: tuple, dtypes: tuple) -> np.ndarray:
         a = np.asarray(self.get(suffix)[index])
         if a.dtype not in [np.dtype(d) for d in dtypes]:
-            raise LoadError(f"tensor {self.name}.{suffix} has dtype {a.dtype}, expected "
-                            + " or ".join(str(np.dtype(d)) for d in dtypes))
+            self.fail(suffix, f"has dtype {a.dtype}, expected " + " or ".join(str(np.dtype(d)) for d in dtypes))
         return a
 
     def fail(self, suffix: str, msg: str):
-        raise LoadError(f"tensor {self.name}.{suffix} {msg}")
+        raise LoadError((f"{self.source}: " if self.source else "") + f"tensor {self.name}.{suffix} {msg}")
 
 
-def quantized_shape(reader: Reader, qc: QuantConfig, *, name: str) -> tuple[int, int]:
+def quantized_shape(reader: Reader, qc: QuantConfig, *, name: str, source: str | None = None) -> tuple[int, int]:
     """The logical `[out, in]` of a stored quantized linear (validating its tensors' shapes)."""
-    t = _Tensors(reader, name)
+    t = _Tensors(reader, name, source)
     if qc.format == "gptq":
         return _gptq_layout(t, qc)[:2]
     if qc.format == "pack-quantized":
@@ -532,7 +531,8 @@ def quantized_shape(reader: Reader, qc: QuantConfig, *, name: str) -> tuple[int,
     return _fp8_layout(t, qc)[:2]
 
 
-def read_quantized(reader: Reader, qc: QuantConfig, index: tuple, *, name: str, repack: bool = True):
+def read_quantized(reader: Reader, qc: QuantConfig, index: tuple, *, name: str, source: str | None = None,
+                   repack: bool = True):
     """One device's piece `index` of the quantized linear `name`, as a `GPTQWeight` / `FP8Weight`.
 
     Args:
@@ -540,9 +540,10 @@ def read_quantized(reader: Reader, qc: QuantConfig, index: tuple, *, name: str, 
             boundary (they are unpacked and repacked; touched groups are read by every device
             that touches them). With False such a piece is a LoadError.
     Raises:
-        LoadError: missing tensors, wrong packed shapes or dtypes, naming the tensor.
+        LoadError: missing tensors, wrong packed shapes or dtypes, naming the tensor (and
+            `source`, the checkpoint, when given).
     """
-    t = _Tensors(reader, name)
+    t = _Tensors(reader, name, source)
     if qc.format == "gptq":
         return _read_gptq(t, qc, index, repack)
     if qc.format == "pack-quantized":
@@ -560,6 +561,9 @@ def _gptq_layout(t: _Tensors, qc: QuantConfig):
     if len(qw) != 2:
         t.fail("qweight", f"has shape {qw}, expected [in/{pf}, out]")
     n_in, n_out = qw[0] * pf, qw[1]
+    if t.get("g_idx", required=False) is not None and t.shape("g_idx") != (n_in,):
+        t.fail("qweight", f"has shape {qw} ({n_in} input features, {pf} per int32 row) but {t.name}.g_idx "
+                          f"has {t.shape('g_idx')[0]} entries")
     groups = _n_groups(n_in, qc.group_size)
     if t.shape("scales") != (groups, n_out):
         t.fail("scales", f"has shape {t.shape('scales')}, expected {(groups, n_out)} for qweight {qw} "
