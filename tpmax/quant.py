@@ -86,6 +86,8 @@ class GPTQWeight:
     scales: float16/float32 `[groups, out]`
     zeros: uint8 (uint16 if one is 256) `[groups, out]`, the real zero points (GPTQ v1's +1 applied)
     g_idx: int16 (int32 past 32767 groups) `[in]`, the local group of each input feature
+    group_size: g when `g_idx[i] == i // g` and g divides `in` (groups in order, whole), else 0;
+    then the matmul skips the g_idx gathers (`uniform_group_size` finds it on the host)
     """
 
     qweight: Array
@@ -94,6 +96,7 @@ class GPTQWeight:
     g_idx: Array
     bits: int
     in_features: int
+    group_size: int = 0
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -103,25 +106,49 @@ class GPTQWeight:
     def nbytes(self) -> int:
         return int(sum(a.nbytes for a in (self.qweight, self.scales, self.zeros, self.g_idx)))
 
+    def _ints(self, a: int, b: int) -> Array:
+        """float32 `[in, b - a]`: the unsigned integers of output features `[a, b)`."""
+        return unpack_int32(self.qweight[:, a:b], self.bits, axis=0)[: self.in_features].astype(np.float32)
+
     def _block(self, a: int, b: int) -> Array:
         """float32 `[in, b - a]` = dequantized W.T for output features `[a, b)`."""
-        q = unpack_int32(self.qweight[:, a:b], self.bits, axis=0)[: self.in_features]  # [in, b-a]
-        z = self.zeros[:, a:b].astype(np.float32)[self.g_idx]  # [in, b-a]
-        s = self.scales[:, a:b].astype(np.float32)[self.g_idx]  # [in, b-a]
-        return (q.astype(np.float32) - z) * s
+        q = self._ints(a, b)
+        z, s = self.zeros[:, a:b].astype(np.float32), self.scales[:, a:b].astype(np.float32)  # [groups, b-a]
+        if self.group_size:
+            gs = self.group_size
+            q = q.reshape(-1, gs, b - a)  # [groups, gs, b-a]
+            return ((q - z[:, None]) * s[:, None]).reshape(self.in_features, b - a)
+        return (q - z[self.g_idx]) * s[self.g_idx]  # [in, b-a]
 
     def dequantize(self) -> Array:
         """The float32 weight `[out, in]` (the reference the blocked matmul is tested against)."""
         return self._block(0, self.shape[0]).T
 
     def matmul_t(self, x: Array, /, *, block_bytes: int | None = None) -> Array:
-        """`x @ W.T` for x `[..., in]` -> `[..., out]`, a block of output features at a time."""
+        """`x @ W.T` for x `[..., in]` -> `[..., out]`, a block of output features at a time.
+
+        With whole, ordered groups and few rows (decode), the scales and zeros are applied after
+        the per-group products instead of to the weight: y = sum_g s_g (x_g @ q_g - sum(x_g) z_g).
+        """
         xp = xp_of(self.qweight)
         xf = _compute_x(x)
-        n_out = self.shape[0]
-        y = xp.empty(xf.shape[:-1] + (n_out,), np.float32)
-        for a, b in _out_blocks(n_out, self.in_features, block_bytes):
-            y[..., a:b] = xf @ self._block(a, b)  # [..., in] @ [in, b-a]
+        lead, n_in, n_out = xf.shape[:-1], self.in_features, self.shape[0]
+        x2 = xf.reshape(-1, n_in)  # [T, in]
+        T, gs = x2.shape[0], self.group_size
+        y = xp.empty((T, n_out), np.float32)
+        if gs and T <= gs:
+            G = n_in // gs
+            xg = x2.reshape(T, G, gs).transpose(1, 0, 2)  # [G, T, gs]
+            xsum = xg.sum(-1).T  # [T, G]
+        for a, b in _out_blocks(n_out, n_in, block_bytes):
+            if gs and T <= gs:
+                q = self._ints(a, b).reshape(G, gs, b - a)  # [G, gs, b-a]
+                s = self.scales[:, a:b].astype(np.float32)  # [G, b-a]
+                part = xp.matmul(xg, q)  # [G, T, b-a]
+                y[:, a:b] = (part * s[:, None]).sum(0) - xsum @ (self.zeros[:, a:b].astype(np.float32) * s)
+            else:
+                y[:, a:b] = x2 @ self._block(a, b)  # [T, in] @ [in, b-a]
+        y = y.reshape(lead + (n_out,))
         return y if x.dtype == np.float32 else y.astype(x.dtype)
 
     def to(self, device: Device) -> "GPTQWeight":
@@ -197,8 +224,13 @@ class FP8Weight:
         xf = _compute_x(x)
         n_out, n_in = self.shape
         y = xp.empty(xf.shape[:-1] + (n_out,), np.float32)
+        table = xp.asarray(E4M3_TABLE)
         for a, b in _out_blocks(n_out, n_in, block_bytes):
-            y[..., a:b] = xf @ self._block(a, b).T  # [..., in] @ [in, b-a]
+            if self.block is None:  # a scale per tensor or row: applied to the outputs
+                s = self.scale if self.scale.ndim == 0 else self.scale[a:b]
+                y[..., a:b] = (xf @ table[self.w[a:b]].T) * s  # [..., in] @ [in, b-a]
+            else:
+                y[..., a:b] = xf @ self._block(a, b).T  # [..., in] @ [in, b-a]
         return y if x.dtype == np.float32 else y.astype(x.dtype)
 
     def to(self, device: Device) -> "FP8Weight":
@@ -588,6 +620,18 @@ def _read_g_idx(t: _Tensors, suffix: str, a: int, b: int, group: int, groups: in
     return g
 
 
+def uniform_group_size(g_idx: np.ndarray) -> int:
+    """g when host array `g_idx == arange(len) // g` with g dividing its length, else 0."""
+    n = len(g_idx)
+    if not n:
+        return 0
+    groups = int(g_idx.max()) + 1
+    if n % groups:
+        return 0
+    g = n // groups
+    return g if np.array_equal(g_idx, np.arange(n) // g) else 0
+
+
 def _local_groups(g_idx: np.ndarray) -> tuple[int, int, np.ndarray]:
     """`(g0, g1, g_idx - g0)`: the range of groups a piece touches and its local g_idx."""
     if not g_idx.size:
@@ -625,7 +669,7 @@ def _read_gptq(t: _Tensors, qc: QuantConfig, index: tuple, repack: bool) -> GPTQ
     zeros = unpack_int32(qzeros, bits, axis=1)[:, oa - z0 * pf: ob - z0 * pf].astype(np.int32) + qc.zero_offset
     zeros = zeros.astype(np.uint8 if not zeros.size or zeros.max() <= 255 else np.uint16)
     _check_finite(t, "scales", scales)
-    return GPTQWeight(qweight, scales, zeros, g_idx, bits, ib - ia)
+    return GPTQWeight(qweight, scales, zeros, g_idx, bits, ib - ia, uniform_group_size(g_idx))
 
 
 def _ct_int_layout(t: _Tensors, qc: QuantConfig):
@@ -669,7 +713,7 @@ def _read_ct_int(t: _Tensors, qc: QuantConfig, index: tuple, repack: bool) -> GP
         zp = unpack_int32(zp, bits, axis=0)[oa - z0 * pf: ob - z0 * pf]  # [out', groups'] stored +half
         zeros = zp.T.astype(np.uint8)  # (signed zp + half) = the unsigned zero
     return GPTQWeight(pack_int32(q.T, bits, axis=0), np.ascontiguousarray(scales), np.ascontiguousarray(zeros),
-                      g_idx, bits, ib - ia)
+                      g_idx, bits, ib - ia, uniform_group_size(g_idx))
 
 
 def _bf16():
@@ -883,7 +927,8 @@ def _gptq_sym4(qweight, scales, g_idx, group_size) -> GPTQWeight:
     if len(g_idx) != n_in:
         raise ValueError(f"g_idx has {len(g_idx)} entries for {n_in} input features")
     zeros = xp.full(scales.shape, 8, np.uint8)
-    return GPTQWeight(qweight, scales, zeros, xp.asarray(g_idx).astype(np.int32), 4, n_in)
+    host = g_idx if isinstance(g_idx, np.ndarray) else g_idx.get()
+    return GPTQWeight(qweight, scales, zeros, xp.asarray(g_idx).astype(np.int32), 4, n_in, uniform_group_size(host))
 
 
 def gptq_linear(x: Array, qweight: Array, scales: Array, g_idx: Array | None = None, bias: Array | None = None,
