@@ -407,3 +407,21 @@ def test_resident_bytes_of_weights():
     e = np.zeros((10, 4), np.float16)
     got = quant.resident_bytes(W(embed=(e,), layers=(L(w=(f,)),), lm_head=(e,)))  # tied: e once
     assert got == [(80 + 16 * 32 + 16 * 4, 160 + 16 * 32 * 4)]
+
+
+@pytest.mark.parametrize("T", [1, 8, 9, 40])
+def test_gptq_matmul_paths_agree(T):
+    """Whole ordered groups: decode-sized inputs apply scales after the per-group products,
+    larger ones dequantize blocks; both equal the element-by-element reference (any lead dims)."""
+    rng = np.random.default_rng(T)
+    tensors, qc, W = make_gptq(rng, 24, 32, 4, 8, False, False)
+    w = quant.read_quantized(reader_of(tensors), qc, (slice(None),), name="w")
+    assert w.group_size == 8
+    x = rng.standard_normal((T, 32)).astype(np.float32)
+    np.testing.assert_allclose(w.matmul_t(x, block_bytes=64), x @ W.T, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(w.matmul_t(x.reshape(1, T, 32)), (x @ W.T)[None], rtol=1e-5, atol=1e-5)
+    general = quant.GPTQWeight(w.qweight, w.scales, w.zeros, w.g_idx, 4, 32)  # group_size 0
+    np.testing.assert_allclose(general.matmul_t(x), x @ W.T, rtol=1e-5, atol=1e-5)
+    piece = quant.read_quantized(reader_of(tensors), qc, (slice(None), slice(4, 20)), name="w")
+    assert piece.group_size == 0  # starts inside a group
+    assert quant.uniform_group_size(np.arange(24) // 8) == 8 and quant.uniform_group_size(np.arange(20) // 8) == 0
