@@ -260,3 +260,13 @@ def test_quantized_tensors_without_quantization_config(tmp_path):
     d = rewrite(tmp_path, "llama_gptq", config=lambda c: c.pop("quantization_config"))
     with pytest.raises(tpmax.LoadError, match="looks quantized but config.json has no quantization_config"):
         tpmax.load(d, devices="cpu", progress=False)
+
+
+def test_cli_info_shows_quantization_and_bytes(capsys):
+    from tpmax.cli import main
+
+    assert main(["info", "--model", str(FIX / "llama_fp8_block"), "--devices", "cpu:0,1"]) == 0
+    out = capsys.readouterr().out
+    assert "quant   fp8 e4m3, block 16x16 scales" in out
+    lines = [l for l in out.splitlines() if l.startswith(("cpu:0 ", "cpu:1 "))]
+    assert len(lines) == 2 and all("MiB resident" in l and "of float32" in l for l in lines)

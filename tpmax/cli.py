@@ -2,7 +2,7 @@
 
     tpmax generate [--model PATH] [--devices SPEC] ... PROMPT...
     tpmax perplexity [--model PATH] --file TEXT [--context-length N] [--json]
-    tpmax info
+    tpmax info [--model PATH [--devices SPEC]]
 """
 from __future__ import annotations
 
@@ -39,7 +39,10 @@ def _parser() -> argparse.ArgumentParser:
     pp.add_argument("--context-length", type=int, default=512)
     pp.add_argument("--json", action="store_true")
 
-    sub.add_parser("info", help="backends, devices, NCCL")
+    i = sub.add_parser("info", help="backends, devices, NCCL; with --model, its quantization and resident bytes")
+    i.add_argument("--model", help="also load this model and show its quantization and bytes per device")
+    i.add_argument("--devices", default="cpu", help="devices to load --model on (default: cpu)")
+    i.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     return p
 
 
@@ -97,6 +100,15 @@ def _info(args) -> int:
     for k, v in info.items():
         print(f"{k:7s} {v}")
     print("devices cpu:0,1,... (virtual)" + (f", gpu:0..{info['gpus'] - 1}" if info["gpus"] else ""))
+    if args.model:
+        from .loader import load
+        from .quant import resident_bytes
+
+        model = load(args.model, devices=args.devices, dtype=args.dtype, progress=False)
+        print(f"model   {model!r}")
+        print(f"quant   {model.quant.describe() if model.quant else 'none'}")
+        for dev, (held, f32) in zip(model.devices, resident_bytes(model.weights)):
+            print(f"{str(dev):7s} {held / 2**20:.3f} MiB resident ({held / f32:.2f} of float32 {f32 / 2**20:.3f} MiB)")
     return 0
 
 
