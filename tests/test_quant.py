@@ -425,3 +425,12 @@ def test_gptq_matmul_paths_agree(T):
     piece = quant.read_quantized(reader_of(tensors), qc, (slice(None), slice(4, 20)), name="w")
     assert piece.group_size == 0  # starts inside a group
     assert quant.uniform_group_size(np.arange(24) // 8) == 8 and quant.uniform_group_size(np.arange(20) // 8) == 0
+
+
+def test_decode_e4m3_every_pattern():
+    bits = np.arange(256, dtype=np.uint8)
+    want = bits.view(float8_e4m3fn).astype(np.float32)
+    for w in (bits.reshape(16, 16), bits.reshape(32, 8)[:, 1:6], bits.reshape(8, 32)[::2]):
+        got = quant.decode_e4m3(w)
+        np.testing.assert_array_equal(got, want.reshape(bits.reshape(-1).shape)[w.reshape(-1)].reshape(w.shape))
+        assert got.dtype == np.float32

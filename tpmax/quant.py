@@ -171,6 +171,25 @@ def _e4m3_table() -> np.ndarray:
 
 
 E4M3_TABLE = _e4m3_table()  # [256] float32: the value of each uint8 bit pattern (NaN at 0x7f/0xff)
+# [65536] uint64: two float32 values per little-endian byte pair (NumPy decodes pairs: half the
+# lookups of E4M3_TABLE, ~1.5x faster on a 2-core host)
+_PAIR = np.arange(65536, dtype=np.uint32)
+E4M3_PAIRS = np.stack([E4M3_TABLE[_PAIR & 0xFF], E4M3_TABLE[_PAIR >> 8]], -1).view(np.uint64).reshape(-1)
+del _PAIR
+_device_tables: dict = {}
+
+
+def decode_e4m3(w: Array) -> Array:
+    """float32 values of e4m3 bit patterns `w` (uint8), on w's device."""
+    xp = xp_of(w)
+    if xp is np:
+        if w.ndim == 2 and w.shape[1] % 2 == 0 and w.flags.c_contiguous and np.little_endian:
+            return E4M3_PAIRS.take(w.view(np.uint16)).view(np.float32).reshape(w.shape)
+        return E4M3_TABLE.take(w)
+    key = w.device.id
+    if key not in _device_tables:
+        _device_tables[key] = xp.asarray(E4M3_TABLE)
+    return _device_tables[key][w]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,8 +231,7 @@ class FP8Weight:
 
     def _block(self, a: int, b: int) -> Array:
         """float32 rows `[a, b)` of W `[b-a, in]`."""
-        table = xp_of(self.w).asarray(E4M3_TABLE)
-        return table[self.w[a:b]] * self._scale_rows(a, b)
+        return decode_e4m3(self.w[a:b]) * self._scale_rows(a, b)
 
     def dequantize(self) -> Array:
         return self._block(0, self.shape[0])
@@ -224,11 +242,10 @@ class FP8Weight:
         xf = _compute_x(x)
         n_out, n_in = self.shape
         y = xp.empty(xf.shape[:-1] + (n_out,), np.float32)
-        table = xp.asarray(E4M3_TABLE)
         for a, b in _out_blocks(n_out, n_in, block_bytes):
             if self.block is None:  # a scale per tensor or row: applied to the outputs
                 s = self.scale if self.scale.ndim == 0 else self.scale[a:b]
-                y[..., a:b] = (xf @ table[self.w[a:b]].T) * s  # [..., in] @ [in, b-a]
+                y[..., a:b] = (xf @ decode_e4m3(self.w[a:b]).T) * s  # [..., in] @ [in, b-a]
             else:
                 y[..., a:b] = xf @ self._block(a, b).T  # [..., in] @ [in, b-a]
         return y if x.dtype == np.float32 else y.astype(x.dtype)
