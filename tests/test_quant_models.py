@@ -12,18 +12,17 @@ import tpmax
 from tpmax import quant
 from tpmax.comm import communicator
 from tpmax.config import ModelConfig
-from tpmax.loader import Model
+from tpmax.loader import HF_LAYER, HF_LAYER_NAMES, HF_NAMES, Model, _table_name
 from tpmax.sharding import shard_pieces
 from tpmax.weights import DictSource, shard_weights
 
 FIX = Path(__file__).parent / "fixtures" / "hf"
 CASES = ["llama_gptq", "llama_gptq_act", "llama_gptq8", "llama_fp8", "llama_fp8_tensor", "llama_fp8_block",
-         "llama_int4"]
+         "llama_int4", "qwen2_gptq"]
 LINEARS = {"self_attn.q_proj": "q_proj", "self_attn.k_proj": "k_proj", "self_attn.v_proj": "v_proj",
            "self_attn.o_proj": "o_proj", "mlp.gate_proj": "gate_proj", "mlp.up_proj": "up_proj",
            "mlp.down_proj": "down_proj"}
-PLAIN = {"model.embed_tokens.weight": "embed", "model.norm.weight": "norm", "lm_head.weight": "lm_head"}
-PLAIN_LAYER = {"input_layernorm.weight": "attn_norm", "post_attention_layernorm.weight": "mlp_norm"}
+
 
 
 def spec(tp):
@@ -52,12 +51,11 @@ def linears(cfg):
 def dequantized_source(cfg, qc, st) -> DictSource:
     """Every tensor of a quantized fixture as float32, linears dequantized by tpmax's readers."""
     full = {}
+    quantized = {prefix for prefix, _, _ in linears(cfg)}
     for key in st.keys():
-        if key in PLAIN:
-            full[PLAIN[key]] = st.get_slice(key)[:].astype(np.float32)
-        elif key.endswith(tuple(PLAIN_LAYER)):
-            i, rest = key.split(".")[2], key.split(".", 3)[3]
-            full[f"layers.{i}.{PLAIN_LAYER[rest]}"] = st.get_slice(key)[:].astype(np.float32)
+        if key.rsplit(".", 1)[0] not in quantized or key.endswith(".bias"):
+            name = _table_name(key, HF_NAMES, HF_LAYER, HF_LAYER_NAMES, "fixture")
+            full[name] = st.get_slice(key)[:].astype(np.float32)
     for prefix, name, _ in linears(cfg):
         full[name] = quant.read_quantized(linear_reader(st, prefix), qc, (slice(None),), name=prefix).dequantize()
     return DictSource(full, name=str(st.path))
@@ -83,13 +81,13 @@ def test_dequantized_fixture_matches_transformers(case, tp):
 
 @pytest.mark.parametrize("case", CASES)
 def test_quantized_vs_unquantized(case):
-    """The quantized fixture's reference against the float llama it was made from: a figure
+    """The quantized fixture's reference against the float model it was made from: a figure
     (meta.json), bounded loosely. Weight errors are ~9 % (int4 group 16), ~0.6 % (int8), ~2.5 %
     (e4m3) rms; this tiny random model amplifies them about 4x in its logits."""
-    pairs = list(zip(reference(case), reference("llama")))
-    diff = max(np.abs(a[1] - b[1]).max() for a, b in pairs)
     meta = json.loads((FIX / case / "meta.json").read_text())
-    assert diff == pytest.approx(meta["max_abs_logit_diff_vs_unquantized_llama"], rel=1e-5)
+    pairs = list(zip(reference(case), reference(Path(meta["base"]).name)))
+    diff = max(np.abs(a[1] - b[1]).max() for a, b in pairs)
+    assert diff == pytest.approx(meta["max_abs_logit_diff_vs_unquantized"], rel=1e-5)
     rel = np.sqrt(sum(((a[1] - b[1]) ** 2).sum() for a, b in pairs) / sum((b[1] ** 2).sum() for _, b in pairs))
     assert 0 < rel < (0.5 if ("gptq" in case or "int4" in case) and "gptq8" not in case else 0.2)
 
