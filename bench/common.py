@@ -3,6 +3,7 @@ the model's byte and FLOP counts, a table printer, and the JSON writer for `benc
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import datetime
 import importlib
@@ -253,36 +254,48 @@ def available_peers(peers: Sequence[str], skipped: dict):
         yield peer
 
 
-def parse_peers(text: str) -> list[str]:
-    peers = [p.strip() for p in text.split(",") if p.strip()] if text else []
-    bad = [p for p in peers if p not in PEERS]
-    if bad:
-        raise SystemExit(f"unknown peer {bad[0]!r}; choose from {', '.join(PEERS)}")
-    return peers
-
-
 def model_path(arg: str | None) -> Path:
     import tpmax
 
     return Path(arg) if arg else tpmax.default_model_path()
 
 
+# Every list option of every benchmark takes its items as separate words, e.g.
+# `--devices cpu:0,1 cpu --batches 1 4 16 --peers transformers` (a device spec keeps its own
+# commas: `cpu:0,1` is one spec, two devices).
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows "(default: X)" for options whose default is a value (not None or False); lists as words."""
+
+    def _get_help_string(self, action):
+        d = action.default
+        if d is None or d is False or d is argparse.SUPPRESS or "(default" in (action.help or ""):
+            return action.help
+        if isinstance(d, Path):
+            d = os.path.relpath(d)
+        shown = " ".join(map(str, d)) if isinstance(d, (list, tuple)) else str(d)
+        return f"{action.help} (default: {shown or 'none'})".replace("%", "%%")
+
+
+def arg_parser(doc: str) -> argparse.ArgumentParser:
+    """The parser of a benchmark script: its docstring's first paragraph, defaults in --help."""
+    return argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=_HelpFormatter)
+
+
+def add_out_arg(ap) -> None:
+    ap.add_argument("--out", type=Path, default=RESULTS, metavar="DIR", help="where the JSON results go")
+
+
 def add_model_args(ap) -> None:
-    """The arguments every tpmax-vs-peers benchmark takes: devices, model, peers, roofline."""
-    ap.add_argument("--devices", default="cpu:0,1;cpu",
-                    help="tpmax device specs separated by ';' (default 'cpu:0,1;cpu': TP 2 and TP 1)")
+    """The arguments every tpmax-vs-peers benchmark takes: devices, model, peers, roofline, out."""
+    ap.add_argument("--devices", nargs="+", default=["cpu:0,1", "cpu"], metavar="SPEC",
+                    help="tpmax device specs, one per word (the default is TP 2 then TP 1)")
     ap.add_argument("--model", default=None, help="GGUF file (default: tpmax's default model)")
-    ap.add_argument("--peers", default="transformers,llamacpp", help="peers to compare ('' for none)")
+    ap.add_argument("--peers", nargs="*", default=list(PEERS), choices=PEERS, metavar="PEER",
+                    help=f"peers to compare, from {', '.join(PEERS)}; none with a bare --peers")
     ap.add_argument("--quick-roofline", action="store_true", help="fewer roofline repeats")
-
-
-def device_specs(text: str) -> list[str]:
-    """'cpu:0,1;cpu' -> ['cpu:0,1', 'cpu']."""
-    return [d.strip() for d in text.split(";") if d.strip()]
-
-
-def parse_ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x.strip()]
+    add_out_arg(ap)
 
 
 def set_torch_threads():
@@ -325,10 +338,11 @@ def print_table(rows: Sequence[dict], columns: Sequence[str], *, title: str | No
 
 
 def write_json(name: str, *, backend: str, devices, model: str | None, dtype: str | None, figures,
-               roofline: dict | None = None, **extra) -> Path:
-    """Write `bench/results/<name>-<machine-tag>.json` and return its path."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}-{machine_tag()}.json"
+               roofline: dict | None = None, out: Path = RESULTS, **extra) -> Path:
+    """Write `<out>/<name>-<machine-tag>.json` (`out` defaults to bench/results) and return its path."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}-{machine_tag()}.json"
     doc = {
         "benchmark": name,
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -342,7 +356,7 @@ def write_json(name: str, *, backend: str, devices, model: str | None, dtype: st
         "figures": figures,
     }
     path.write_text(json.dumps(doc, indent=2, default=_json_default) + "\n")
-    print(f"\nwrote {path.relative_to(RESULTS.parent.parent)}")
+    print(f"\nwrote {path}")
     return path
 
 

@@ -5,8 +5,8 @@ Every backend gets the same prompts (`--prompt` random token ids per sequence, e
 lengths), prefills them as one batch, then decodes greedily: `--warmup` steps untimed,
 `--steps` steps timed one by one. tokens/s = batch / median step time.
 
-    python bench/decode.py [--devices 'cpu:0,1;cpu'] [--batches 1,2,4,8,16,32] [--steps 32]
-                           [--peers transformers,llamacpp] [--model PATH.gguf]
+    python bench/decode.py [--devices cpu:0,1 cpu] [--batches 1 2 4 8 16 32] [--steps 32]
+                           [--peers transformers llamacpp] [--model PATH.gguf] [--out DIR]
 """
 from __future__ import annotations
 
@@ -164,10 +164,8 @@ def run(args) -> dict:
     import tpmax
 
     path = common.model_path(args.model)
-    batches = common.parse_ints(args.batches)
-    peers = common.parse_peers(args.peers)
+    batches, peers, specs = args.batches, args.peers, args.devices
     roof = roofline.measure_verbose(quick=args.quick_roofline)
-    specs = common.device_specs(args.devices)
     P, W, S = args.prompt, args.warmup, args.steps
     ctx = P + W + (S + 1) / 2  # mean cache length over the timed steps
     rows, samples, skipped = [], {}, {}
@@ -221,19 +219,23 @@ def run(args) -> dict:
                       roofline=roof, protocol={"prompt_tokens": P, "warmup_steps": W, "timed_steps": S,
                                                "tok_s": "batch / median step time", "sampling": "greedy"},
                       model_config={"n_params": cfg.n_params(), "weight_bytes_f32": wbytes},
-                      skipped=skipped, greedy_agreement_with_tpmax=agree, figures=rows)
+                      skipped=skipped, greedy_agreement_with_tpmax=agree, figures=rows, out=args.out)
     return {"rows": rows}
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parser() -> argparse.ArgumentParser:
+    ap = common.arg_parser(__doc__)
     common.add_model_args(ap)
-    ap.add_argument("--batches", default="1,2,4,8,16,32", help="concurrent sequences, comma separated")
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32], metavar="B",
+                    help="concurrent sequences, one run each")
     ap.add_argument("--steps", type=int, default=32, help="timed decode steps")
     ap.add_argument("--warmup", type=int, default=3, help="untimed decode steps before them")
     ap.add_argument("--prompt", type=int, default=32, help="prompt tokens per sequence")
-    args = ap.parse_args(argv)
-    run(args)
+    return ap
+
+
+def main(argv=None) -> int:
+    run(parser().parse_args(argv))
     return 0
 
 

@@ -2,10 +2,13 @@
 concurrent sequences for tpmax and its peers (left), and the fraction of the roofline-bound
 throughput each reaches (right).
 
-    python bench/plot.py [bench/results/decode-<machine>.json]
+    python bench/plot.py [--out DIR] [DECODE_JSON]
+
+Needs matplotlib (`pip install -e '.[bench]'`).
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -56,13 +59,25 @@ def plot(src: Path, dst: Path) -> Path:
     return dst
 
 
+def parser():
+    ap = common.arg_parser(__doc__)
+    ap.add_argument("src", nargs="?", type=Path, metavar="DECODE_JSON",
+                    help="the decode results to plot (default: DIR/decode-<this machine>.json)")
+    ap.add_argument("--out", type=Path, default=common.RESULTS, metavar="DIR",
+                    help="where the decode JSON is looked for and decode_vs_batch.png is written")
+    return ap
+
+
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    src = Path(argv[0]) if argv else common.RESULTS / f"decode-{common.machine_tag()}.json"
-    if not src.exists():
-        print(f"{src} does not exist; run bench/decode.py first")
-        return 0
-    plot(src, common.RESULTS / "decode_vs_batch.png")
+    args = parser().parse_args(argv)
+    if importlib.util.find_spec("matplotlib") is None:
+        print("plot.py: matplotlib is not installed; install it with: pip install -e '.[bench]'", file=sys.stderr)
+        return 1
+    src = args.src or args.out / f"decode-{common.machine_tag()}.json"
+    if not src.is_file():
+        print(f"plot.py: {src} does not exist; run bench/decode.py first", file=sys.stderr)
+        return 1
+    plot(src, args.out / "decode_vs_batch.png")
     return 0
 
 

@@ -5,7 +5,8 @@ Each repeat prefills the prompt into an empty KV cache and returns the last toke
 (the lm_head runs on one row). FLOPs = 2 x layer-matmul params x T + 2 x vocab x D
 + causal attention (see `common.forward_flops`).
 
-    python bench/prefill.py [--devices 'cpu:0,1;cpu'] [--lengths 128,512,2048] [--peers transformers,llamacpp]
+    python bench/prefill.py [--devices cpu:0,1 cpu] [--lengths 128 512 2048] [--peers transformers llamacpp]
+                            [--out DIR]
 """
 from __future__ import annotations
 
@@ -71,12 +72,11 @@ def run(args) -> dict:
     import tpmax
 
     path = common.model_path(args.model)
-    lengths = common.parse_ints(args.lengths)
-    peers = common.parse_peers(args.peers)
+    lengths, peers = args.lengths, args.peers
     roof = roofline.measure_verbose(quick=args.quick_roofline)
     reps = lambda T: max(2, args.repeats if T <= 512 else args.repeats - 1)  # noqa: E731
     rows, skipped = [], {}
-    for spec in common.device_specs(args.devices):
+    for spec in args.devices:
         model = tpmax.load(path, devices=spec, dtype="float32", progress=False)
         cfg = model.cfg
         prompts = {T: decode.prompts_for(1, T, cfg.vocab_size, seed=T)[0] for T in lengths}
@@ -108,16 +108,21 @@ def run(args) -> dict:
     common.write_json("prefill", backend="numpy", devices=args.devices, model=str(path), dtype="float32",
                       roofline=roof, protocol={"warmup": 1, "tok_s": "tokens / median prefill time",
                                                "flops": "2*layer_params*T + 2*V*D + causal attention"},
-                      skipped=skipped, figures=rows)
+                      skipped=skipped, figures=rows, out=args.out)
     return {"rows": rows}
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parser() -> argparse.ArgumentParser:
+    ap = common.arg_parser(__doc__)
     common.add_model_args(ap)
-    ap.add_argument("--lengths", default="128,512,2048", help="prompt lengths, comma separated")
+    ap.add_argument("--lengths", type=int, nargs="+", default=[128, 512, 2048], metavar="T",
+                    help="prompt lengths, one run each")
     ap.add_argument("--repeats", type=int, default=3, help="timed repeats (one fewer above 512 tokens)")
-    run(ap.parse_args(argv))
+    return ap
+
+
+def main(argv=None) -> int:
+    run(parser().parse_args(argv))
     return 0
 
 

@@ -1,10 +1,11 @@
 """The measured machine roofline: float32 matmul FLOP/s and streaming read bandwidth on the
-CPU (NumPy, default threads), and on GPU 0 copy bandwidth and bf16 matmul FLOP/s (CuPy).
+CPU (NumPy, default threads), and on GPU 0 copy bandwidth and bf16 matmul FLOP/s (CuPy);
+`device_roofline` measures the same two figures on any one tpmax device.
 
 The other benchmarks call `measure()` in their own run, so every ratio they report is
 against a roofline taken minutes earlier on the same machine state.
 
-    python bench/roofline.py [--quick]
+    python bench/roofline.py [--quick] [--out DIR]
 """
 from __future__ import annotations
 
@@ -123,6 +124,46 @@ def measure_gpu(*, quick: bool = False) -> dict:
     }
 
 
+def device_roofline(device, *, copy_mib: int = 1024, matmul_n: int = 8192, repeats: int = 20) -> dict:
+    """Copy bandwidth and matmul peak of one tpmax device, measured on that device.
+
+    The matmul runs in the dtype tpmax's matmuls use there: bf16 on a GPU (CuPy), float32 on
+    a virtual CPU device (NumPy has no fast half GEMM, so tpmax computes half weights in
+    float32). Copy GB/s counts read + write bytes, as a decode step's weight reads are
+    compared against it.
+
+    Args:
+        device: a `tpmax.Device`; copy_mib: copy size; matmul_n: square matmul size.
+    Returns:
+        `{"device", "copy_gbps", "matmul_tflops", "matmul_dtype", "copy", "matmul"}`.
+    """
+    import tpmax
+    from tpmax.devices import on_device_context
+
+    xp = device.xp
+    sync = (lambda: tpmax.synchronize([device])) if device.kind == "gpu" else None
+    dtype = tpmax.bfloat16 if device.kind == "gpu" else np.dtype(np.float32)
+    with on_device_context(device):
+        a = xp.ones(copy_mib * 2**20 // 4, xp.float32)
+        b = xp.empty_like(a)
+        copy = common.timed(lambda: xp.copyto(b, a), warmup=2, repeats=repeats, sync=sync)
+        nbytes = a.nbytes
+        del a, b
+        k = matmul_n
+        x = xp.ones((k, k), xp.float32).astype(dtype)
+        y = xp.empty((k, k), dtype if device.kind == "gpu" else np.float32)
+        mm = common.timed(lambda: xp.matmul(x, x, out=y), warmup=2, repeats=repeats, sync=sync)
+        del x, y
+    return {
+        "device": str(device),
+        "copy_gbps": 2 * nbytes / copy.best / 1e9,
+        "matmul_tflops": 2 * k**3 / mm.best / 1e12,
+        "matmul_dtype": str(np.dtype(dtype)),
+        "copy": {"bytes_moved": 2 * nbytes, "timing": copy.as_dict()},
+        "matmul": {"shape": [k, k, k], "timing": mm.as_dict()},
+    }
+
+
 def measure(*, quick: bool = False) -> dict:
     """The roofline numbers other benchmarks divide by (CPU always, GPU when present)."""
     return {"cpu": measure_cpu(quick=quick), "gpu": measure_gpu(quick=quick)}
@@ -159,12 +200,13 @@ def summary_rows(roof: dict) -> list[dict]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer repeats")
+    common.add_out_arg(ap)
     args = ap.parse_args(argv)
     roof = measure(quick=args.quick)
     common.print_table(summary_rows(roof), ["what", "value", "unit"], title="machine roofline")
     common.write_json("roofline", backend="numpy" + ("+cupy" if roof["gpu"]["available"] else ""),
                       devices="cpu" + (",gpu:0" if roof["gpu"]["available"] else ""), model=None, dtype="float32",
-                      figures=roof)
+                      figures=roof, out=args.out)
     return 0
 
 

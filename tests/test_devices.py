@@ -49,6 +49,15 @@ def test_asarray_roundtrip_cpu(dtype):
     assert tpmax.asarray(x, d, copy=True) is not x
 
 
+def test_asarray_copy_never_shares_memory():
+    class Sub(np.ndarray):
+        pass
+    for a in (np.arange(6.0), np.arange(6.0).view(Sub), np.arange(12.0)[::2]):
+        x = tpmax.asarray(a, Device("cpu", 0), copy=True)
+        assert not np.shares_memory(x, a)
+        np.testing.assert_array_equal(x, a)
+
+
 def test_bad_dtype_name():
     with pytest.raises(ValueError, match="unsupported dtype"):
         tpmax.as_dtype("float7")

@@ -1,12 +1,15 @@
-"""Sampling, continuous batching, stop conditions, streaming, and the CLI."""
+"""Sampling, continuous batching (admission, preemption, isolation of faults), stop
+conditions, streaming, and the CLI."""
+import dataclasses
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 import tpmax
 from tpmax.generate import SamplingParams, sample
@@ -15,9 +18,41 @@ from tpmax.loader import load
 FIX = Path(__file__).parent / "fixtures"
 
 
+def make_chat_model_dir(d: Path, *, context: int | None = None) -> Path:
+    """The tiny llama fixture plus a byte-level tokenizer (ids 0-2 <unk> <s> </s>, then the
+    256 bytes: 259 = the fixture's vocabulary) and a chat template, written into `d`;
+    `context` overrides its max_position_embeddings (128)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    d.mkdir(parents=True, exist_ok=True)
+    for f in ("generation_config.json", "model.safetensors"):
+        if not (d / f).exists():
+            os.symlink((FIX / "hf" / "llama" / f).resolve(), d / f)
+    cfg = json.loads((FIX / "hf" / "llama" / "config.json").read_text())
+    cfg["max_position_embeddings"] = context or cfg["max_position_embeddings"]
+    (d / "config.json").write_text(json.dumps(cfg))
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    vocab.update({ch: 3 + i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))})
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(["<unk>", "<s>", "</s>"])
+    tok.save(str(d / "tokenizer.json"))
+    template = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                "{% if add_generation_prompt %}assistant:{% endif %}")
+    (d / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True, "chat_template": template}))
+    return d
+
+
 @pytest.fixture(scope="module")
 def tiny():
     return load(FIX / "hf" / "llama", devices="cpu:0,1", progress=False)
+
+
+@pytest.fixture(scope="module")
+def chat(tmp_path_factory):
+    return load(make_chat_model_dir(tmp_path_factory.mktemp("tinychat")), devices="cpu:0,1", progress=False)
 
 
 def greedy_ref(model, prompt, n):
@@ -26,6 +61,14 @@ def greedy_ref(model, prompt, n):
     for _ in range(n):
         seq.append(int(tpmax.logits(model, [seq])[0][-1].argmax()))
     return seq[len(prompt):]
+
+
+def alone(model, prompt, params, **kw):
+    """The completion of one request run by itself."""
+    engine = tpmax.Engine(model, max_batch=1, cache_tokens=256, **kw)
+    engine.submit(prompt, params)
+    (c,) = engine.run()
+    return c
 
 
 def test_continuous_batching_equals_each_prompt_alone(tiny):
@@ -53,13 +96,212 @@ def test_stop_token_and_eos(tiny):
     assert c.tokens == first and c.finish_reason == "stop"
 
 
-def test_kv_cache_full_ends_only_that_request(tiny):
+def mixed_requests(model, n, seed):
+    """n chat requests of mixed prompt lengths, max tokens, greedy and seeded sampling."""
+    rng = np.random.default_rng(seed)
+    reqs = []
+    for i in range(n):
+        prompt = model.tokenizer.encode("".join(chr(97 + c) for c in rng.integers(0, 26, rng.integers(1, 14))))
+        params = SamplingParams(max_new_tokens=int(rng.integers(1, 16)), stop_token_ids=(),
+                                temperature=0.0 if i % 3 == 0 else 1.0, top_k=int(rng.integers(0, 3)) * 20,
+                                seed=int(rng.integers(0, 2**64, dtype=np.uint64)))
+        reqs.append((prompt, params))
+    return reqs
+
+
+def check_batched_equals_alone(model, reqs, *, max_batch, cache_tokens, page_size):
+    engine = tpmax.Engine(model, max_batch=max_batch, cache_tokens=cache_tokens, page_size=page_size)
+    for p, params in reqs:
+        engine.submit(p, params)
+    outs = engine.run()
+    assert [c.id for c in outs] == list(range(len(reqs)))
+    for c, (p, params) in zip(outs, reqs):
+        ref = alone(model, p, params)
+        assert c.finish_reason == "length" and len(c.tokens) == params.max_new_tokens, c
+        assert (c.tokens, c.text) == (ref.tokens, ref.text)
+    assert engine.cache.free_pages == engine.cache.num_pages and not engine.busy
+    return engine
+
+
+def test_small_cache_admits_by_free_pages_and_preempts_never_drops(chat):
+    # 48 requests of up to 13 + 15 tokens on 24 pages of 4: the cache holds a few at a time.
+    engine = check_batched_equals_alone(chat, mixed_requests(chat, 48, seed=1), max_batch=16, cache_tokens=96,
+                                        page_size=4)
+    assert engine.stats.preemptions > 0  # the case that needs preemption was exercised
+
+
+@settings(max_examples=8, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.integers(2, 24), st.integers(0, 2**32 - 1), st.integers(1, 8), st.sampled_from([2, 4, 8]))
+def test_request_mixes_batched_equal_alone(chat, n, seed, max_batch, page_size):
+    pages = -(-(14 + 15) // page_size)  # the largest request fits; usually a few at a time
+    check_batched_equals_alone(chat, mixed_requests(chat, n, seed), max_batch=max_batch,
+                               cache_tokens=pages * page_size * 2, page_size=page_size)
+
+
+def test_request_that_can_never_fit_is_refused_at_submit(tiny):
     engine = tpmax.Engine(tiny, max_batch=2, cache_tokens=12, page_size=4)  # 3 pages
-    engine.submit([1, 2, 3], SamplingParams(max_new_tokens=30, stop_token_ids=()))
-    engine.submit([4], SamplingParams(max_new_tokens=2, stop_token_ids=()))
-    a, b = engine.run()
-    assert b.finish_reason == "length" and b.tokens == greedy_ref(tiny, [4], 2)
-    assert a.finish_reason == "kv_cache_full" and a.tokens == greedy_ref(tiny, [1, 2, 3], len(a.tokens))
+    with pytest.raises(ValueError, match="does not fit the KV cache.*max_new_tokens"):
+        engine.submit([1, 2, 3], SamplingParams(max_new_tokens=30))
+    engine.submit([1, 2, 3], SamplingParams(max_new_tokens=10, stop_token_ids=()))  # 12 tokens: fits
+    (c,) = engine.run()
+    assert c.finish_reason == "length" and c.tokens == greedy_ref(tiny, [1, 2, 3], 10)
+
+
+def test_max_new_tokens_is_capped_at_the_context(chat):
+    (c,) = tpmax.generate(chat, ["hi"], SamplingParams(max_new_tokens=10**12, stop_token_ids=()))
+    assert c.finish_reason == "length" and c.prompt_tokens + len(c.tokens) == chat.cfg.max_seq_len
+
+
+def test_seed_is_the_requests_own_not_its_position(chat):
+    params = SamplingParams(max_new_tokens=12, temperature=1.5, seed=7, stop_token_ids=())
+    other = SamplingParams(max_new_tokens=5, temperature=1.0, seed=99, stop_token_ids=())
+    p = chat.tokenizer.encode("seeded")
+    ref = alone(chat, p, params)
+    engine = tpmax.Engine(chat, max_batch=4, cache_tokens=256)
+    ids = [engine.submit(chat.tokenizer.encode("x" * k), other) for k in range(3)]
+    ids += [engine.submit(p, params), engine.submit(p, params)]
+    outs = {c.id: c for c in engine.run()}
+    assert outs[ids[3]].text == outs[ids[4]].text == ref.text and outs[ids[3]].tokens == ref.tokens
+
+
+class PaddedVocabTokenizer:
+    """A tokenizer that knows only the first `n` ids of the model's vocabulary."""
+
+    def __init__(self, tok, n):
+        self.tok, self.vocab_size = tok, n
+
+    def __getattr__(self, name):
+        return getattr(self.tok, name)
+
+    def stream(self):
+        return tpmax.StreamDecoder(self)
+
+    def decode(self, ids, skip_special_tokens=False):
+        ids = list(ids)
+        if any(i >= self.vocab_size for i in ids):
+            raise ValueError(f"token ids {ids} out of range for vocabulary size {self.vocab_size}")
+        return self.tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+
+def test_padded_vocab_ids_are_never_sampled(chat):
+    p = chat.tokenizer.encode("pad")
+    favourite = max(alone(chat, p, SamplingParams(max_new_tokens=20, stop_token_ids=())).tokens)
+    model = dataclasses.replace(chat, tokenizer=PaddedVocabTokenizer(chat.tokenizer, favourite))
+    engine = tpmax.Engine(model, max_batch=4, cache_tokens=256)
+    for seed in range(4):
+        engine.submit(p, SamplingParams(max_new_tokens=20, stop_token_ids=(), temperature=0.0 if seed == 0 else 2.0,
+                                        seed=seed))
+    outs = engine.run()
+    assert all(c.finish_reason == "length" and max(c.tokens) < favourite for c in outs), outs
+
+
+class BrokenDetokenizer:
+    def push(self, tok):
+        raise RuntimeError("detokenizer exploded")
+
+    def flush(self):
+        return ""
+
+
+def test_one_requests_fault_ends_only_that_request(chat):
+    params = SamplingParams(max_new_tokens=6, stop_token_ids=())
+    p = chat.tokenizer.encode("fault")
+    engine = tpmax.Engine(chat, max_batch=4, cache_tokens=128)
+    engine.submit(p, params)
+    bad = engine.submit(p, params, detokenizer=BrokenDetokenizer())
+    engine.submit(p, params)
+    outs = engine.run()
+    ref = alone(chat, p, params)
+    assert outs[bad].finish_reason == "error" and "detokenizer exploded" in outs[bad].error
+    assert [(c.tokens, c.text, c.finish_reason) for i, c in enumerate(outs) if i != bad] == [
+        (ref.tokens, ref.text, "length")] * 2
+    assert engine.cache.free_pages == engine.cache.num_pages
+
+
+class FailingComm:
+    """The model's communicator, failing its all-reduce while `fail` is set."""
+
+    def __init__(self, comm):
+        self.comm, self.fail = comm, False
+
+    def __getattr__(self, name):
+        return getattr(self.comm, name)
+
+    def allreduce_sum(self, xs):
+        if self.fail:
+            raise RuntimeError("NCCL went away")
+        return self.comm.allreduce_sum(xs)
+
+
+def test_forward_failure_ends_that_batch_and_rolls_the_cache_back(tiny):
+    comm = FailingComm(tiny.comm)
+    model = dataclasses.replace(tiny, comm=comm)
+    engine = tpmax.Engine(model, max_batch=4, cache_tokens=64, page_size=4)
+    for n in (3, 5, 7):
+        engine.submit(list(range(1, n + 1)), SamplingParams(max_new_tokens=8, stop_token_ids=()))
+    engine.step()
+    engine.step()
+    comm.fail = True
+    events = engine.step()
+    ends = [e.completion for e in events if e.completion]
+    assert len(ends) == 3 and all(c.finish_reason == "error" and "NCCL went away" in c.error for c in ends)
+    assert all(len(c.tokens) == 2 for c in ends)
+    assert engine.cache.free_pages == engine.cache.num_pages and not engine.running and not engine.busy
+    comm.fail = False  # the engine goes on serving
+    engine.submit([1, 2, 3], SamplingParams(max_new_tokens=4, stop_token_ids=()))
+    (c,) = engine.run()
+    assert c.tokens == greedy_ref(tiny, [1, 2, 3], 4)
+
+
+def test_non_finite_logits_end_the_request_naming_the_model(chat):
+    w = chat.weights
+    nan = dataclasses.replace(chat, weights=dataclasses.replace(w, norm=tuple(x * np.float32("nan") for x in w.norm)))
+    engine = tpmax.Engine(nan, cache_tokens=64)
+    engine.submit([1, 2, 3], SamplingParams(max_new_tokens=4))
+    (c,) = engine.run()
+    assert c.finish_reason == "error" and chat.path in c.error and "non-finite" in c.error and c.text == ""
+
+
+def test_max_batch_must_be_positive(tiny):
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match="max_batch"):
+            tpmax.Engine(tiny, max_batch=bad, cache_tokens=32)
+
+
+def test_finished_requests_are_handed_back_once(tiny):
+    engine = tpmax.Engine(tiny, cache_tokens=64)
+    engine.submit([1, 2], SamplingParams(max_new_tokens=3, stop_token_ids=()))
+    engine.submit([3], SamplingParams(max_new_tokens=1, stop_token_ids=()))
+    events = engine.step()  # prefill: the second request ends at once
+    done = [e.completion for e in events if e.completion]
+    assert [(c.id, c.finish_reason, len(c.tokens)) for c in done] == [(1, "length", 1)]
+    assert [c.id for c in engine.run()] == [0]  # what run returns is what ended during it
+    assert engine.run() == [] and not engine.busy and not hasattr(engine, "finished")
+
+
+def test_cancel_frees_pages_at_once(tiny):
+    engine = tpmax.Engine(tiny, max_batch=1, cache_tokens=64, page_size=4)
+    a = engine.submit(list(range(1, 10)), SamplingParams(max_new_tokens=20, stop_token_ids=()))
+    b = engine.submit([1, 2], SamplingParams(max_new_tokens=20, stop_token_ids=()))
+    engine.step()
+    engine.step()
+    assert engine.pages_in_use == 3
+    c = engine.cancel(a)
+    assert c.finish_reason == "cancelled" and len(c.tokens) == 2 and engine.pages_in_use == 0
+    assert engine.cancel(b).finish_reason == "cancelled"  # still waiting
+    assert engine.cancel(a) is None and not engine.busy and engine.step() == []
+
+
+def test_context_checks(tiny):
+    too_long = list(range(1, 130))  # the fixture's context is 128
+    with pytest.raises(ValueError, match="longer than the model's context"):
+        tpmax.logits(tiny, [[1, 2], too_long])
+    with pytest.raises(ValueError, match="context_length 256 is longer than the model's context"):
+        tpmax.perplexity(tiny, too_long, context_length=256)
+    seen = []
+    ppl, n = tpmax.perplexity(tiny, too_long, context_length=50, on_progress=lambda *a: seen.append(a))
+    assert [s[:2] for s in seen] == [(49, 126), (98, 126), (126, 126)] and n == 126
+    assert seen[-1][2] == pytest.approx(ppl)
 
 
 @pytest.mark.parametrize("bad, match", [([], "empty prompt"), ([10**6], "outside the vocabulary"),
@@ -71,11 +313,21 @@ def test_submit_rejects_bad_prompts(tiny, bad, match):
     assert not engine.busy
 
 
-@pytest.mark.parametrize("kw, match", [({"max_new_tokens": 0}, "max_new_tokens"), ({"temperature": -1}, "temperature"),
-                                       ({"top_p": 0}, "top_p"), ({"top_k": -2}, "top_k")])
+@pytest.mark.parametrize("kw, match", [
+    ({"max_new_tokens": 0}, "max_new_tokens"), ({"max_new_tokens": 2.5}, "max_new_tokens"),
+    ({"max_new_tokens": "8"}, "max_new_tokens"), ({"temperature": -1}, "temperature"),
+    ({"temperature": float("nan")}, "temperature"), ({"temperature": float("inf")}, "temperature"),
+    ({"top_p": 0}, "top_p"), ({"top_p": float("nan")}, "top_p"), ({"top_p": float("inf")}, "top_p"),
+    ({"top_k": -2}, "top_k"), ({"seed": -1}, "seed"), ({"seed": 2**64}, "seed"), ({"seed": 1.5}, "seed"),
+    ({"stop": ("",)}, "stop"), ({"stop": ""}, "stop")])
 def test_bad_sampling_params(kw, match):
     with pytest.raises(ValueError, match=match):
         SamplingParams(**kw)
+
+
+def test_sampling_params_accept_the_edges():
+    assert SamplingParams(seed=2**64 - 1, stop="x").stop == ("x",)
+    assert SamplingParams(seed=0, max_new_tokens=np.int64(3)).seed == 0
 
 
 @settings(max_examples=100)
@@ -117,9 +369,8 @@ class FakeStream:
 @pytest.mark.parametrize("stop", [("c",), ("bc",), ("xyz", "cd")])
 def test_stop_strings_are_cut_and_held_back(tiny, stop):
     engine = tpmax.Engine(tiny, cache_tokens=64)
-    engine.submit([1], SamplingParams(max_new_tokens=8, stop=stop))
+    engine.submit([1], SamplingParams(max_new_tokens=8, stop=stop), detokenizer=FakeStream())
     req = engine.waiting[0]
-    req.stream = FakeStream()
     pieces = []
     for tok in [0, 1, 2, 3, 4]:  # "abcde"
         if req.finish_reason:
@@ -128,6 +379,14 @@ def test_stop_strings_are_cut_and_held_back(tiny, stop):
     text = "".join(pieces)
     cut = min(("abcde".find(s) for s in stop if s in "abcde"))
     assert text == "abcde"[:cut] and req.finish_reason == "stop"
+
+
+def test_stop_string_through_the_engine(chat):
+    p = chat.tokenizer.encode("stop")
+    full = alone(chat, p, SamplingParams(max_new_tokens=16, stop_token_ids=())).text
+    stop = full[5:7]
+    c = alone(chat, p, SamplingParams(max_new_tokens=16, stop_token_ids=(), stop=(stop,)))
+    assert c.finish_reason == "stop" and c.text == full[:full.index(stop)]
 
 
 # ------------------------------------------------------------------------------------------

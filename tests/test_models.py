@@ -4,6 +4,7 @@ reference, the real SmolLM2 GGUF against transformers' greedy answer and perplex
 malformed-input case."""
 import dataclasses
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import gguf
 import numpy as np
 import pytest
 import safetensors.numpy as stn
+from hypothesis import given, settings, strategies as st
 
 import tpmax
 from tpmax.generate import encode_prompt
@@ -290,3 +292,151 @@ def test_half_precision_weights(dtype, tol):
         (got,) = tpmax.logits(model, [ids])
         assert got.dtype == np.float32
         assert np.abs(got - want).max() <= tol * np.abs(want).max()
+
+
+# ------------------------------------------------------------------------------------------
+# Nothing read from outside the model directory, nothing unbounded, nothing silently wrong.
+
+
+def index_dir(tmp_path, weight_map):
+    """The sharded fixture with its index's weight_map replaced."""
+    d = hf_copy(tmp_path, "llama_sharded")
+    idx = json.loads((d / "model.safetensors.index.json").read_text())
+    idx["weight_map"] = weight_map(idx["weight_map"], d)
+    (d / "model.safetensors.index.json").write_text(json.dumps(idx))
+    return d
+
+
+def _first_to(target):
+    def edit(wm, d):
+        k = next(iter(wm))
+        return {**wm, k: target(d, wm[k])}
+    return edit
+
+
+OUTSIDE = {
+    "dotdot": (_first_to(lambda d, f: f"../outside/{f}"), "outside the model directory"),
+    "absolute": (_first_to(lambda d, f: str((d.parent / "outside" / f).resolve())), "outside the model directory"),
+    "not a mapping": (lambda wm, d: list(wm.items()), "weight_map must be a non-empty mapping"),
+    "non-string file": (_first_to(lambda d, f: 3), "must be a file name"),
+    "empty": (lambda wm, d: {}, "weight_map must be a non-empty mapping"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(OUTSIDE))
+def test_index_never_reads_outside_the_directory(tmp_path, case):
+    edit, match = OUTSIDE[case]
+    outside = tmp_path / "outside"
+    shutil.copytree(FIX / "hf" / "llama_sharded", outside)  # a loadable copy the index could point at
+    d = index_dir(tmp_path, edit)
+    with pytest.raises(tpmax.LoadError, match=match):
+        load(d, progress=False)
+
+
+def test_symlinks_out_and_fifos_are_refused(tmp_path):
+    d = hf_copy(tmp_path)
+    elsewhere = tmp_path / "elsewhere.safetensors"
+    (d / "model.safetensors").rename(elsewhere)
+    (d / "model.safetensors").symlink_to(elsewhere)
+    with pytest.raises(tpmax.LoadError, match="outside the model directory"):
+        load(d, progress=False)
+    (d / "model.safetensors").unlink()
+    os.mkfifo(d / "model.safetensors")  # opening it would block forever
+    with pytest.raises(tpmax.LoadError, match="not a regular file"):
+        load(d, progress=False)
+    os.unlink(d / "config.json")
+    os.mkfifo(d / "config.json")
+    with pytest.raises(tpmax.LoadError, match="config.json: not a regular file"):
+        load(d, progress=False)
+
+
+def test_tensor_in_two_shards_is_an_error(tmp_path):
+    d = hf_copy(tmp_path, "llama_sharded")
+    files = sorted(d.glob("model-0000*.safetensors"))
+    a, b = stn.load_file(str(files[0])), stn.load_file(str(files[1]))
+    key = next(iter(a))
+    b[key] = a[key]
+    stn.save_file(b, str(files[1]))
+    with pytest.raises(tpmax.LoadError, match="is also in"):
+        load(d, progress=False)
+
+
+@pytest.mark.parametrize("dtype", [np.int64, np.int32, np.bool_])
+def test_integer_and_bool_weights_are_refused(tmp_path, dtype):
+    d = hf_copy(tmp_path)
+    key = "model.layers.0.mlp.down_proj.weight"
+    edit_tensors(d, lambda t: t.update({key: (t[key] * 10).astype(dtype)}))
+    with pytest.raises(tpmax.LoadError, match=f"layers.0.down_proj has dtype {np.dtype(dtype)}"):
+        load(d, progress=False)
+
+
+def test_huge_layer_count_fails_before_allocating(tmp_path):
+    d = hf_copy(tmp_path)
+    edit_config(d, lambda c: c.update(num_hidden_layers=10**9))
+    with pytest.raises(tpmax.LoadError, match="n_layers must be a positive integer"):
+        load(d, progress=False)
+    edit_config(d, lambda c: c.update(num_hidden_layers=3))
+    with pytest.raises(tpmax.LoadError, match="config has 3 layers, the checkpoint holds 2"):
+        load(d, progress=False)
+
+
+# Config values: every key a config may carry, and values of every wrong type and range.
+CONFIG_KEYS = ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+               "head_dim", "intermediate_size", "rms_norm_eps", "max_position_embeddings", "tie_word_embeddings",
+               "attention_bias", "mlp_bias", "hidden_act", "rope_theta", "rope_parameters", "rope_scaling"]
+BAD_VALUES = st.sampled_from(["false", "true", "12", 0, -1, 0.0, -1e-5, 1e30, 10**12, float("nan"), float("inf"),
+                              None, [], {}, [1, 2], {"rope_type": "llama3", "factor": -2.0},
+                              {"rope_type": "linear", "factor": 0}, {"rope_type": "llama3"}, True, 3.5])
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.sampled_from(CONFIG_KEYS), BAD_VALUES)
+def test_config_values_are_type_and_range_checked(key, value):
+    base = json.loads((FIX / "hf" / "llama" / "config.json").read_text())
+    c = {**base, key: value}
+    try:
+        cfg = tpmax.ModelConfig.from_hf_config(c, source="cfg.json")
+    except tpmax.ConfigError as e:
+        assert str(e).startswith("cfg.json: ")  # names the file
+        return
+    # Accepted: then every field is a sane value of its type (nothing coerced silently).
+    for f in ("vocab_size", "hidden_size", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_size"):
+        v = getattr(cfg, f)
+        assert isinstance(v, int) and not isinstance(v, bool) and v > 0
+    assert isinstance(cfg.tie_embeddings, bool) and cfg.norm_eps > 0 and cfg.rope_theta > 0
+    assert not isinstance(value, str) or key in ("rope_theta", "rope_scaling")  # superseded by rope_parameters
+
+
+def test_string_false_is_not_true(tmp_path):
+    d = hf_copy(tmp_path)
+    edit_config(d, lambda c: c.update(tie_word_embeddings="false"))
+    with pytest.raises(tpmax.ConfigError, match="tie_word_embeddings must be true or false, got 'false'"):
+        load(d, progress=False)
+
+
+def test_non_utf8_config(tmp_path):
+    d = hf_copy(tmp_path)
+    (d / "config.json").write_bytes(b'{"model_type": "llama\xff"}')
+    with pytest.raises(tpmax.LoadError, match="config.json: not UTF-8"):
+        load(d, progress=False)
+
+
+def test_gguf_zero_heads_is_a_config_error(tmp_path):
+    cfg0 = dataclasses.replace(GGUF_CFG)
+    full = tpmax.random_weights(cfg0, seed=1)
+    w = gguf.GGUFWriter(str(tmp_path / "z.gguf"), "llama")
+    w.add_block_count(cfg0.n_layers)
+    w.add_embedding_length(cfg0.hidden_size)
+    w.add_feed_forward_length(cfg0.ffn_size)
+    w.add_head_count(0)
+    w.add_vocab_size(cfg0.vocab_size)
+    w.add_tensor("token_embd.weight", full["embed"])
+    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    with pytest.raises(tpmax.ConfigError, match="llama.attention.head_count must be positive"):
+        load(tmp_path / "z.gguf", progress=False)
+
+
+def test_model_repr_is_one_line():
+    model = load(FIX / "hf" / "llama", devices="cpu:0,1", progress=False)
+    r = repr(model)
+    assert "\n" not in r and len(r) < 300 and "llama" in r and "cpu:0,cpu:1" in r and "float32" in r

@@ -281,14 +281,10 @@ def test_kv_heads_per_device_with_replication():
 @settings(max_examples=15)
 @given(model_cases(), st.integers(1, 12))
 def test_device_threads_and_query_blocks_change_nothing(case, T):
-    import tpmax.attention as A
     cfg, tp, seed = case
     full, weights, cache, comm = build(cfg, tp, seed)
     seq = np.random.default_rng(seed).integers(0, cfg.vocab_size, T)
-    old = A.ATTENTION_BLOCK
-    try:
-        A.ATTENTION_BLOCK = 3  # several query blocks per sequence, each with its own key range
-        (_, blocked, _) = run(weights, cfg, cache, comm, [seq], ["s"], return_logits=ReturnLogits.ALL, threads=True)
-    finally:
-        A.ATTENTION_BLOCK = old
+    # Blocks of 3 queries: several per sequence, each with its own key range.
+    (_, blocked, _) = run(weights, cfg, cache, comm, [seq], ["s"], return_logits=ReturnLogits.ALL, threads=True,
+                          attention_block=3)
     close(blocked, ref.forward(full, cfg, seq)[0])

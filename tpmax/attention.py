@@ -20,7 +20,7 @@ from .devices import Array, Device, asarray, xp_of
 from .distributed import per_device
 from .kv_cache import BatchSlots, gather_kv, write_kv
 from .layers import RopeTables, RotaryEmbedding, linear, rms_norm, rotate
-from .sharding import HeadShard, head_shard
+from .sharding import HeadShard, check_heads, head_shard
 
 
 class MHAMaskVariant(str, enum.Enum):
@@ -49,8 +49,7 @@ class AttentionConfig:
     interleaved: bool = False
 
     def __post_init__(self):
-        if self.n_heads % self.n_kv_heads:
-            raise ValueError(f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
+        check_heads(self.n_heads, self.n_kv_heads)
         if self.mask == MHAMaskVariant.SLIDING_WINDOW_CAUSAL_MASK and not (self.sliding_window or 0) > 0:
             raise ValueError("SLIDING_WINDOW_CAUSAL_MASK needs a positive sliding_window")
 
@@ -134,8 +133,11 @@ ATTENTION_BLOCK = 256  # queries per block: prefill never holds more than [heads
 
 
 def attention_inputs(cfg: AttentionConfig, rope: RotaryEmbedding, slots: BatchSlots,
-                     devices: Sequence[Device]) -> list[AttentionInputs]:
-    """Per device `AttentionInputs` for a batch (see `PagedKVCache.reserve` for `slots`)."""
+                     devices: Sequence[Device], *, block: int = ATTENTION_BLOCK) -> list[AttentionInputs]:
+    """Per device `AttentionInputs` for a batch (see `PagedKVCache.reserve` for `slots`).
+
+    `block`: queries per prefill block (scores of at most `[heads, block, L]` at a time).
+    """
     cos, sin = rope.cos_sin(slots.positions)  # [T, hd/2] each
     host_rope = RopeTables.build(cos, sin, interleaved=cfg.interleaved)
     offs = [int(o) for o in slots.input_row_offsets]
@@ -145,7 +147,7 @@ def attention_inputs(cfg: AttentionConfig, rope: RotaryEmbedding, slots: BatchSl
     for d in devices:
         put = lambda a: None if a is None else asarray(a, d)  # noqa: E731
         blocks = tuple(tuple(QueryBlock(a, b, lo, hi, put(bias)) for a, b, lo, hi, bias in
-                             _query_blocks(cfg, st, e - a0, L))
+                             _query_blocks(cfg, st, e - a0, L, block))
                        for st, a0, e, L in zip(starts, offs[:-1], offs[1:], lengths))
         decode = _decode_batch(cfg, slots, lengths)
         if decode is not None:
@@ -174,10 +176,10 @@ def _decode_batch(cfg: AttentionConfig, slots: BatchSlots, lengths: list[int]):
     return tables, bias[:, None, None, :]
 
 
-def _query_blocks(cfg: AttentionConfig, start: int, n: int, L: int):
-    """`(a, b, lo, hi, bias)` for blocks of `ATTENTION_BLOCK` queries at positions `start + a ..`."""
-    for a in range(0, n, ATTENTION_BLOCK):
-        b = min(n, a + ATTENTION_BLOCK)
+def _query_blocks(cfg: AttentionConfig, start: int, n: int, L: int, block: int):
+    """`(a, b, lo, hi, bias)` for blocks of `block` queries at positions `start + a ..`."""
+    for a in range(0, n, block):
+        b = min(n, a + block)
         if cfg.mask == MHAMaskVariant.NULL_MASK:
             yield a, b, 0, L, None
             continue
@@ -305,7 +307,8 @@ def tensor_parallel_attention_with_rope(xs: Sequence[Array], ws: Sequence[Attent
     """
     heads = local_heads(cfg, comm)
     partials = per_device(lambda x, w, h, inp, pages: attention_local(x, w, h, cfg, inp, pages, layer),
-                          xs, ws, heads, inputs, kv_pages, threads=threads)  # per device [T, D] partial
+                          xs, ws, heads, inputs, kv_pages, devices=comm.devices,
+                          threads=threads)  # per device [T, D] partial
     return comm.allreduce_sum(partials)  # -> [T, D]
 
 
@@ -331,4 +334,4 @@ def materialize_kv_from_hidden(layer_idx: int, hiddens: Sequence[Array], ws: Seq
         _, k, v = qkv_rope(x, w, h, cfg, inp.rope)
         write_kv(pages, layer_idx, k, v, inp.page, inp.slot)
 
-    per_device(one, hiddens, ws, local_heads(cfg, comm), inputs, kv_pages)
+    per_device(one, hiddens, ws, local_heads(cfg, comm), inputs, kv_pages, devices=comm.devices)

@@ -1,59 +1,249 @@
-"""The `tpmax` command line: a thin layer over `tpmax.load` and `tpmax.generate`.
+"""The `tpmax` command line: a thin layer over `tpmax.load`, `tpmax.generate` and
+`tpmax.perplexity` that parses arguments, reads input files and reports results.
 
-    tpmax generate [--model PATH] [--devices SPEC] ... PROMPT...
-    tpmax perplexity [--model PATH] --file TEXT [--context-length N] [--json]
+    tpmax generate [options] PROMPT...            (the words form one prompt)
+    tpmax generate [options] --prompt TEXT [--prompt TEXT ...]
+    tpmax generate [options] --file PATH          (one prompt per line; - = stdin)
+    tpmax perplexity [options] --file PATH
     tpmax info [--model PATH [--devices SPEC]]
+
+Each subcommand is a pair: `add_<name>_parser(sub)` declares its arguments and sets
+`run=_<name>`; `_<name>(args)` runs it and returns the exit status. To add a subcommand,
+write the pair and list the first half in `SUBCOMMANDS`. Every error is one line on stderr,
+`tpmax: error: ...`: exit 2 for bad arguments, input or model, exit 1 when a prompt failed
+during generation.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
+import stat
 import sys
-from pathlib import Path
+import time
+
+MAX_INPUT_BYTES = 64 << 20  # the most a --file may hold (64 MiB)
+MAX_SEED = 2**64 - 1
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tpmax", description="Tensor-parallel transformer inference.")
-    sub = p.add_subparsers(dest="command", required=True)
+class CLIError(Exception):
+    """A problem with the user's input: printed as `tpmax: error: <message>`, exit 2."""
 
-    def model_args(sp):
-        sp.add_argument("--model", help="HF model directory or .gguf file (default: SmolLM2-135M-Instruct)")
-        sp.add_argument("--devices", default="cpu", help="device spec: cpu, cpu:0,1, gpu:0,1, gpu:0,0 (default: cpu)")
-        sp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
 
-    g = sub.add_parser("generate", help="generate text for one or more prompts (streamed)")
-    model_args(g)
-    g.add_argument("--max-new-tokens", type=int, default=256)
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    g.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
-    g.add_argument("--stats", action="store_true", help="one JSON line of timings on stderr")
-    g.add_argument("prompts", nargs="+", metavar="PROMPT")
+# ------------------------------------------------------------------------------------------
+# Argument types: each turns the text into a value or raises ArgumentTypeError with the reason.
 
-    pp = sub.add_parser("perplexity", help="perplexity of a text file")
-    model_args(pp)
-    pp.add_argument("--file", required=True, type=Path)
-    pp.add_argument("--context-length", type=int, default=512)
-    pp.add_argument("--json", action="store_true")
 
-    i = sub.add_parser("info", help="backends, devices, NCCL; with --model, its quantization and resident bytes")
-    i.add_argument("--model", help="also load this model and show its quantization and bytes per device")
-    i.add_argument("--devices", default="cpu", help="devices to load --model on (default: cpu)")
-    i.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    return p
+def _int_in(lo: int, hi: int | None = None, hi_text: str | None = None):
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if v < lo or (hi is not None and v > hi):
+            want = f">= {lo}" if hi is None else f"in {lo}..{hi_text or hi}"
+            raise argparse.ArgumentTypeError(f"must be {want}, got {v}")
+        return v
+    return parse
+
+
+def _finite_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return v
+
+
+def _temperature(text: str) -> float:
+    v = _finite_float(text)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return v
+
+
+def _top_p(text: str) -> float:
+    v = _finite_float(text)
+    if not 0 < v <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return v
+
+
+def _nonempty(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
+# ------------------------------------------------------------------------------------------
+# Parser.
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: `tpmax: error: <what>` and exit 2, no usage dump."""
+
+    def error(self, message: str):
+        # Under mpirun every rank parses the same arguments: rank 0 alone says what is wrong.
+        self.exit(2, None if _mpi_rank() else f"tpmax: error: {message} (see '{self.prog} --help')\n")
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Appends "(default: X)" to every option that has a real default (not None/False/[])."""
+
+    def _get_help_string(self, action):
+        d = action.default
+        if d is None or d is False or d is argparse.SUPPRESS or d == [] or "(default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _add_subparser(sub, name: str, help: str, description: str) -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=help, description=description, formatter_class=_HelpFormatter)
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """The options of every subcommand that loads a model."""
+    p.add_argument("--model", metavar="PATH",
+                   help="HF model directory or .gguf file (default: SmolLM2-135M-Instruct, fetched once "
+                        "into the cache)")
+    p.add_argument("--devices", default="cpu", type=_nonempty, metavar="SPEC",
+                   help="devices to shard over: cpu, cpu:0,1 (virtual CPU devices), gpu:0,1, gpu:0,0")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="weight dtype on the devices")
+    add_quiet_arg(p)
+
+
+def add_quiet_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress output on stderr")
+
+
+# ------------------------------------------------------------------------------------------
+# Reading input files: regular files or stdin only, never more than MAX_INPUT_BYTES.
+
+
+def read_text(path: str, *, what: str, limit: int = MAX_INPUT_BYTES) -> str:
+    """The UTF-8 text of `path` ("-" = stdin), refusing what is not a regular file (a
+    directory, a FIFO, a device such as /dev/zero) and anything over `limit` bytes."""
+    if path == "-":
+        data = sys.stdin.buffer.read(limit + 1)
+    else:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # opening a FIFO must not wait for a writer
+        except OSError as e:
+            raise CLIError(f"{what} {path}: cannot open ({e.strerror})") from None
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(fd)
+            if stat.S_ISDIR(st.st_mode):
+                raise CLIError(f"{what} {path}: is a directory, not a text file")
+            if not stat.S_ISREG(st.st_mode):
+                raise CLIError(f"{what} {path}: not a regular file")
+            if st.st_size > limit:
+                raise CLIError(f"{what} {path}: {st.st_size / 2**20:.1f} MiB, more than the "
+                               f"{limit / 2**20:.0f} MiB limit")
+            data = f.read(limit + 1)
+    if len(data) > limit:
+        raise CLIError(f"{what} {path}: more than the {limit / 2**20:.0f} MiB limit")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CLIError(f"{what} {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def _load(args):
+    from .loader import load
+
+    args.stage = "load"
+    model = load(args.model, devices=args.devices, dtype=args.dtype, progress=not args.quiet)
+    args.stage = "run"
+    return model
+
+
+# ------------------------------------------------------------------------------------------
+# generate
+
+
+def add_generate_parser(sub) -> None:
+    g = _add_subparser(
+        sub, "generate", "generate text for one or more prompts (streamed)",
+        "Generate text. The words on the command line form ONE prompt (no quotes needed); for\n"
+        "several prompts give --prompt once per prompt, or --file with one prompt per line.\n"
+        "Several prompts are generated together (continuous batching) and printed as '[i] text'.")
+    add_model_args(g)
+    g.add_argument("--prompt", action="append", type=_nonempty, metavar="TEXT",
+                   help="one prompt (repeatable: one per prompt)")
+    g.add_argument("--file", metavar="PATH",
+                   help="read prompts from a file, one per line, blank lines skipped ('-' = stdin)")
+    g.add_argument("--max-new-tokens", type=_int_in(1), default=256, metavar="N",
+                   help="most tokens to generate per prompt")
+    g.add_argument("--temperature", type=_temperature, default=0.0, metavar="T",
+                   help="sampling temperature; 0 = greedy")
+    g.add_argument("--top-k", type=_int_in(0), default=0, metavar="K",
+                   help="sample from the K most likely tokens; 0 = all")
+    g.add_argument("--top-p", type=_top_p, default=1.0, metavar="P",
+                   help="sample from the smallest set of tokens whose probability reaches P, in (0, 1]")
+    g.add_argument("--seed", type=_int_in(0, MAX_SEED, "2^64-1"), metavar="S",
+                   help="random seed for sampling, 0..2^64-1 (default: a fresh seed each run)")
+    g.add_argument("--stop", action="append", type=_nonempty, metavar="STR",
+                   help="stop when the text contains STR, which is not printed (repeatable)")
+    g.add_argument("--no-chat", action="store_true", help="do not apply the model's chat template")
+    g.add_argument("--stats", action="store_true",
+                   help="print one JSON line of timings and finish reasons on stderr")
+    g.add_argument("words", nargs="*", metavar="PROMPT", help="the prompt, as one or more words")
+    g.set_defaults(run=_generate)
+
+
+def prompts_of(args) -> list[str]:
+    """The prompts, from exactly one source: the words, --prompt, or --file."""
+    sources = [name for name, given in (("PROMPT words", args.words), ("--prompt", args.prompt),
+                                        ("--file", args.file)) if given]
+    if len(sources) > 1:
+        raise CLIError(f"give prompts one way only, not {' and '.join(sources)}")
+    if args.words:
+        prompts = [" ".join(args.words)]
+    elif args.prompt:
+        prompts = args.prompt
+    elif args.file:
+        prompts = [line for line in read_text(args.file, what="--file").splitlines() if line.strip()]
+        if not prompts:
+            raise CLIError(f"--file {args.file}: no prompts (every line is blank)")
+    else:
+        raise CLIError("no prompt: give it as words, with --prompt TEXT, or with --file PATH")
+    if not any(p.strip() for p in prompts):
+        raise CLIError("the prompt is empty")
+    return prompts
+
+
+def stop_notice(c, params, context: int) -> str | None:
+    """Why generation of completion `c` stopped, when it did not end by itself."""
+    if c.finish_reason == "stop":
+        return None
+    if c.finish_reason == "length":
+        if len(c.tokens) >= params.max_new_tokens:
+            return f"reached --max-new-tokens {params.max_new_tokens}"
+        return f"reached the model's context length ({context} tokens)"
+    if c.finish_reason == "kv_cache_full":
+        return "the KV cache is full"
+    if c.finish_reason == "error":
+        return f"error: {getattr(c, 'error', None) or 'unknown'}"
+    return c.finish_reason
+
+
+def _first_words(text: str, n: int = 6) -> str:
+    words = text.split()
+    return " ".join(words[:n]) + (" ..." if len(words) > n else "")
 
 
 def _generate(args) -> int:
     from .generate import SamplingParams, Stats, generate
-    from .loader import load
 
+    prompts = prompts_of(args)
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                            top_p=args.top_p, seed=args.seed, stop=tuple(args.stop))
-    model = load(args.model, devices=args.devices, dtype=args.dtype)
-    single = len(args.prompts) == 1
+                            top_p=args.top_p, seed=args.seed, stop=tuple(args.stop or ()))
+    model = _load(args)
+    single = len(prompts) == 1
 
     def on_token(req, tok, piece):
         if single:
@@ -61,31 +251,104 @@ def _generate(args) -> int:
             sys.stdout.flush()
 
     stats = Stats()
-    outs = generate(model, args.prompts, params, chat=not args.no_chat, on_token=on_token, stats=stats)
+    outs = generate(model, prompts, params, chat=not args.no_chat, on_token=on_token, stats=stats)
     if single:
         sys.stdout.write("\n")
     else:
         for i, c in enumerate(outs):
             sys.stdout.write(f"[{i}] {c.text}\n")
+    sys.stdout.flush()
+    if not args.leader:
+        return 1 if any(c.finish_reason == "error" for c in outs) else 0
+    for i, c in enumerate(outs):
+        why = stop_notice(c, params, model.cfg.max_seq_len)
+        if why and c.finish_reason != "error":
+            print(f"[{'' if single else f'{i} '}stopped: {why}]", file=sys.stderr)
     if args.stats:
-        print(json.dumps(stats.as_dict()), file=sys.stderr)
-    return 0
+        print(json.dumps({**stats.as_dict(), "finish_reason": [c.finish_reason for c in outs]}), file=sys.stderr)
+    failed = [(i, c) for i, c in enumerate(outs) if c.finish_reason == "error"]
+    for i, c in failed:
+        print(f"tpmax: error: prompt {i} ({_first_words(prompts[i])!r}) failed: "
+              f"{getattr(c, 'error', None) or 'unknown error'}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+# ------------------------------------------------------------------------------------------
+# perplexity
+
+
+def add_perplexity_parser(sub) -> None:
+    pp = _add_subparser(
+        sub, "perplexity", "perplexity of a text file",
+        "Perplexity of a UTF-8 text file, scored in non-overlapping windows of --context-length\n"
+        "tokens. Progress (tokens done, running perplexity) goes to stderr unless --quiet.")
+    add_model_args(pp)
+    pp.add_argument("--file", required=True, metavar="PATH",
+                    help=f"the text to score ('-' = stdin; at most {MAX_INPUT_BYTES >> 20} MiB)")
+    pp.add_argument("--context-length", type=_int_in(2), default=512, metavar="N",
+                    help="tokens per scored window, >= 2")
+    pp.add_argument("--json", action="store_true",
+                    help="print {\"perplexity\": ..., \"tokens\": ...} as JSON")
+    pp.set_defaults(run=_perplexity)
+
+
+class Progress:
+    """Progress of a long job on a stream: one line rewritten in place on a terminal, else a
+    plain line about every `every_s` seconds and at the end."""
+
+    def __init__(self, stream, *, label: str, every_s: float = 5.0):
+        self.stream, self.label, self.every_s = stream, label, every_s
+        self.tty = stream.isatty()
+        self.last = time.monotonic()
+
+    def __call__(self, done: int, total: int, running_ppl: float) -> None:
+        line = f"{self.label}: {done}/{total} tokens ({100 * done / max(total, 1):.0f}%), running perplexity {running_ppl:.4f}"
+        if self.tty:
+            self.stream.write("\r\x1b[K" + line)
+        elif done >= total or time.monotonic() - self.last >= self.every_s:
+            self.stream.write(line + "\n")
+            self.last = time.monotonic()
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.tty:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
 
 
 def _perplexity(args) -> int:
     from .generate import perplexity
-    from .loader import load
 
-    try:
-        text = args.file.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"{args.file}: cannot read ({e})") from None
-    model = load(args.model, devices=args.devices, dtype=args.dtype)
+    text = read_text(args.file, what="--file")
+    model = _load(args)
     if model.tokenizer is None:
-        raise ValueError(f"{model.path}: the model has no tokenizer")
-    ppl, n = perplexity(model, model.tokenizer.encode(text), context_length=args.context_length)
+        raise CLIError(f"{model.path}: the model has no tokenizer")
+    progress = None if args.quiet else Progress(sys.stderr, label="perplexity")
+    try:
+        ppl, n = perplexity(model, model.tokenizer.encode(text), context_length=args.context_length,
+                            on_progress=progress)
+    finally:
+        if progress:
+            progress.close()
     print(json.dumps({"perplexity": ppl, "tokens": n}) if args.json else f"perplexity {ppl:.4f} over {n} tokens")
     return 0
+
+
+# ------------------------------------------------------------------------------------------
+# info
+
+
+def add_info_parser(sub) -> None:
+    i = _add_subparser(sub, "info", "backends, devices, NCCL; with --model, its quantization and bytes per device",
+                       "Versions of tpmax, NumPy and CuPy, the GPUs found, and whether NCCL is available. "
+                       "With --model, also load that model and show its quantization and the weight bytes "
+                       "each device holds against float32.")
+    i.add_argument("--model", metavar="PATH", help="HF model directory or .gguf file to load and describe")
+    i.add_argument("--devices", default="cpu", type=_nonempty, metavar="SPEC", help="devices to load --model on")
+    i.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="weight dtype of --model's unquantized tensors")
+    add_quiet_arg(i)
+    i.set_defaults(run=_info)
 
 
 def _info(args) -> int:
@@ -101,10 +364,9 @@ def _info(args) -> int:
         print(f"{k:7s} {v}")
     print("devices cpu:0,1,... (virtual)" + (f", gpu:0..{info['gpus'] - 1}" if info["gpus"] else ""))
     if args.model:
-        from .loader import load
         from .quant import resident_bytes
 
-        model = load(args.model, devices=args.devices, dtype=args.dtype, progress=False)
+        model = _load(args)
         print(f"model   {model!r}")
         print(f"quant   {model.quant.describe() if model.quant else 'none'}")
         for dev, (held, f32) in zip(model.devices, resident_bytes(model.weights)):
@@ -112,16 +374,76 @@ def _info(args) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------
+# main
+
+
+SUBCOMMANDS = (add_generate_parser, add_perplexity_parser, add_info_parser)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    p = _Parser(prog="tpmax", description="Tensor-parallel transformer inference.")
+    p.add_argument("--version", action="version", version=f"tpmax {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in SUBCOMMANDS:
+        add(sub)
+    return p
+
+
+def _mpi_rank() -> int:
+    """This process's MPI rank (0 without an MPI launcher; mpi4py is imported only under one)."""
+    from .mpi import launched_by_mpi, world
+
+    return world().rank if launched_by_mpi() else 0
+
+
 def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
-    run = {"generate": _generate, "perplexity": _perplexity, "info": _info}[args.command]
+    args = build_parser().parse_args(argv)
+    rank = _mpi_rank()
+    args.leader, args.stage = rank == 0, "input"
+    if not args.leader:  # under mpirun only rank 0 prints; the other ranks compute with it
+        sys.stdout = open(os.devnull, "w")
+        args.quiet = True
+    from .spmd import LeaderError
+
     try:
-        return run(args)
-    except (ValueError, RuntimeError, KeyError, OSError) as e:
-        print(f"tpmax: error: {e}", file=sys.stderr)
+        return args.run(args)
+    except LeaderError:
+        return 2  # rank 0 failed and said why
+    except (CLIError, ValueError, RuntimeError, KeyError, OSError) as e:
+        # Under MPI, by when it happened:
+        # - reading the arguments and input files: alike on every rank, no rank waits on
+        #   another yet: rank 0 reports it, every rank exits 2;
+        # - inside a call rank 0 leads, on rank 0: it told the others (they exit 2 quietly);
+        # - anything else (loading, a rank breaking while it follows): this rank ends the
+        #   whole job, since the others may be waiting on it, and reports it unless it is a
+        #   bad value or checkpoint (ValueError, LoadError), which every rank meets alike
+        #   and rank 0 reports.
+        mpi = _mpi_size() > 1
+        told = getattr(e, "tpmax_followers_told", False)
+        alike = args.stage == "input" or (args.stage == "load" and isinstance(e, ValueError))
+        if args.leader or (mpi and not alike):
+            print(f"tpmax: error: {e}" if args.leader else f"tpmax (rank {rank}): error: {e}", file=sys.stderr)
+        if mpi and args.stage != "input" and not told:
+            _abort(2)
         return 2
     except KeyboardInterrupt:
         return 130
+
+
+def _mpi_size() -> int:
+    from .mpi import launched_by_mpi, world
+
+    return world().size if launched_by_mpi() else 1
+
+
+def _abort(code: int) -> None:
+    from .mpi import world
+
+    sys.stderr.flush()
+    world().comm.Abort(code)
 
 
 if __name__ == "__main__":

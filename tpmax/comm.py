@@ -1,11 +1,13 @@
 """Communicators: the collectives of tensor parallelism, one array per device in and out.
 
 Two implementations of one interface:
-- `InProcessCommunicator`: virtual CPU devices, and logical devices sharing a GPU (NCCL
-  refuses two ranks on one GPU). Reduces in device order, so results are deterministic.
+- `InProcessCommunicator`: virtual CPU devices, logical devices sharing a GPU (NCCL refuses
+  two ranks on one GPU), and any group of one device (whose collectives return their input:
+  no copy, no launch). Reduces in device order, so results are deterministic.
 - `NcclCommunicator`: distinct GPUs, through `cupy.cuda.nccl` (one communicator per GPU
   from `initAll`, every call inside `groupStart()/groupEnd()`).
-`communicator(devices)` picks the right one. In MAX's signatures this object takes the
+`communicator(devices)` picks the right one. Both make each device current
+(`on_device_context`) for the work they do on it, so they can be called from any thread. In MAX's signatures this object takes the
 place of `signal_buffers`.
 """
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
-from .devices import Array, Device, asarray, bfloat16, cupy_module, on_device, xp_of
+from .devices import Array, Device, asarray, bfloat16, cupy_module, on_device, on_device_context, xp_of
 from .sharding import split_bounds
 
 _HALF = (np.dtype(np.float16), bfloat16)
@@ -41,24 +43,49 @@ class Communicator(Protocol):
 
 
 def communicator(devs: Sequence[Device]) -> Communicator:
-    """The communicator for a device group: NCCL for distinct GPUs, in-process otherwise."""
+    """The communicator for a device group: NCCL for two or more distinct GPUs when NCCL is
+    available, in-process otherwise (one device, CPU devices, a GPU repeated)."""
     devs = list(devs)
     if not devs:
         raise ValueError("a communicator needs at least one device")
     kinds = {d.kind for d in devs}
     if len(kinds) > 1:
         raise ValueError(f"cannot mix cpu and gpu devices in one group: {[str(d) for d in devs]}")
-    if kinds == {"gpu"} and len({d.id for d in devs}) == len(devs) and nccl_available():
+    if uses_nccl(devs, nccl_available()):
         return NcclCommunicator(devs)
     return InProcessCommunicator(devs)
 
 
+def uses_nccl(devs: Sequence[Device], nccl_ok: bool) -> bool:
+    """Whether a group runs over NCCL: two or more distinct GPUs and NCCL loaded (`nccl_ok`).
+
+    One device needs no collective; a repeated GPU is refused by NCCL; CPU devices have none.
+    """
+    return (nccl_ok and len(devs) > 1 and all(d.kind == "gpu" for d in devs)
+            and len({d.id for d in devs}) == len(devs))
+
+
 def nccl_available() -> bool:
+    """True when CuPy imports and its NCCL library loaded (`cupy.cuda.nccl.available`).
+
+    `cupy.cuda.nccl` imports even without libnccl (it then sets `available = False`), so
+    importability alone says nothing.
+    """
+    return _nccl_module_available(_nccl_module())
+
+
+def _nccl_module():
+    """`cupy.cuda.nccl`, or None when CuPy does not import."""
     try:
-        from cupy.cuda import nccl  # noqa: F401
+        from cupy.cuda import nccl
     except Exception:
-        return False
-    return True
+        return None
+    return nccl
+
+
+def _nccl_module_available(nccl) -> bool:
+    """Whether an imported `cupy.cuda.nccl` (or None) has its library."""
+    return nccl is not None and bool(getattr(nccl, "available", False))
 
 
 # ------------------------------------------------------------------------------------------
@@ -112,34 +139,42 @@ class InProcessCommunicator:
         return [asarray(x, d, copy=True) for d in self.devices]
 
     def _sum(self, xs):
+        # Accumulate on device 0 (current while its kernels launch), in device order.
         d0 = self.devices[0]
         acc_dtype = np.float32 if xs[0].dtype in _HALF else None
         acc = asarray(xs[0], d0, dtype=acc_dtype, copy=True)
-        for x in xs[1:]:
-            acc += asarray(x, d0, dtype=acc_dtype)
-        return acc.astype(xs[0].dtype, copy=False)
+        with on_device_context(d0):
+            for x in xs[1:]:
+                acc += asarray(x, d0, dtype=acc_dtype)
+            return acc.astype(xs[0].dtype, copy=False)
 
     def allreduce_sum(self, xs):
         _check(self.devices, xs, "allreduce_sum")
-        if len(xs) == 1:
+        if self.tp == 1:
             return [xs[0]]
         return self._to_all(self._sum(xs))
 
     def allgather(self, xs, axis=-1):
         ax = _check(self.devices, xs, "allgather", same_shape=False, axis=axis)
-        if len(xs) == 1:
+        if self.tp == 1:
             return [xs[0]]
         d0 = self.devices[0]
-        full = xp_of(xs[0]).concatenate([asarray(x, d0) for x in xs], axis=ax)
+        parts = [asarray(x, d0) for x in xs]
+        with on_device_context(d0):
+            full = xp_of(xs[0]).concatenate(parts, axis=ax)
         return self._to_all(full)
 
     def broadcast(self, x, *, root=0):
         _check(self.devices[root:root + 1], [x], "broadcast")
+        if self.tp == 1:
+            return [x]
         return self._to_all(x)
 
     def reduce_scatter(self, xs, axis=0):
         _check(self.devices, xs, "reduce_scatter", axis=axis)
-        total = self._sum(xs) if len(xs) > 1 else xs[0]
+        if self.tp == 1:
+            return [xs[0]]
+        total = self._sum(xs)
         ax = axis % total.ndim
         out = []
         for d, (a, b) in zip(self.devices, split_bounds(total.shape[ax], len(self.devices))):
@@ -152,16 +187,25 @@ class InProcessCommunicator:
 # NCCL.
 
 
-def _nccl_dtype(dtype):
-    from cupy.cuda import nccl
+_NCCL_BFLOAT16 = 9  # ncclBfloat16 in nccl.h, for CuPy builds that do not export it
 
+
+def _nccl_dtype(dtype, nccl=None):
+    """The NCCL data type of a NumPy dtype.
+
+    Args:
+        nccl: the `cupy.cuda.nccl` module (default: imported here); its `NCCL_BFLOAT16` is
+            used when exported, else ncclBfloat16's value 9.
+    """
+    if nccl is None:
+        from cupy.cuda import nccl
     table = {
         np.dtype(np.float32): nccl.NCCL_FLOAT32,
         np.dtype(np.float16): nccl.NCCL_FLOAT16,
         np.dtype(np.float64): nccl.NCCL_FLOAT64,
         np.dtype(np.int32): nccl.NCCL_INT32,
         np.dtype(np.int64): nccl.NCCL_INT64,
-        bfloat16: 9,  # ncclBfloat16: not exported by cupy.cuda.nccl, passed explicitly
+        bfloat16: getattr(nccl, "NCCL_BFLOAT16", _NCCL_BFLOAT16),
     }
     if np.dtype(dtype) not in table:
         raise ValueError(f"NCCL: unsupported dtype {dtype}")
@@ -175,8 +219,9 @@ class NcclCommunicator:
         from cupy.cuda import nccl
 
         self.devices = list(devs)
-        if any(d.kind != "gpu" for d in self.devices) or len({d.id for d in devs}) != len(devs):
-            raise ValueError("NCCL needs distinct GPUs; use InProcessCommunicator otherwise")
+        if (len(self.devices) < 2 or any(d.kind != "gpu" for d in self.devices)
+                or len({d.id for d in devs}) != len(devs)):
+            raise ValueError("NCCL needs two or more distinct GPUs; use InProcessCommunicator otherwise")
         self.ranks = list(range(len(self.devices)))
         self.tp = len(self.devices)
         self._nccl = nccl
@@ -196,6 +241,14 @@ class NcclCommunicator:
         finally:
             self._nccl.groupEnd()
 
+    def _contiguous(self, xs):
+        cp = cupy_module()
+        out = []
+        for d, x in zip(self.devices, xs):
+            with cp.cuda.Device(d.id):
+                out.append(cp.ascontiguousarray(x))
+        return out
+
     def _empty(self, shape, dtype):
         cp = cupy_module()
         out = []
@@ -206,10 +259,9 @@ class NcclCommunicator:
 
     def allreduce_sum(self, xs):
         _check(self.devices, xs, "allreduce_sum")
-        cp = cupy_module()
-        xs = [cp.ascontiguousarray(x) for x in xs]
+        xs = self._contiguous(xs)
         outs = self._empty(xs[0].shape, xs[0].dtype)
-        t = _nccl_dtype(xs[0].dtype)
+        t = _nccl_dtype(xs[0].dtype, self._nccl)
         self._group(lambda r, c, s: c.allReduce(xs[r].data.ptr, outs[r].data.ptr, xs[r].size, t,
                                                 self._nccl.NCCL_SUM, s))
         return outs
@@ -227,7 +279,7 @@ class NcclCommunicator:
             with b.device:
                 b[: x.shape[ax]] = cp.moveaxis(x, ax, 0)
         recv = self._empty((n, m) + rest, xs[0].dtype)
-        t = _nccl_dtype(xs[0].dtype)
+        t = _nccl_dtype(xs[0].dtype, self._nccl)
         self._group(lambda r, c, s: c.allGather(bufs[r].data.ptr, recv[r].data.ptr, bufs[r].size, t, s))
         out = []
         for rv in recv:
@@ -241,7 +293,7 @@ class NcclCommunicator:
         bufs = self._empty(x.shape, x.dtype)
         with bufs[root].device:
             bufs[root][...] = x
-        t = _nccl_dtype(x.dtype)
+        t = _nccl_dtype(x.dtype, self._nccl)
         self._group(lambda r, c, s: c.bcast(bufs[r].data.ptr, bufs[r].size, t, root, s))
         return bufs
 
@@ -262,7 +314,7 @@ class NcclCommunicator:
                 for j, (a, b) in enumerate(bounds):
                     sb[j, : b - a] = xm[a:b]
         recv = self._empty((m,) + rest, xs[0].dtype)
-        t = _nccl_dtype(xs[0].dtype)
+        t = _nccl_dtype(xs[0].dtype, self._nccl)
         self._group(lambda r, c, s: c.reduceScatter(sends[r].data.ptr, recv[r].data.ptr, recv[r].size,
                                                     t, self._nccl.NCCL_SUM, s))
         out = []

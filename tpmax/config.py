@@ -11,7 +11,7 @@ import math
 from .attention import AttentionConfig, MHAMaskVariant
 from .errors import ConfigError
 from .layers import ACTIVATIONS, Llama3Scaling, LinearScaling, RotaryEmbedding
-from .sharding import HeadShard, Layout, head_shard
+from .sharding import HeadShard, Layout, check_heads, head_shard
 
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "granite")
 
@@ -55,8 +55,10 @@ class ModelConfig:
             if not isinstance(v, int) or isinstance(v, bool) or not 0 < v <= (_MAX_LAYERS if f == "n_layers" else _MAX_DIM << 8):
                 raise ConfigError(f"{f} must be a positive integer (at most {_MAX_LAYERS if f == 'n_layers' else _MAX_DIM << 8}), "
                                   f"got {v!r}")
-        if self.n_heads % self.n_kv_heads:
-            raise ConfigError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+        try:
+            check_heads(self.n_heads, self.n_kv_heads)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         if self.activation not in ACTIVATIONS:
             raise ConfigError(f"unknown activation {self.activation!r}")
         for f in ("norm_eps", "rope_theta", "embedding_multiplier", "residual_multiplier", "logits_scaling"):

@@ -2,14 +2,16 @@
 
 A `Device` is `cpu:i` (a *virtual* device: NumPy arrays in host memory) or `gpu:i` (CuPy
 arrays on CUDA device i). CuPy is optional: importing tpmax never needs CUDA, and asking
-for a GPU without CuPy or a GPU is an error that says what is available.
+for a GPU without CuPy or a GPU is an error that says what is available. This module also
+owns the current-device context (`on_device_context`, replaceable per device kind through
+`device_context_factory`) and stream-ordered copies between GPUs.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import functools
-from typing import Any
+from typing import Any, Callable, ContextManager, Iterator
 
 import ml_dtypes
 import numpy as np
@@ -151,22 +153,54 @@ def on_device(x, device: Device) -> bool:
 
 
 def asarray(a, device: Device, dtype=None, *, copy: bool = False) -> Array:
-    """Place `a` (NumPy, CuPy, or nested lists) on `device`, optionally converting dtype."""
+    """Place `a` (NumPy, CuPy, or nested lists) on `device`, optionally converting dtype.
+
+    A CuPy array from another GPU is copied in stream order (`peer_copy`): the copy waits for
+    the work that produced it, and the source does not reuse its memory before the copy ends.
+    """
     dtype = None if dtype is None else as_dtype(dtype)
     if device.kind == "cpu":
         out = to_numpy(a) if is_gpu_array(a) else np.asarray(a)
         if dtype is not None and out.dtype != dtype:
             return out.astype(dtype)
-        return out.copy() if copy and out is a else out
+        # np.asarray returns `a` itself, or a view of it for an ndarray subclass: copy both
+        return out.copy() if copy and isinstance(a, np.ndarray) else out
     cp = cupy_module()
+    if is_gpu_array(a) and a.device.id != device.id:
+        a = peer_copy(a, a.device.id, device.id, cp.cuda)
+        copy = False  # already a private copy
     with cp.cuda.Device(device.id):
-        if is_gpu_array(a) and a.device.id != device.id:
-            out = a.copy()  # ndarray.copy() allocates on the current device (peer copy)
-        else:
-            out = cp.asarray(a)
+        out = cp.asarray(a)
         if dtype is not None and out.dtype != dtype:
             out = out.astype(dtype)
         return out.copy() if copy and out is a else out
+
+
+def peer_copy(a, src: int, dst: int, cuda) -> Array:
+    """Copy GPU array `a` from GPU `src` to GPU `dst`, ordered on both devices' current streams.
+
+    An event recorded on the source stream makes the destination stream wait for the work
+    that wrote `a`; a second event recorded after the copy makes the source stream wait
+    before it can reuse `a`'s memory (CuPy's pool reuses freed blocks in stream order).
+
+    Args:
+        a: array on GPU `src`; cuda: the `cupy.cuda` namespace (a parameter so tests can
+            pass a recording double).
+    Returns:
+        a new array on GPU `dst`.
+    """
+    with cuda.Device(src):
+        written = cuda.Event(disable_timing=True)
+        written.record(cuda.get_current_stream())
+    with cuda.Device(dst):
+        dst_stream = cuda.get_current_stream()
+        dst_stream.wait_event(written)
+        out = a.copy()  # allocates on the current device: a peer copy on dst's stream
+        read = cuda.Event(disable_timing=True)
+        read.record(dst_stream)
+    with cuda.Device(src):
+        cuda.get_current_stream().wait_event(read)
+    return out
 
 
 def to_numpy(x) -> np.ndarray:
@@ -174,11 +208,47 @@ def to_numpy(x) -> np.ndarray:
     return x.get() if is_gpu_array(x) else np.asarray(x)
 
 
-def on_device_context(device: Device):
-    """Context manager making `device` current (the CUDA device for gpu:i; nothing for cpu)."""
-    if device.kind == "gpu":
-        return cupy_module().cuda.Device(device.id)
+def _gpu_context(device: Device) -> ContextManager:
+    return cupy_module().cuda.Device(device.id)
+
+
+def _cpu_context(device: Device) -> ContextManager:
     return contextlib.nullcontext()
+
+
+# Device kind -> the function making a device current. Replaced (within a block) only
+# through `device_context_factory`, e.g. by a test double that records which device each
+# per-device call ran under.
+_CONTEXTS: dict[str, Callable[[Device], ContextManager]] = {"cpu": _cpu_context, "gpu": _gpu_context}
+
+
+def on_device_context(device: Device) -> ContextManager:
+    """Context manager making `device` current (the CUDA device for gpu:i; nothing for cpu).
+
+    CuPy allocates and launches on the current device of the calling thread, so every
+    per-device computation runs inside this, on worker threads too.
+    """
+    return _CONTEXTS[device.kind](device)
+
+
+@contextlib.contextmanager
+def device_context_factory(kind: str, factory: Callable[[Device], ContextManager]) -> Iterator[None]:
+    """Within the block, `on_device_context(d)` for devices of `kind` returns `factory(d)`.
+
+    Process-wide (worker threads see it too); the previous factory is restored on exit.
+
+    Args:
+        kind: "cpu" or "gpu".
+        factory: device -> context manager.
+    """
+    if kind not in _CONTEXTS:
+        raise ValueError(f"device kind must be 'cpu' or 'gpu', got {kind!r}")
+    previous = _CONTEXTS[kind]
+    _CONTEXTS[kind] = factory
+    try:
+        yield
+    finally:
+        _CONTEXTS[kind] = previous
 
 
 def synchronize(devs) -> None:

@@ -1,15 +1,17 @@
 """The seed's small helpers (`take`, `distribute_value`, `forward_sharded_layers`,
-`ShardableCallable`) and `per_device`, which runs one function per device, in parallel.
+`ShardableCallable`) and `per_device`, which runs one function per device, each call inside
+its device's context, optionally on one thread per device.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterable, Protocol, Sequence, runtime_checkable
 
-from .devices import Array, Device, asarray
+from .devices import Array, Device, asarray, on_device_context
 
 
 @runtime_checkable
@@ -35,15 +37,18 @@ def distribute_value(v, devices: Sequence[Device]) -> list[Array]:
     return [asarray(v, d, copy=True) for d in devices]
 
 
-def forward_sharded_layers(layers: Sequence[Callable], xs: Sequence[Array]) -> list[Array]:
+def forward_sharded_layers(layers: Sequence[Callable], xs: Sequence[Array], *,
+                           devices: Sequence[Device] | None = None) -> list[Array]:
     """`[layer(x) for layer, x in zip(layers, xs)]`; the lengths must match.
 
+    Args:
+        devices: as for `per_device`: layer r runs with `devices[r]` current (None: no context).
     Raises:
         AssertionError: if the number of layers and inputs differ (as MAX does).
     """
     if len(layers) != len(xs):
         raise AssertionError(f"forward_sharded_layers: {len(layers)} layers for {len(xs)} inputs")
-    return [layer(x) for layer, x in zip(layers, xs)]
+    return per_device(lambda layer, x: layer(x), layers, xs, devices=devices)
 
 
 # ------------------------------------------------------------------------------------------
@@ -52,26 +57,46 @@ def forward_sharded_layers(layers: Sequence[Callable], xs: Sequence[Array]) -> l
 _pools: dict[int, ThreadPoolExecutor] = {}
 
 
-def per_device(fn: Callable, *per_device_args: Sequence, threads: bool = False) -> list:
-    """`[fn(*args_r) for each device r]`; with `threads`, devices 1.. run on worker threads
-    while device 0 runs on the calling thread.
+def per_device(fn: Callable, *per_device_args: Sequence, devices: Sequence[Device] | None = None,
+               threads: bool = False) -> list:
+    """`[fn(*args_r) for each device r]`, each call inside device r's context.
 
-    NumPy and CuPy release the GIL inside BLAS and kernels, so with enough cores the devices
-    really run side by side; small per-op work still takes turns on the GIL. CuPy work is
-    asynchronous, so GPUs can overlap without threads.
+    Args:
+        fn: the per-device function.
+        per_device_args: one sequence per argument position, one entry per device.
+        devices: the device of each entry, in order; call r runs inside
+            `on_device_context(devices[r])`, so CuPy allocates and launches on its GPU (on a
+            worker thread too). None (virtual CPU devices only): no context is entered.
+        threads: devices 1.. run on worker threads while device 0 runs on the calling thread.
+            NumPy and CuPy release the GIL inside BLAS and kernels, so with enough cores the
+            devices really run side by side; small per-op work still takes turns on the GIL.
+            CuPy work is asynchronous, so GPUs can overlap without threads.
+    Returns:
+        the n results, in device order.
     """
     n = len(per_device_args[0])
     if any(len(a) != n for a in per_device_args):
         raise ValueError(f"per_device: argument lists differ in length: {[len(a) for a in per_device_args]}")
+    if devices is not None and len(devices) != n:
+        raise ValueError(f"per_device: {len(devices)} devices for {n} entries per argument")
+    args = list(zip(*per_device_args))
+    calls = [functools.partial(_on, None if devices is None else devices[r], fn, *args[r]) for r in range(n)]
     if n == 1 or not threads:
-        return [fn(*args) for args in zip(*per_device_args)]
+        return [call() for call in calls]
     pool = _pools.get(n)
     if pool is None:
         pool = _pools[n] = ThreadPoolExecutor(max_workers=n - 1, thread_name_prefix="tpmax-dev")
-    args = list(zip(*per_device_args))
-    others = [pool.submit(fn, *a) for a in args[1:]]  # devices 1.. on worker threads
-    first = fn(*args[0])  # device 0 on the calling thread
+    others = [pool.submit(call) for call in calls[1:]]  # devices 1.. on worker threads
+    first = calls[0]()  # device 0 on the calling thread
     return [first] + [f.result() for f in others]
+
+
+def _on(device: Device | None, fn: Callable, *args):
+    """`fn(*args)` inside `device`'s context (none for None)."""
+    if device is None:
+        return fn(*args)
+    with on_device_context(device):
+        return fn(*args)
 
 
 _blas = None

@@ -1,10 +1,13 @@
 """Scoring and generation over a loaded `Model`.
 
 `logits` scores whole sequences in one ragged batch. `Engine` generates with continuous
-batching over the paged KV cache: each step first prefills the prompts that joined, then
-decodes one token for every running sequence in one ragged batch; sequences leave as they
-finish and waiting prompts take their place. Sampling is greedy, or temperature / top-k /
-top-p with a per-request seed.
+batching over the paged KV cache: each step admits waiting prompts by the pages still free
+after what the step already promised (one decode token for every running sequence), prefills
+them, then decodes one token for every running sequence in one ragged batch. When decoding
+needs a page and none is free, the most recently admitted sequence is preempted (pages freed,
+recomputed later from its prompt and tokens), so no request is lost for lack of pages. Every
+pass goes through `forward` (reserve -> forward -> commit, rollback on error). Sampling is
+greedy, or temperature / top-k / top-p with a per-request seed.
 """
 from __future__ import annotations
 
@@ -17,22 +20,32 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 
 from .devices import to_numpy
-from .kv_cache import KVCacheFullError, PagedKVCache
+from .kv_cache import PagedKVCache
 from .loader import Model
 from .transformer import ReturnLogits, distributed_transformer
+
+
+def _check_context(model: Model, n: int, what: str) -> None:
+    if n > model.cfg.max_seq_len:
+        raise ValueError(f"{what} of {n} tokens is longer than the model's context ({model.cfg.max_seq_len} tokens, "
+                         f"{model.path})")
 
 
 def logits(model: Model, sequences: Sequence[Sequence[int]], *, page_size: int = 16) -> list[np.ndarray]:
     """Logits at every position of every sequence, computed as one ragged batch.
 
     Args:
-        sequences: token-id lists (each non-empty).
+        sequences: token-id lists, each non-empty and within the model context.
     Returns:
         per sequence a float32 NumPy array `[len, vocab]`.
     """
     seqs = [np.asarray(s, np.int64) for s in sequences]
     if not seqs:
         return []
+    for i, s in enumerate(seqs):
+        if s.ndim != 1 or len(s) == 0:
+            raise ValueError(f"sequence {i} must be a non-empty list of token ids")
+        _check_context(model, len(s), f"sequence {i}")
     offs = np.cumsum([0] + [len(s) for s in seqs])
     cache = model.new_cache(sum(-(-len(s) // page_size) * page_size for s in seqs), page_size=page_size)
     for i in range(len(seqs)):
@@ -62,24 +75,39 @@ def forward(model: Model, cache: PagedKVCache, seq_ids: Sequence, chunks: Sequen
     return out
 
 
-def perplexity(model: Model, ids: Sequence[int], *, context_length: int) -> tuple[float, int]:
+def perplexity(model: Model, ids: Sequence[int], *, context_length: int,
+               on_progress: Callable[[int, int, float], None] | None = None) -> tuple[float, int]:
     """Perplexity over non-overlapping windows of `context_length` tokens, each window scored
-    from its second token. Returns (perplexity, scored tokens)."""
+    from its second token.
+
+    Args:
+        context_length: window size, 2 .. the model context.
+        on_progress: called after each window with (scored tokens so far, tokens to score,
+            perplexity so far).
+    Returns:
+        (perplexity, scored tokens).
+    """
     if context_length < 2:
         raise ValueError("context_length must be at least 2")
+    if context_length > model.cfg.max_seq_len:
+        raise ValueError(f"context_length {context_length} is longer than the model's context "
+                         f"({model.cfg.max_seq_len} tokens, {model.path})")
     ids = np.asarray(ids, np.int64)
     windows = [ids[a:a + context_length] for a in range(0, len(ids), context_length)]
     windows = [w for w in windows if len(w) >= 2]
     if not windows:
         raise ValueError("need at least 2 tokens to compute perplexity")
+    total = sum(len(w) - 1 for w in windows)
     nll, n = 0.0, 0
     for w in windows:  # one window per forward: memory stays [context_length, vocab]
         (lg,) = logits(model, [w])
-        lg = lg[:-1].astype(np.float64)  # predicts w[1:]
+        lg = lg[:-1].astype(np.float64)  # [L-1, V]: predicts w[1:]
         m = lg.max(axis=-1, keepdims=True)
         logz = (m + np.log(np.exp(lg - m).sum(axis=-1, keepdims=True)))[:, 0]
         nll += float((logz - lg[np.arange(len(w) - 1), w[1:]]).sum())
         n += len(w) - 1
+        if on_progress is not None:
+            on_progress(n, total, math.exp(nll / n))
     return math.exp(nll / n), n
 
 
@@ -87,27 +115,50 @@ def perplexity(model: Model, ids: Sequence[int], *, context_length: int) -> tupl
 # Sampling.
 
 
+def _is_int(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
-    """How to pick tokens and when to stop. temperature 0 = greedy."""
+    """How to pick tokens and when to stop. temperature 0 = greedy.
+
+    `max_new_tokens` beyond the model context is capped at the context (finish "length").
+    `stop` is a tuple of strings (a single string is accepted and wrapped).
+    """
 
     max_new_tokens: int = 256
     temperature: float = 0.0
     top_k: int = 0  # 0 = off
     top_p: float = 1.0
-    seed: int | None = None
+    seed: int | None = None  # None = fresh entropy
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] | None = None  # None = the model's EOS ids
 
     def __post_init__(self):
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+        for name in ("temperature", "top_p"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float, np.floating, np.integer)) or not math.isfinite(v):
+                raise ValueError(f"{name} must be a finite number, got {v!r}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not _is_int(self.top_k) or self.top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 0, got {self.top_k!r}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < 2**64):
+            raise ValueError(f"seed must be an integer in [0, 2**64), got {self.seed!r}")
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        for s in stop:
+            if not isinstance(s, str) or not s:
+                raise ValueError(f"stop strings must be non-empty strings, got {s!r}")
+        object.__setattr__(self, "stop", stop)
+        if self.stop_token_ids is not None:
+            if not all(_is_int(t) for t in self.stop_token_ids):
+                raise ValueError(f"stop_token_ids must be integers, got {self.stop_token_ids!r}")
+            object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
 
 
 def sample(lg: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
@@ -140,11 +191,17 @@ class Request:
     prompt: list[int]
     params: SamplingParams
     rng: np.random.Generator
-    stream: object | None = None  # the tokenizer's StreamDecoder, if any
+    max_tokens: int  # params.max_new_tokens capped at the model context
+    stream: object | None = None  # the detokenizer (`push(id) -> str`, `flush() -> str`), if any
     tokens: list[int] = dataclasses.field(default_factory=list)
     text: str = ""
     held: str = ""  # decoded text not yet emitted (could be the start of a stop string)
     finish_reason: str | None = None
+    error: str | None = None
+    preemptions: int = 0
+
+    def completion(self) -> Completion:
+        return Completion(self.id, len(self.prompt), list(self.tokens), self.text, self.finish_reason, self.error)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,7 +210,19 @@ class Completion:
     prompt_tokens: int
     tokens: list[int]
     text: str
-    finish_reason: str  # "stop" | "length" | "kv_cache_full"
+    finish_reason: str  # "stop" | "length" | "error" | "cancelled"
+    error: str | None = None  # the message, when finish_reason == "error"
+
+
+@dataclasses.dataclass(frozen=True)
+class Event:
+    """What one step did for one request: a new token (and the text it made safe to show),
+    and/or the request's end (`completion`; the engine has forgotten the request then)."""
+
+    request: Request
+    token: int | None
+    text: str
+    completion: Completion | None = None
 
 
 @dataclasses.dataclass
@@ -162,6 +231,7 @@ class Stats:
     prefill_s: float = 0.0
     decode_tokens: int = 0
     decode_s: float = 0.0
+    preemptions: int = 0
 
     def as_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -173,24 +243,48 @@ class Stats:
 class Engine:
     """Continuous-batching generation over one model and one paged KV cache.
 
+    Not thread-safe: one thread submits, steps and cancels (the server's engine loop).
+
     Args:
-        max_batch: most sequences decoding at once.
+        max_batch: most sequences decoding at once (>= 1).
         cache_tokens: KV cache capacity in tokens (all sequences together).
     """
 
     def __init__(self, model: Model, *, max_batch: int = 16, cache_tokens: int = 8192, page_size: int = 16,
                  stats: Stats | None = None):
+        if not _is_int(max_batch) or max_batch < 1:
+            raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}")
+        if not _is_int(cache_tokens) or cache_tokens < 1:
+            raise ValueError(f"cache_tokens must be an integer >= 1, got {cache_tokens!r}")
         self.model = model
         self.max_batch = max_batch
         self.cache = model.new_cache(cache_tokens, page_size=page_size)
         self.waiting: deque[Request] = deque()
-        self.running: list[Request] = []
+        self.running: list[Request] = []  # in admission order: the last is preempted first
         self.stats = stats if stats is not None else Stats()
-        self.finished: list[Request] = []  # in the order they finished
         self._next_id = 0
+        tok = model.tokenizer
+        # Sample only ids the tokenizer knows: a vocabulary padded past it has rows that are not tokens.
+        self._n_vocab = min(model.cfg.vocab_size, tok.vocab_size) if tok is not None else model.cfg.vocab_size
 
-    def submit(self, prompt: Sequence[int], params: SamplingParams = SamplingParams()) -> int:
-        """Queue a prompt (token ids); returns its request id."""
+    # -- requests in and out ---------------------------------------------------------------
+
+    def max_new_tokens(self, prompt_len: int, params: SamplingParams) -> int:
+        """`params.max_new_tokens` capped at the room the model context leaves after the prompt."""
+        return max(0, min(params.max_new_tokens, self.model.cfg.max_seq_len - prompt_len))
+
+    def submit(self, prompt: Sequence[int], params: SamplingParams = SamplingParams(), *,
+               detokenizer: object | None = None) -> int:
+        """Queue a prompt (token ids); returns its request id.
+
+        Raises ValueError (nothing queued) for a prompt that is empty, has ids outside the
+        vocabulary, fills the model context, or can never fit the KV cache (prompt + max new
+        tokens beyond all its pages).
+
+        Args:
+            detokenizer: decodes this request's tokens to text (`push(id) -> str`,
+                `flush() -> str`); default a fresh `model.tokenizer.stream()`.
+        """
         prompt = [int(t) for t in prompt]
         if not prompt:
             raise ValueError("empty prompt")
@@ -200,94 +294,131 @@ class Engine:
             raise ValueError(f"prompt token id {bad[0]} outside the vocabulary [0, {V})")
         if len(prompt) >= self.model.cfg.max_seq_len:
             raise ValueError(f"prompt of {len(prompt)} tokens leaves no room in the model's context "
-                             f"({self.model.cfg.max_seq_len})")
-        need = -(-(len(prompt) + 1) // self.cache.params.page_size)
+                             f"({self.model.cfg.max_seq_len} tokens)")
+        n_max = self.max_new_tokens(len(prompt), params)
+        need = self.pages_for(len(prompt) + n_max - 1)  # the last sampled token is never fed back
         if need > self.cache.num_pages:
-            raise ValueError(f"prompt of {len(prompt)} tokens does not fit the KV cache "
-                             f"({self.cache.num_pages * self.cache.params.page_size} tokens)")
+            cap = self.cache.num_pages * self.cache.params.page_size
+            raise ValueError(f"prompt of {len(prompt)} tokens + {n_max} new tokens does not fit the KV cache "
+                             f"({cap} tokens): shorten the prompt or lower max_new_tokens to "
+                             f"{max(0, cap - len(prompt) + 1)} or less")
         rid = self._next_id
         self._next_id += 1
-        seed = params.seed + rid if params.seed is not None else None
-        tok = self.model.tokenizer
-        self.waiting.append(Request(rid, prompt, params, np.random.default_rng(seed),
-                                    tok.stream() if tok is not None else None))
+        if detokenizer is None and self.model.tokenizer is not None:
+            detokenizer = self.model.tokenizer.stream()
+        self.waiting.append(Request(rid, prompt, params, np.random.default_rng(params.seed), n_max, detokenizer))
         return rid
+
+    def pages_for(self, n_tokens: int) -> int:
+        return -(-n_tokens // self.cache.params.page_size)
+
+    def cancel(self, request_id: int) -> Completion | None:
+        """End a waiting or running request ("cancelled") and free its pages now.
+
+        Returns its completion, or None if the engine does not hold it (already finished).
+        """
+        for r in list(self.waiting) + self.running:
+            if r.id == request_id:
+                return self._finish(r, "cancelled")
+        return None
 
     @property
     def busy(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def step(self) -> list[tuple[Request, int, str]]:
+    @property
+    def pages_in_use(self) -> int:
+        return self.cache.num_pages - self.cache.free_pages
+
+    # -- one step ----------------------------------------------------------------------------
+
+    def step(self) -> list[Event]:
         """Admit waiting prompts (prefill), then decode one token for every running sequence.
 
         Returns:
-            `(request, token, new_text)` for every token produced in this step.
+            the events of this step, in order: one per token produced, and one carrying the
+            `completion` of every request that ended (the engine forgets it then).
         """
-        events = []
+        events: list[Event] = []
+        self._make_room_for_decode()
         joined = self._admit()
         if joined:
             t0 = time.perf_counter()
-            last = self._forward(joined, [r.prompt for r in joined])
+            chunks = [r.prompt + r.tokens for r in joined]  # a preempted request recomputes its tokens too
+            events += self._run_batch(joined, chunks)
             self.stats.prefill_s += time.perf_counter() - t0
-            self.stats.prefill_tokens += sum(len(r.prompt) for r in joined)
-            events += self._accept(joined, last)
+            self.stats.prefill_tokens += sum(map(len, chunks))
         decoding = [r for r in self.running if r not in joined]
         if decoding:
             t0 = time.perf_counter()
-            last = self._forward(decoding, [[r.tokens[-1]] for r in decoding])
+            events += self._run_batch(decoding, [[r.tokens[-1]] for r in decoding])
             self.stats.decode_s += time.perf_counter() - t0
             self.stats.decode_tokens += len(decoding)
-            events += self._accept(decoding, last)
         return events
 
+    def _make_room_for_decode(self) -> None:
+        """Preempt the most recently admitted sequences until every running sequence has a
+        page for its next token."""
+        while self.running and sum(self.cache.pages_needed(r.id, 1) for r in self.running) > self.cache.free_pages:
+            r = self.running.pop()
+            self.cache.release(r.id)
+            r.preemptions += 1
+            self.stats.preemptions += 1
+            self.waiting.appendleft(r)  # first to come back
+
     def _admit(self) -> list[Request]:
+        """Move waiting requests to running while their prefill fits the pages left after this
+        step's promises (one decode token per running sequence, the prefills admitted so far)."""
+        budget = self.cache.free_pages - sum(self.cache.pages_needed(r.id, 1) for r in self.running)
         joined = []
-        ps = self.cache.params.page_size
         while self.waiting and len(self.running) < self.max_batch:
             r = self.waiting[0]
-            if -(-(len(r.prompt) + 1) // ps) > self.cache.free_pages:
-                break  # wait for pages to free up
+            need = self.pages_for(len(r.prompt) + len(r.tokens))
+            if need > budget:
+                break  # it waits for pages (in order: a long prompt is not starved by short ones)
+            budget -= need
             self.waiting.popleft()
             self.cache.add(r.id)
             self.running.append(r)
             joined.append(r)
         return joined
 
-    def _forward(self, reqs: list[Request], chunks: list[list[int]]) -> np.ndarray:
-        """Run one ragged batch; a request that finds the cache full is ended (others go on)."""
-        while True:
-            try:
-                (last,) = forward(self.model, self.cache, [r.id for r in reqs], chunks)
-                return to_numpy(last)
-            except KVCacheFullError as e:
-                i = [r.id for r in reqs].index(e.seq_id)
-                self._finish(reqs[i], "kv_cache_full")
-                del reqs[i], chunks[i]
-                if not reqs:
-                    return np.zeros((0, self.model.cfg.vocab_size), np.float32)
-
-    def _accept(self, reqs: list[Request], last: np.ndarray) -> list[tuple[Request, int, str]]:
+    def _run_batch(self, reqs: list[Request], chunks: list[list[int]]) -> list[Event]:
+        """One forward pass, then one sampled token per request. A failing pass ends the
+        batch's requests with "error" (the cache rolled back by `forward`)."""
+        try:
+            (last,) = forward(self.model, self.cache, [r.id for r in reqs], chunks)
+            last = to_numpy(last)  # [B, V]
+        except Exception as e:
+            msg = f"forward pass failed ({self.model.path}): {type(e).__name__}: {e}"
+            return [Event(r, None, "", self._finish(r, "error", msg)) for r in reqs]
         events = []
         for r, lg in zip(reqs, last):
-            if r.finish_reason:
-                continue
-            tok = sample(lg, r.params, r.rng)
-            r.tokens.append(tok)
-            stops = r.params.stop_token_ids if r.params.stop_token_ids is not None else self.model.eos_token_ids
-            if tok in stops:
-                events.append((r, tok, self._emit(r, final=True)))
-                self._finish(r, "stop")
-                continue
-            piece = self._emit(r, new=r.stream.push(tok) if r.stream else "")
-            if r.finish_reason:  # a stop string completed
-                events.append((r, tok, piece))
-                continue
-            out_of_room = len(r.prompt) + len(r.tokens) >= self.model.cfg.max_seq_len
-            if len(r.tokens) >= r.params.max_new_tokens or out_of_room:
-                piece += self._emit(r, new=r.stream.flush() if r.stream else "", final=True)
-                self._finish(r, "length")
-            events.append((r, tok, piece))
+            try:
+                events.append(self._accept(r, lg))
+            except Exception as e:  # this request's fault (sampling, detokenizing, stop strings)
+                events.append(Event(r, None, "", self._finish(r, "error", f"{type(e).__name__}: {e}")))
         return events
+
+    def _accept(self, r: Request, lg: np.ndarray) -> Event:
+        lg = lg[:self._n_vocab]
+        if not np.isfinite(lg).all():
+            return Event(r, None, "", self._finish(
+                r, "error", f"{self.model.path}: the model produced non-finite logits (nan/inf) at position "
+                            f"{len(r.prompt) + len(r.tokens)}"))
+        tok = sample(lg, r.params, r.rng)
+        r.tokens.append(tok)
+        stops = r.params.stop_token_ids if r.params.stop_token_ids is not None else self.model.eos_token_ids
+        if tok in stops:
+            piece = self._emit(r, new=r.stream.flush() if r.stream else "", final=True)
+            return Event(r, tok, piece, self._finish(r, "stop"))
+        piece = self._emit(r, new=r.stream.push(tok) if r.stream else "")
+        if r.finish_reason:  # a stop string completed
+            return Event(r, tok, piece, self._forget(r))
+        if len(r.tokens) >= r.max_tokens or len(r.prompt) + len(r.tokens) >= self.model.cfg.max_seq_len:
+            piece += self._emit(r, new=r.stream.flush() if r.stream else "", final=True)
+            return Event(r, tok, piece, self._finish(r, "length"))
+        return Event(r, tok, piece)
 
     def _emit(self, r: Request, new: str = "", final: bool = False) -> str:
         """Text that is safe to show now: held back while it could still become a stop string."""
@@ -297,7 +428,7 @@ class Engine:
             if at >= 0:
                 out, r.held = r.held[:at], ""
                 r.text += out
-                self._finish(r, "stop")
+                r.finish_reason = "stop"
                 return out
         keep = 0 if final else max((k for s in r.params.stop for k in range(len(s), 0, -1)
                                     if r.held.endswith(s[:k])), default=0)
@@ -305,23 +436,32 @@ class Engine:
         r.text += out
         return out
 
-    def _finish(self, r: Request, reason: str) -> None:
+    def _finish(self, r: Request, reason: str, error: str | None = None) -> Completion:
         if r.finish_reason is None:
-            r.finish_reason = reason
-            self.finished.append(r)
+            r.finish_reason, r.error = reason, error
+        return self._forget(r)
+
+    def _forget(self, r: Request) -> Completion:
+        """Take a finished request out of the engine, its pages freed."""
         if r in self.running:
             self.running.remove(r)
+        if r in self.waiting:
+            self.waiting.remove(r)
+        if r.id in self.cache:
             self.cache.release(r.id)
+        return r.completion()
 
     def run(self, on_token: Callable[[Request, int, str], None] | None = None) -> list[Completion]:
-        """Step until every request is done; returns their completions in submission order."""
-        start = len(self.finished)
+        """Step until every request is done; returns the completions of the requests that
+        ended meanwhile, in submission order (the engine keeps none of them)."""
+        done = []
         while self.busy:
-            for r, tok, piece in self.step():
-                if on_token:
-                    on_token(r, tok, piece)
-        done = sorted(self.finished[start:], key=lambda r: r.id)
-        return [Completion(r.id, len(r.prompt), r.tokens, r.text, r.finish_reason) for r in done]
+            for ev in self.step():
+                if on_token and ev.token is not None:
+                    on_token(ev.request, ev.token, ev.text)
+                if ev.completion is not None:
+                    done.append(ev.completion)
+        return sorted(done, key=lambda c: c.id)
 
 
 def encode_prompt(model: Model, prompt: str, *, chat: bool = True) -> list[int]:
@@ -330,9 +470,17 @@ def encode_prompt(model: Model, prompt: str, *, chat: bool = True) -> list[int]:
     if tok is None:
         raise ValueError(f"{model.path}: the model has no tokenizer; pass token ids instead")
     if chat and tok.has_chat_template:
-        text = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
-        return tok.encode(text, add_special_tokens=False if text.startswith(tok.bos_token or "\0") else True)
+        return encode_chat(model, [{"role": "user", "content": prompt}])
     return tok.encode(prompt)
+
+
+def encode_chat(model: Model, messages: Sequence[dict]) -> list[int]:
+    """Token ids of a conversation through the model's chat template, ready for the answer."""
+    tok = model.tokenizer
+    if tok is None:
+        raise ValueError(f"{model.path}: the model has no tokenizer; pass token ids instead")
+    text = tok.apply_chat_template(messages, add_generation_prompt=True)
+    return tok.encode(text, add_special_tokens=False if text.startswith(tok.bos_token or "\0") else True)
 
 
 def generate(model: Model, prompts: Iterable[str], params: SamplingParams = SamplingParams(), *, chat: bool = True,
@@ -341,11 +489,17 @@ def generate(model: Model, prompts: Iterable[str], params: SamplingParams = Samp
     """Generate a completion for each text prompt (continuous batching over all of them).
 
     `on_token(request, token, new_text)` is called for every token as it is produced;
-    `stats`, if given, accumulates prefill/decode token counts and times.
+    `stats`, if given, accumulates prefill/decode token counts and times. The KV cache is
+    sized from the capped lengths (prompt + max new tokens, at most the model context): room
+    for every request, and for `max_batch` of them at once.
     """
     prompts = [encode_prompt(model, p, chat=chat) for p in prompts]
-    budget = sum(len(p) + params.max_new_tokens + 16 for p in prompts[:max_batch])
-    engine = Engine(model, max_batch=max_batch, cache_tokens=budget, stats=stats)
+    page = 16
+    ctx = model.cfg.max_seq_len
+    sizes = sorted((-(-(len(p) + max(0, min(params.max_new_tokens, ctx - len(p)))) // page) * page for p in prompts),
+                   reverse=True)
+    engine = Engine(model, max_batch=max_batch, cache_tokens=max(1, sum(sizes[:max_batch])), page_size=page,
+                    stats=stats)
     for p in prompts:
         engine.submit(p, params)
     return engine.run(on_token)

@@ -18,7 +18,7 @@ from typing import Hashable, Sequence
 import numpy as np
 
 from .devices import Array, Device, as_dtype, on_device_context
-from .sharding import head_shard
+from .sharding import ceil_div, head_shard
 
 
 class KVCacheFullError(RuntimeError):
@@ -131,9 +131,13 @@ class PagedKVCache:
         self._free.extend(reversed(self._tables.pop(seq_id)))
         del self._lengths[seq_id]
 
+    def pages_for(self, num_tokens: int) -> int:
+        """Pages that hold `num_tokens` tokens of one sequence."""
+        return ceil_div(num_tokens, self.params.page_size)
+
     def pages_needed(self, seq_id, n_new: int) -> int:
         ps = self.params.page_size
-        need = -(-(self._lengths[seq_id] + n_new) // ps)
+        need = ceil_div(self._lengths[seq_id] + n_new, ps)
         return max(0, need - len(self._tables[seq_id]))
 
     def reserve(self, seq_ids: Sequence[Hashable], n_new: Sequence[int]) -> BatchSlots:
@@ -166,7 +170,7 @@ class PagedKVCache:
         start = np.array([self._lengths[s] for s in seq_ids], np.int64)
         positions = np.concatenate([np.arange(st, st + n) for st, n in zip(start, n_new)]
                                    or [np.zeros(0)]).astype(np.int64)
-        tables = tuple(np.asarray(self._tables[s][: -(-(st + n) // ps)], np.int64)
+        tables = tuple(np.asarray(self._tables[s][:ceil_div(st + n, ps)], np.int64)
                        for s, st, n in zip(seq_ids, start, n_new))
         seq_of = np.repeat(np.arange(len(seq_ids)), n_new)
         page = np.array([tables[b][p // ps] for b, p in zip(seq_of, positions)], np.int64)
@@ -183,7 +187,7 @@ class PagedKVCache:
         ps = self.params.page_size
         for s in seq_ids:
             if s in self._tables:
-                keep = -(-self._lengths[s] // ps)
+                keep = ceil_div(self._lengths[s], ps)
                 self._free.extend(reversed(self._tables[s][keep:]))
                 del self._tables[s][keep:]
 

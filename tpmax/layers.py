@@ -8,6 +8,7 @@ from the input, so one body serves NumPy and CuPy. Weights are stored `[out, in]
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
@@ -15,7 +16,7 @@ from typing import Sequence
 import numpy as np
 
 from .comm import Communicator
-from .devices import Array, bfloat16, xp_of
+from .devices import Array, Device, bfloat16, on_device_context, xp_of
 from .distributed import per_device
 from .sharding import split_bounds
 
@@ -30,6 +31,8 @@ def matmul_t(x: Array, w: Array) -> Array:
     """`x @ w.T` for x `[..., in]`, w `[out, in]` -> `[..., out]`.
 
     NumPy has no fast half-precision GEMM, so half weights are computed in float32 there.
+    On CuPy, a bf16 matmul with an operand of more than two axes crashes (CuPy 14.2), so
+    such an x is flattened to 2-D first (`matmul_t_2d`).
     A quantized weight (`tpmax.quant`: anything with its own `matmul_t`) computes it itself.
     """
     if hasattr(w, "matmul_t"):
@@ -40,7 +43,22 @@ def matmul_t(x: Array, w: Array) -> Array:
         if x.ndim == 2 and 2 <= x.shape[0] <= 4:
             # OpenBLAS runs a 2-4 row x @ w.T ~30 % slower than w @ x.T (measured, 2 cores)
             return (w @ x.T).T
+        return x @ w.T
+    if x.ndim > 2 and bfloat16 in (x.dtype, w.dtype):
+        return matmul_t_2d(x, w)
     return x @ w.T
+
+
+def matmul_t_2d(x: Array, w: Array) -> Array:
+    """`x @ w.T` computed as one 2-D matmul: x `[..., in]` flattened to `[N, in]`.
+
+    Args:
+        x: `[..., in]`; w: `[out, in]`.
+    Returns:
+        `[..., out]`
+    """
+    y = x.reshape(-1, x.shape[-1]) @ w.T  # [N, in] @ [in, out] -> [N, out]
+    return y.reshape(*x.shape[:-1], w.shape[0])  # -> [..., out]
 
 
 def linear(x: Array, w: Array, b: Array | None = None, /, *, clip_weight: float | None = None) -> Array:
@@ -74,6 +92,18 @@ def rms_norm(x: Array, w: Array, /, *, eps: float) -> Array:
     return y.astype(x.dtype, copy=False)
 
 
+def _in_float32(fn):
+    """`fn` computed in float32 for float16/bfloat16 inputs and cast back, so every
+    activation returns its input's dtype (CuPy's `erf`, for one, promotes half inputs)."""
+    @functools.wraps(fn)
+    def wrapped(x):
+        if x.dtype in _HALF:
+            return fn(x.astype(np.float32)).astype(x.dtype, copy=False)
+        return fn(x)
+    return wrapped
+
+
+@_in_float32
 def _silu(x):
     e = xp_of(x).exp(-x)
     e += 1.0
@@ -81,37 +111,51 @@ def _silu(x):
 
 
 def _erf(x):
+    """erf elementwise, in x's dtype."""
     if xp_of(x) is np:  # NumPy has no erf: math.erf per element, in float64
         return np.frompyfunc(math.erf, 1, 1)(x.astype(np.float64)).astype(x.dtype)
     from cupyx.scipy.special import erf
-    return erf(x)
+    return erf(x).astype(x.dtype, copy=False)
 
 
+@_in_float32
 def _gelu(x):
     return 0.5 * x * (1.0 + _erf(x * (1.0 / math.sqrt(2.0))))
 
 
+@_in_float32
 def _gelu_tanh(x):
     xp = xp_of(x)
     c = math.sqrt(2.0 / math.pi)  # a Python float: stays in x's dtype under NumPy 2
     return 0.5 * x * (1.0 + xp.tanh(c * (x + 0.044715 * x * x * x)))
 
 
+@_in_float32
 def _sigmoid(x):
     return 1.0 / (1.0 + xp_of(x).exp(-x))
+
+
+@_in_float32
+def _tanh(x):
+    return xp_of(x).tanh(x)
+
+
+def _relu(x):
+    return xp_of(x).maximum(x, 0)  # exact in every dtype
 
 
 ACTIVATIONS = {
     "silu": _silu,
     "gelu": _gelu,
     "gelu_tanh": _gelu_tanh,
-    "relu": lambda x: xp_of(x).maximum(x, 0),
-    "tanh": lambda x: xp_of(x).tanh(x),
+    "relu": _relu,
+    "tanh": _tanh,
     "sigmoid": _sigmoid,
 }
 
 
 def activation(name: str):
+    """The activation function `name` (`[...]` -> `[...]`, same dtype)."""
     if name not in ACTIVATIONS:
         raise ValueError(f"unknown activation {name!r}; supported: {', '.join(ACTIVATIONS)}")
     return ACTIVATIONS[name]
@@ -237,7 +281,7 @@ def column_parallel_linear(xs: Sequence[Array], ws: Sequence[Array], bs: Sequenc
         per device `[T, out]`.
     """
     bs = bs or [None] * len(ws)
-    ys = per_device(linear, xs, ws, bs)  # per device [T, out_r]
+    ys = per_device(linear, xs, ws, bs, devices=comm.devices)  # per device [T, out_r]
     return comm.allgather(ys, axis=-1)  # -> [T, out]
 
 
@@ -251,9 +295,9 @@ def row_parallel_linear(xs: Sequence[Array], ws: Sequence[Array], b: Array | Non
     Returns:
         per device `[T, out]`.
     """
-    partials = per_device(linear, xs, ws)  # per device [T, out] partial sums
+    partials = per_device(linear, xs, ws, devices=comm.devices)  # per device [T, out] partial sums
     ys = comm.allreduce_sum(partials)
-    return ys if b is None else [y + b for y in ys]
+    return ys if b is None else per_device(lambda y: y + b, ys, devices=comm.devices)
 
 
 # ------------------------------------------------------------------------------------------
@@ -301,11 +345,11 @@ def mlp(xs: Sequence[Array], w13s: Sequence[Array], w2s: Sequence[Array], comm: 
     b13s = b13s or [None] * len(xs)
     if gemm_config is None or not gemm_config.enable_matmul_allreduce or xs[0].shape[0] < 2:
         partials = per_device(lambda x, a, b, c: mlp_local(x, a, b, act=act, b13=c), xs, w13s, w2s, b13s,
-                              threads=threads)  # per device [T, D] partial
+                              devices=comm.devices, threads=threads)  # per device [T, D] partial
         ys = comm.allreduce_sum(partials)  # -> [T, D]
     else:
         ys = _mlp_matmul_allreduce(xs, w13s, w2s, b13s, comm, act, gemm_config.chunks)
-    return ys if b2 is None else [y + b2 for y in ys]
+    return ys if b2 is None else per_device(lambda y: y + b2, ys, devices=comm.devices)
 
 
 _reducer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tpmax-allreduce")
@@ -314,14 +358,23 @@ _reducer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tpmax-allreduce
 def _mlp_matmul_allreduce(xs, w13s, w2s, b13s, comm, act, chunks):
     # Split the tokens into chunks: chunk i's all-reduce runs on the reducer thread while the
     # devices compute chunk i+1 (on GPU both are also asynchronous on the stream).
+    devices = comm.devices
     pending = []
     for a, b in split_bounds(xs[0].shape[0], min(chunks, xs[0].shape[0])):
         partials = per_device(lambda x, w13, w2, b13: mlp_local(x[a:b], w13, w2, act=act, b13=b13),
-                              xs, w13s, w2s, b13s)  # per device [Tc, D]
-        pending.append(_reducer.submit(comm.allreduce_sum, partials))
+                              xs, w13s, w2s, b13s, devices=devices)  # per device [Tc, D]
+        pending.append(_reducer.submit(_allreduce_on, devices[0], comm, partials))
     outs = [f.result() for f in pending]  # per chunk, per device [Tc, D]
     xp = xp_of(xs[0])
-    return [xp.concatenate([o[r] for o in outs], axis=0) for r in range(len(xs))]  # per device [T, D]
+    return per_device(lambda *chunks_r: xp.concatenate(chunks_r, axis=0), *outs,
+                      devices=devices)  # per device [T, D]
+
+
+def _allreduce_on(device: Device, comm: Communicator, partials: list[Array]) -> list[Array]:
+    """`comm.allreduce_sum(partials)` with `device` current (the reducer thread's default
+    CUDA device would otherwise be GPU 0); the communicator enters each device it touches."""
+    with on_device_context(device):
+        return comm.allreduce_sum(partials)
 
 
 # ------------------------------------------------------------------------------------------
@@ -371,7 +424,8 @@ def vocab_parallel_embedding(ids, tables: Sequence[Array], comm: Communicator, *
             raise ValueError(f"vocab_parallel_embedding: device {r} holds {t.shape[0]} rows, the split rule "
                              f"gives it {b - a} of {vocab_size}")
         starts.append(a)
-    partials = per_device(lambda t, s: embedding_local(ids, t, s), tables, starts)  # [T, D] each
+    partials = per_device(lambda t, s: embedding_local(ids, t, s), tables, starts,
+                          devices=comm.devices)  # [T, D] each
     return comm.allreduce_sum(partials)
 
 

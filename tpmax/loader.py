@@ -30,7 +30,7 @@ from .files import inside, read_json, regular_file
 from .kv_cache import KVCacheParams, PagedKVCache
 from .quant import (QuantConfig, SafetensorsFile, group_quantized, quant_config_from_hf, quantized_shape,
                     read_quantized)
-from .sharding import LAYER_PARAMS, MODEL_PARAMS, base_name
+from .sharding import LAYER_PARAMS, MODEL_PARAMS, base_name, ceil_div
 from .weights import Weights, assemble, device_tensors, n_device_tensors
 
 # ------------------------------------------------------------------------------------------
@@ -286,12 +286,20 @@ class Model:
                 f"devices={','.join(map(str, self.devices))}, tp={self.comm.tp}, dtype={self.dtype}, "
                 f"quantization={self.quant.describe() if self.quant else 'none'}, path={self.path!r})")
 
-    def new_cache(self, num_tokens: int, *, page_size: int = 16) -> PagedKVCache:
-        """A paged KV cache with room for `num_tokens` tokens in all (rounded up to pages)."""
+    def new_cache(self, num_tokens: int, *, page_size: int = 16, announce: bool = True) -> PagedKVCache:
+        """A paged KV cache with room for `num_tokens` tokens in all (rounded up to pages).
+
+        Across MPI ranks, rank 0's new cache is announced to the other ranks, which make
+        theirs (`announce=False` is how they do it).
+        """
         group = _group_devices(self.comm)
         params = KVCacheParams(self.dtype, self.cfg.n_kv_heads, self.cfg.head_dim, page_size, self.cfg.n_layers,
                                group, n_heads=self.cfg.n_heads)
-        return PagedKVCache(params, max(1, -(-num_tokens // page_size)), ranks=self.comm.ranks)
+        cache = PagedKVCache(params, max(1, ceil_div(num_tokens, page_size)), ranks=self.comm.ranks)
+        if announce:
+            from .spmd import announce_cache
+            announce_cache(self, cache)
+        return cache
 
 
 def _group_devices(comm: Communicator) -> tuple[Device, ...]:
@@ -312,21 +320,23 @@ def load(path: str | Path | None = None, devices: Sequence[Device] | str | None 
             half types are slower than float32 (NumPy has no half-precision BLAS): a warning
             says so.
         progress: one line of load progress on stderr.
-        comm: the communicator to shard for (default: `communicator(devices)`); it decides
-            which of the group's devices this process holds.
+        comm: the communicator to shard for; it decides which of the group's devices this
+            process holds. Default: `communicator(devices)` in one process; under an MPI
+            launcher (`mpirun -n R`), an MPI communicator over which each rank drives its own
+            block of `devices` (see `tpmax.mpi`), with the job aborted on any rank's uncaught
+            error.
         cache_shards: for a GGUF file in tpmax's model cache (the default model), cache its
             dequantized per-device shards beside it (safetensors, keyed by the file, dtype and
             device split) so the next load skips dequantizing.
     """
-    if path is None:
-        from .hub import default_model_path
-        path = default_model_path()
-    path = Path(path)
     devs = tuple(parse_devices(devices or "cpu") if isinstance(devices, (str, type(None))) else devices)
+    comm = comm if comm is not None else _communicator(devs)
+    if path is None:
+        path = _default_model(comm)
+    path = Path(path)
     dt = as_dtype(dtype)
     if dt.kind != "f" and dt != bfloat16:
         raise ValueError(f"dtype {dtype!r}: model weights must be float32, bfloat16 or float16")
-    comm = comm if comm is not None else communicator(devs)
     if dt != np.float32 and any(d.kind == "cpu" for d in comm.devices):
         warnings.warn(f"dtype {dtype} on CPU runs slower than float32 (NumPy has no half-precision matmul: "
                       f"it converts every weight on every use); use float32 on CPU", stacklevel=2)
@@ -366,6 +376,31 @@ def load(path: str | Path | None = None, devices: Sequence[Device] | str | None 
     else:
         bar.done("from the shard cache")
     return Model(cfg, weights, tuple(comm.devices), comm, tokenizer, eos, dtype, str(path), quant)
+
+
+def _communicator(devs: Sequence[Device]) -> Communicator:
+    """In-process, or across MPI ranks when an MPI launcher started this process."""
+    from .mpi import install_abort_handler, launched_by_mpi, mpi_communicator, world
+
+    if launched_by_mpi() and world().size > 1:
+        install_abort_handler()
+        return mpi_communicator(devs)
+    return communicator(devs)
+
+
+def _default_model(comm: Communicator) -> Path:
+    """The default model's path; across MPI ranks, rank 0 fetches it before the others look."""
+    from .hub import default_model_path
+
+    mpi = getattr(comm, "mpi", None)
+    if mpi is None or mpi.Get_size() == 1:
+        return default_model_path()
+    if mpi.Get_rank() == 0:
+        path = default_model_path()
+        mpi.Barrier()
+        return path
+    mpi.Barrier()
+    return default_model_path()
 
 
 class _Progress:

@@ -71,6 +71,19 @@ class HeadShard:
         return np.arange(self.q0, self.q1) // self.group - self.kv0
 
 
+def ceil_div(a: int, b: int) -> int:
+    """`ceil(a / b)` for non-negative ints (pages for tokens, blocks for rows)."""
+    return -(-a // b)
+
+
+def check_heads(n_heads: int, n_kv_heads: int) -> None:
+    """The one check of a head layout: positive counts, q heads in whole groups per kv head."""
+    if n_heads <= 0 or n_kv_heads <= 0:
+        raise ValueError(f"head counts must be positive, got n_heads={n_heads}, n_kv_heads={n_kv_heads}")
+    if n_heads % n_kv_heads:
+        raise ValueError(f"n_heads={n_heads} is not a multiple of n_kv_heads={n_kv_heads}")
+
+
 def head_shard(n_heads: int, n_kv_heads: int, tp: int, rank: int) -> HeadShard:
     """The heads device `rank` of `tp` owns.
 
@@ -78,8 +91,7 @@ def head_shard(n_heads: int, n_kv_heads: int, tp: int, rank: int) -> HeadShard:
     of its kv groups (no replication). TP > n_kv_heads: q heads are split by the split rule
     and each device takes the kv heads its q heads need (kv heads replicated).
     """
-    if n_heads % n_kv_heads:
-        raise ValueError(f"n_heads={n_heads} is not a multiple of n_kv_heads={n_kv_heads}")
+    check_heads(n_heads, n_kv_heads)
     if tp > n_heads:
         raise ValueError(f"cannot split {n_heads} attention heads over {tp} devices")
     if not 0 <= rank < tp:

@@ -15,10 +15,10 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .attention import AttentionInputs, attention_inputs, tensor_parallel_attention_with_rope
+from .attention import ATTENTION_BLOCK, AttentionInputs, attention_inputs, tensor_parallel_attention_with_rope
 from .comm import Communicator
 from .config import ModelConfig
-from .devices import Array, Device, asarray, device_of, to_numpy
+from .devices import Array, Device, asarray, device_of, on_device_context, to_numpy
 from .distributed import blas_threads_for, forward_sharded_layers, per_device
 from .kv_cache import BatchSlots
 from .layers import (DistributedGemmConfig, check_token_ids, column_parallel_linear, mlp, rms_norm,
@@ -60,17 +60,16 @@ def distributed_transformer_block(xs: list[Array], lw: LayerWeights, layer: int,
     eps, m = cfg.norm_eps, cfg.residual_multiplier
     norm = lambda x, w: rms_norm(x, w, eps=eps)  # noqa: E731
 
-    normed = per_device(norm, xs, lw.attn_norm, threads=threads)  # per device [T, D]
+    devs = comm.devices
+    residual = lambda x, y: x + y * m if m != 1.0 else x + y  # noqa: E731
+
+    normed = per_device(norm, xs, lw.attn_norm, devices=devs, threads=threads)  # per device [T, D]
     attn = tensor_parallel_attention_with_rope(normed, lw.attn, cfg.attention(), inputs, kv_pages, layer, comm,
                                                threads=threads)  # all-reduce #1
-    hs = [_residual(x, a, m) for x, a in zip(xs, attn)]
-    normed = per_device(norm, hs, lw.mlp_norm, threads=threads)
+    hs = per_device(residual, xs, attn, devices=devs)
+    normed = per_device(norm, hs, lw.mlp_norm, devices=devs, threads=threads)
     ff = mlp(normed, lw.w13, lw.w2, comm, act=cfg.activation, gemm_config=gemm_config, threads=threads)  # #2
-    return [_residual(h, f, m) for h, f in zip(hs, ff)]
-
-
-def _residual(x, y, m: float):
-    return x + y * m if m != 1.0 else x + y
+    return per_device(residual, hs, ff, devices=devs)
 
 
 # ------------------------------------------------------------------------------------------
@@ -109,7 +108,8 @@ def distributed_transformer(weights: Weights, cfg: ModelConfig, tokens, input_ro
                             return_logits: ReturnLogits = ReturnLogits.LAST_TOKEN, return_n_logits: int = 1,
                             return_hidden_states: ReturnHiddenStates = ReturnHiddenStates.NONE,
                             subgraph_layer_groups: Sequence[Sequence[int]] | None = None,
-                            gemm_config: DistributedGemmConfig | None = None, threads: bool = False) -> tuple:
+                            gemm_config: DistributedGemmConfig | None = None, threads: bool = False,
+                            attention_block: int = ATTENTION_BLOCK) -> tuple:
     """MAX's `DistributedTransformer` forward pass over one ragged batch.
 
     Embedding (vocab-parallel, all-reduce) -> layers -> final norm -> lm head (column
@@ -127,6 +127,8 @@ def distributed_transformer(weights: Weights, cfg: ModelConfig, tokens, input_ro
         threads: run each device's work on its own thread (BLAS limited to cores / devices).
             Off by default: on a 2-core machine, threads for virtual CPU devices measured slower
             than running them in turn with every core for BLAS (decode 15 vs 21 tok/s at TP 2).
+        attention_block: queries per prefill attention block (no numeric effect; bounds the
+            scores held at once to `[heads, block, context]`).
     Returns:
         the tuple of `distributed_logits_postprocess`.
     """
@@ -140,8 +142,9 @@ def distributed_transformer(weights: Weights, cfg: ModelConfig, tokens, input_ro
     devices = comm.devices
     xs = vocab_parallel_embedding(tokens, weights.embed, comm, vocab_size=cfg.vocab_size)  # per device [T, D]
     if cfg.embedding_multiplier != 1.0:
-        xs = [x * cfg.embedding_multiplier for x in xs]
-    inputs = attention_inputs(cfg.attention(), cfg.rope(), kv_slots, devices)  # once per pass, for every layer
+        xs = per_device(lambda x: x * cfg.embedding_multiplier, xs, devices=devices)
+    inputs = attention_inputs(cfg.attention(), cfg.rope(), kv_slots, devices,
+                              block=attention_block)  # once per pass, for every layer
     with blas_threads_for(devices) if threads else contextlib.nullcontext():
         for group in groups:
             for i in group:
@@ -210,11 +213,14 @@ def distributed_logits_postprocess(h: Sequence[Array], input_row_offsets, return
         raise ValueError(f"device {device} is not one of this communicator's devices {list(map(str, comm.devices))}")
     last = offs[1:] - 1  # [B]
 
+    devs = comm.devices
+
     def logits_at(rows: np.ndarray | None):
-        xs = list(h) if rows is None else [x[_idx(x, rows)] for x in h]
-        ys = lm_head(forward_sharded_layers(norm_shards, xs), comm)  # per device [n, V]
-        y = ys[r].astype(np.float32)
-        return y / np.float32(logits_scaling) if logits_scaling != 1.0 else y
+        xs = list(h) if rows is None else per_device(lambda x: x[_idx(x, rows)], h, devices=devs)
+        ys = lm_head(forward_sharded_layers(norm_shards, xs, devices=devs), comm)  # per device [n, V]
+        with on_device_context(devs[r]):
+            y = ys[r].astype(np.float32)
+            return y / np.float32(logits_scaling) if logits_scaling != 1.0 else y
 
     out: list = []
     if return_logits == ReturnLogits.ALL:

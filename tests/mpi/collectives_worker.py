@@ -1,0 +1,108 @@
+"""A long-lived MPI job that runs one collective per request from pytest.
+
+Usage: mpirun -n N python collectives_worker.py PORT. Rank 0 connects to 127.0.0.1:PORT
+and reads requests (`tests/mpi/wire.py` frames: header {op, k, axis, root} plus the
+per-device inputs of the whole group, in group order); it sends each one to the other
+ranks with `tpmax.mpi.bcast_json` / `bcast_arrays` (so those are exercised too); every rank
+runs the collective on its own `k` devices through `mpi_communicator` (an `MpiCommunicator`),
+twice, to check it is deterministic; rank 0 gathers the outputs and replies with them in
+group order, or with the error every rank raised. `{"op": "messages"}` runs
+`messages_worker.check` on every rank, `{"op": "factory", "devices": SPEC}` reports what
+`mpi_communicator` says to a device list; `{"op": "quit"}` ends the job.
+"""
+import os
+import socket
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(__file__))
+import messages_worker  # noqa: E402
+import wire  # noqa: E402
+
+import tpmax  # noqa: E402
+from tpmax import mpi  # noqa: E402
+
+
+def wait_for_rank0(comm) -> None:
+    # Idle ranks sleep instead of spinning in a blocking Bcast while pytest draws examples.
+    req = comm.Ibarrier()
+    while not req.Test():
+        time.sleep(0.0005)
+
+
+def run(comm, op, arrays, header):
+    xs = [arrays[f"x{g}"] for g in comm.ranks]
+    if op == "allreduce_sum":
+        return comm.allreduce_sum(xs)
+    if op == "allgather":
+        return comm.allgather(xs, axis=header["axis"])
+    if op == "reduce_scatter":
+        return comm.reduce_scatter(xs, axis=header["axis"])
+    if op == "mlp":  # a real layer on the communicator: inputs are [x]*tp + w13s + w2s
+        w13s = [arrays[f"x{comm.tp + g}"] for g in comm.ranks]
+        w2s = [arrays[f"x{2 * comm.tp + g}"] for g in comm.ranks]
+        return tpmax.mlp(xs, w13s, w2s, comm)
+    if op == "broadcast":
+        root = header["root"]
+        return comm.broadcast(arrays[f"x{root}"] if root in comm.ranks else None, root=root)
+    raise ValueError(f"unknown op {op!r}")
+
+
+def one_request(w, header, arrays):
+    if header["op"] == "factory":  # which communicator (or error) a device list gets here
+        try:
+            kind, ids = header["devices"].split(":")
+            comm = mpi.mpi_communicator([tpmax.Device(kind, int(i)) for i in ids.split(",")])
+            return ("error", f"no error: {comm!r}")
+        except Exception as e:
+            return ("error", f"{type(e).__name__}: {e}")
+    if header["op"] == "messages":
+        try:
+            messages_worker.check(w)
+            return ("ok", [])
+        except Exception as e:
+            return ("error", f"{type(e).__name__}: {e}")
+    devs = [tpmax.Device("cpu", i) for i in range(header["k"] * w.size)]
+    try:
+        comm = mpi.mpi_communicator(devs)
+        assert isinstance(comm, mpi.MpiCommunicator), comm
+        out = run(comm, header["op"], arrays, header)
+        again = run(comm, header["op"], arrays, header)
+        if any(a.tobytes() != b.tobytes() for a, b in zip(out, again)):
+            raise AssertionError("two calls gave different bytes")
+        if any(np.shares_memory(a, b) for i, a in enumerate(out) for b in out[i + 1:]):
+            raise AssertionError("two local devices share a result buffer")
+        return ("ok", [(g, o) for g, o in zip(comm.ranks, out)])
+    except Exception as e:  # reported to pytest, which checks every rank raised the same
+        return ("error", f"{type(e).__name__}: {e}")
+
+
+def main(port: int) -> None:
+    mpi.install_abort_handler()
+    w = mpi.world()
+    sock = wire.no_delay(socket.create_connection(("127.0.0.1", port))) if w.rank == 0 else None
+    while True:
+        if w.rank == 0:
+            header, xs = wire.recv(sock, tpmax.as_dtype)
+            header.pop("arrays")
+        wait_for_rank0(w.comm)
+        header = mpi.bcast_json(header if w.rank == 0 else None)
+        if header["op"] == "quit":
+            break
+        arrays = mpi.bcast_arrays({f"x{g}": x for g, x in enumerate(xs)} if w.rank == 0 else None)
+        results = w.comm.gather(one_request(w, header, arrays), root=0)  # test harness: pickle is fine
+        if w.rank == 0:
+            errors = sorted({r[1] for r in results if r[0] == "error"})
+            if errors:
+                wire.send(sock, {"error": errors, "all_ranks": all(r[0] == "error" for r in results)})
+            else:
+                outs = [o for _, per_rank in results for _, o in sorted(per_rank, key=lambda t: t[0])]
+                wire.send(sock, {"error": None}, outs)
+    if sock is not None:
+        sock.close()
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]))

@@ -1,0 +1,137 @@
+"""The model across MPI ranks: every rank runs the same program (the Python API or the
+`tpmax` command under mpirun) and gets what one process gets — logits of every HF fixture,
+the default model's greedy answer, perplexity and seeded samples — with rank 0 refusing bad
+input before anything is broadcast and a killed rank ending the whole job."""
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import safetensors.numpy as stn
+
+import tpmax
+from tpmax import mpi
+
+HERE = Path(__file__).parent
+FIX = HERE / "fixtures"
+WORKER = HERE / "mpi" / "model_worker.py"
+MPIRUN = shutil.which("mpirun", path=str(Path(sys.executable).parent)) or shutil.which("mpirun")
+pytestmark = pytest.mark.skipif(MPIRUN is None or importlib.util.find_spec("mpi4py") is None,
+                                reason="needs mpi4py and mpirun: pip install 'tpmax[mpi]'")
+HF_CASES = ["llama", "llama_tied", "mistral", "qwen2", "qwen3", "granite", "llama_sharded"]
+
+
+def spec(n):
+    return "cpu:" + ",".join(map(str, range(n)))
+
+
+def run_mpi(n, argv, *, timeout=240):
+    """`mpirun -n n argv...` with a time limit; the whole job is killed if it runs over."""
+    env = {k: v for k, v in os.environ.items() if k not in mpi.LAUNCHER_ENV}
+    env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OMP_NUM_THREADS="1",
+               OPENBLAS_NUM_THREADS="1")
+    cmd = [MPIRUN, "-n", str(n), "--oversubscribe", "--bind-to", "none", *map(str, argv)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    return proc.returncode, out, err
+
+
+def worker(tmp_path, n, mode, devices=None):
+    out = tmp_path / f"{mode}-{n}.json"
+    rc, _, err = run_mpi(n, [sys.executable, WORKER, mode, devices or spec(n), out])
+    assert rc == 0, err[-3000:]
+    return json.loads(out.read_text())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
+def test_fixture_logits_over_ranks_equal_one_process(tmp_path, n):
+    got = worker(tmp_path, n, "fixtures")
+    for case in HF_CASES:
+        model = tpmax.load(FIX / "hf" / case, devices=spec(n), progress=False)
+        r = stn.load_file(str(FIX / "hf" / case / "reference.safetensors"))
+        want = tpmax.logits(model, [r[f"input_ids_{i}"] for i in range(3)])
+        for g, w in zip(got[case], want):
+            np.testing.assert_allclose(np.array(g, np.float32), w, rtol=1e-5, atol=1e-5, err_msg=case)
+    # The bad request was refused on rank 0 (before any broadcast) and the next one served.
+    assert "outside the vocabulary" in got["bad"]
+    assert np.isfinite(np.array(got["after_bad"])).all()
+
+
+@pytest.mark.slow
+def test_default_model_over_two_ranks(tmp_path):
+    ref = json.loads((FIX / "smollm2_reference.json").read_text())
+    got = worker(tmp_path, 2, "smollm2")
+    assert got["rank_devices"] == ["cpu:0"]  # rank 0 drives its own block only
+    assert got["prompt_ids"] == ref["chat"]["prompt_ids"]
+    assert got["tokens"] == ref["chat"]["greedy_ids"]
+    model = tpmax.load(None, devices="cpu:0,1", progress=False)
+    ids = model.tokenizer.encode((FIX / "perplexity.txt").read_text(encoding="utf-8"))
+    ppl, n = tpmax.perplexity(model, ids, context_length=ref["perplexity"]["context_length"])
+    assert got["scored"] == n and abs(got["perplexity"] - ppl) <= 1e-6 * ppl
+    seeded = tpmax.generate(model, ["Name a color.", "Count to three."],
+                            tpmax.SamplingParams(max_new_tokens=12, temperature=0.8, seed=7))
+    assert got["seeded"] == [c.text for c in seeded]
+
+
+def tpmax_cmd(*args):
+    return [sys.executable, "-m", "tpmax.cli", *args]
+
+
+@pytest.mark.slow
+def test_cli_generate_under_mpirun_prints_once_and_equals_one_process():
+    args = ["generate", "--devices", "cpu:0,1", "--max-new-tokens", "12", "What is the capital of France?"]
+    rc, out, err = run_mpi(2, tpmax_cmd(*args))
+    assert rc == 0, err[-3000:]
+    one = subprocess.run(tpmax_cmd(*args), capture_output=True, text=True, timeout=240)
+    assert one.returncode == 0, one.stderr
+    assert out == one.stdout and "Paris" in out  # only rank 0 printed, the same answer
+
+
+@pytest.mark.slow
+def test_cli_perplexity_under_mpirun():
+    args = ["perplexity", "--devices", "cpu:0,1", "--file", str(FIX / "perplexity.txt"), "--context-length", "128",
+            "--json", "--quiet"]
+    rc, out, err = run_mpi(2, tpmax_cmd(*args))
+    assert rc == 0, err[-3000:]
+    one = subprocess.run(tpmax_cmd(*args), capture_output=True, text=True, timeout=240)
+    a, b = json.loads(out), json.loads(one.stdout)
+    assert a["tokens"] == b["tokens"] and abs(a["perplexity"] - b["perplexity"]) <= 1e-6 * b["perplexity"]
+
+
+def test_device_count_that_does_not_divide_is_refused_once():
+    rc, out, err = run_mpi(2, tpmax_cmd("generate", "--model", FIX / "hf" / "llama", "--devices", "cpu:0,1,2",
+                                        "--max-new-tokens", "2", "hi"), timeout=120)
+    assert rc != 0 and out == ""
+    assert err.count("3 devices for 2 MPI ranks") == 1, err
+
+
+@pytest.mark.parametrize("bad, says", [
+    (["--prompt", "hi", "--prompt", ""], "must not be empty"),  # refused while parsing, on every rank
+    (["--prompt", "hi", "--prompt", "w " * 9000], "context"),  # refused by rank 0 inside generate
+])
+def test_cli_bad_input_is_reported_once_and_every_rank_exits(bad, says):
+    t0 = time.monotonic()
+    rc, out, err = run_mpi(2, tpmax_cmd("generate", "--devices", "cpu:0,1", "--max-new-tokens", "2", "--no-chat",
+                                        "--quiet", *bad), timeout=120)
+    assert rc != 0 and time.monotonic() - t0 < 60
+    assert err.count("tpmax: error:") == 1 and says in err, err
+
+
+def test_a_killed_rank_ends_the_job(tmp_path):
+    t0 = time.monotonic()
+    rc, _, err = run_mpi(2, [sys.executable, WORKER, "kill", "cpu:0,1", tmp_path / "x.json"], timeout=120)
+    assert rc != 0 and time.monotonic() - t0 < 60
