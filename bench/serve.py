@@ -135,7 +135,7 @@ def main(argv=None) -> int:
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "tpmax.serve", "--model", str(path), "--devices", args.devices, "--port", str(port),
+    cmd = [sys.executable, "-m", "tpmax.cli", "serve", "--model", str(path), "--devices", args.devices, "--port", str(port),
            "--max-batch", str(args.max_batch), "--cache-tokens", str(args.cache_tokens), "--quiet",
            "--served-model-name", "bench"]
     rows += bench_server("tpmax", cmd, url, "bench", args)

@@ -350,6 +350,20 @@ def test_symlinks_out_and_fifos_are_refused(tmp_path):
         load(d, progress=False)
 
 
+def test_hub_cache_layout_symlinks_into_blobs_load(tmp_path):
+    snap = tmp_path / "models--org--tiny" / "snapshots" / "abc123"
+    blobs = tmp_path / "models--org--tiny" / "blobs"
+    snap.mkdir(parents=True)
+    blobs.mkdir()
+    for f in (FIX / "hf" / "llama").iterdir():
+        shutil.copy(f, blobs / f.name)
+        (snap / f.name).symlink_to(Path("../../blobs") / f.name)
+    want = load(FIX / "hf" / "llama", progress=False)
+    got = load(snap, progress=False)
+    ids = [np.arange(5)]
+    np.testing.assert_array_equal(tpmax.logits(got, ids)[0], tpmax.logits(want, ids)[0])
+
+
 def test_tensor_in_two_shards_is_an_error(tmp_path):
     d = hf_copy(tmp_path, "llama_sharded")
     files = sorted(d.glob("model-0000*.safetensors"))

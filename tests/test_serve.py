@@ -33,7 +33,7 @@ class Server:
     def __init__(self, model_dir: Path, *args: str):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen([sys.executable, "-m", "tpmax.serve", "--model", str(model_dir), "--port",
+        self.proc = subprocess.Popen([sys.executable, "-m", "tpmax.cli", "serve", "--model", str(model_dir), "--port",
                                       str(self.port), "--quiet", *args], stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 60

@@ -375,10 +375,39 @@ def _info(args) -> int:
 
 
 # ------------------------------------------------------------------------------------------
+# serve
+
+
+def add_serve_parser(sub) -> None:
+    s = _add_subparser(
+        sub, "serve", "an OpenAI-compatible HTTP server (continuous batching across clients)",
+        "Serve a model over the OpenAI HTTP API: POST /v1/chat/completions and /v1/completions (streamed "
+        "or not), GET /v1/models, /health, /metrics. Binds to loopback unless --host says otherwise; "
+        "SIGTERM finishes the requests in flight, then exits. See docs/serve.md.")
+    add_model_args(s)
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (loopback only by default)")
+    s.add_argument("--port", type=_int_in(0, 65535), default=8000, help="TCP port")
+    s.add_argument("--max-batch", type=_int_in(1), default=16, help="most requests decoding at once")
+    s.add_argument("--max-queue", type=_int_in(0), default=64,
+                   help="requests that may wait beyond --max-batch; more are answered 429 at once")
+    s.add_argument("--cache-tokens", type=_int_in(1), default=8192, help="KV cache capacity in tokens")
+    s.add_argument("--served-model-name", metavar="NAME",
+                   help="the model id clients send (default: the model's file or directory name)")
+    s.set_defaults(run=_serve)
+
+
+def _serve(args) -> int:
+    from .serve import run_serve
+
+    args.stage = "load"
+    return run_serve(args)
+
+
+# ------------------------------------------------------------------------------------------
 # main
 
 
-SUBCOMMANDS = (add_generate_parser, add_perplexity_parser, add_info_parser)
+SUBCOMMANDS = (add_generate_parser, add_perplexity_parser, add_serve_parser, add_info_parser)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -11,3 +11,9 @@ class ConfigError(LoadError):
 
 class WeightError(LoadError):
     """Weights that do not match their config: missing, extra, misshapen, or non-finite."""
+
+
+class ChatTemplateError(LoadError):
+    """A chat template that cannot be compiled or rendered: a syntax error, a refused operation,
+    a limit on time or output size, or the template's own `raise_exception`; the message names
+    the template's source and the reason."""

@@ -28,13 +28,22 @@ def regular_file(path: Path) -> Path:
 
 def inside(directory: Path, name: str) -> Path:
     """The file `name` (as a checkpoint writes it, relative) inside `directory`: it must not
-    leave the directory (`..`, absolute paths, symlinks pointing out) and must be a regular file."""
-    if not isinstance(name, str) or not name or "\0" in name:
-        raise LoadError(f"{directory}: bad file name {name!r}")
+    leave the directory (`..`, absolute paths, symlinks pointing out) and must be a regular file.
+
+    One exception, the Hugging Face hub cache's own layout: in `models--org--name/snapshots/REV/`
+    the files are symlinks into `models--org--name/blobs/`, which is allowed.
+    """
+    if not isinstance(name, str) or not name or "\0" in name or Path(name).is_absolute():
+        raise LoadError(f"{directory}: file {name!r} is outside the model directory")
+    if ".." in Path(name).parts:
+        raise LoadError(f"{directory}: file {name!r} is outside the model directory")
     root = directory.resolve()
     path = (directory / name).resolve()
-    if Path(name).is_absolute() or root not in path.parents:
-        raise LoadError(f"{directory}: file {name!r} is outside the model directory")
+    allowed = [root]
+    if root.parent.name == "snapshots":
+        allowed.append(root.parent.parent / "blobs")
+    if not any(a in path.parents for a in allowed):
+        raise LoadError(f"{directory}: file {name!r} is outside the model directory (it resolves to {path})")
     return regular_file(path)
 
 

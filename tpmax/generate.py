@@ -19,10 +19,12 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
+from . import spmd
 from .devices import to_numpy
 from .kv_cache import PagedKVCache
 from .loader import Model
-from .transformer import ReturnLogits, distributed_transformer
+from .sharding import ceil_div
+from .transformer import ReturnLogits, check_ragged, distributed_transformer
 
 
 def _check_context(model: Model, n: int, what: str) -> None:
@@ -34,11 +36,21 @@ def _check_context(model: Model, n: int, what: str) -> None:
 def logits(model: Model, sequences: Sequence[Sequence[int]], *, page_size: int = 16) -> list[np.ndarray]:
     """Logits at every position of every sequence, computed as one ragged batch.
 
+    Under MPI every rank calls it alike; rank 0 checks the input and leads, the others follow.
+
     Args:
         sequences: token-id lists, each non-empty and within the model context.
     Returns:
         per sequence a float32 NumPy array `[len, vocab]`.
     """
+    if not spmd.is_leader(model):
+        _, out = spmd.follow(model)
+        return [] if out is None else _split(to_numpy(out[1]), out[2])
+    with spmd.session(model):
+        return _logits(model, sequences, page_size=page_size)
+
+
+def _logits(model: Model, sequences, *, page_size: int) -> list[np.ndarray]:
     seqs = [np.asarray(s, np.int64) for s in sequences]
     if not seqs:
         return []
@@ -46,13 +58,16 @@ def logits(model: Model, sequences: Sequence[Sequence[int]], *, page_size: int =
         if s.ndim != 1 or len(s) == 0:
             raise ValueError(f"sequence {i} must be a non-empty list of token ids")
         _check_context(model, len(s), f"sequence {i}")
-    offs = np.cumsum([0] + [len(s) for s in seqs])
-    cache = model.new_cache(sum(-(-len(s) // page_size) * page_size for s in seqs), page_size=page_size)
+    cache = model.new_cache(sum(ceil_div(len(s), page_size) * page_size for s in seqs), page_size=page_size)
     for i in range(len(seqs)):
         cache.add(i)
-    _, all_logits, _ = forward(model, cache, list(range(len(seqs))), seqs, return_logits=ReturnLogits.ALL)
-    all_logits = to_numpy(all_logits)
-    return [all_logits[offs[i]:offs[i + 1]] for i in range(len(seqs))]
+    _, all_logits, offs = forward(model, cache, list(range(len(seqs))), seqs, return_logits=ReturnLogits.ALL)
+    spmd.free_cache(model, cache)
+    return _split(to_numpy(all_logits), offs)
+
+
+def _split(all_logits: np.ndarray, offs) -> list[np.ndarray]:
+    return [all_logits[offs[i]:offs[i + 1]] for i in range(len(offs) - 1)]
 
 
 def forward(model: Model, cache: PagedKVCache, seq_ids: Sequence, chunks: Sequence[Sequence[int]], **kw) -> tuple:
@@ -63,10 +78,12 @@ def forward(model: Model, cache: PagedKVCache, seq_ids: Sequence, chunks: Sequen
     Returns the tuple of `distributed_transformer`.
     """
     n_new = [len(c) for c in chunks]
-    tokens = np.concatenate([np.asarray(c, np.int64) for c in chunks])
-    offsets = np.cumsum([0] + n_new)
+    tokens, offsets = check_ragged(np.concatenate([np.asarray(c, np.int64) for c in chunks]),
+                                   np.cumsum([0] + n_new), model.cfg.vocab_size)  # before anything is broadcast
     slots = cache.reserve(seq_ids, n_new)
     try:
+        spmd.announce_step(model, cache, tokens, offsets, slots, kw.get("return_logits", ReturnLogits.LAST_TOKEN),
+                           kw.get("return_n_logits", 1))
         out = distributed_transformer(model.weights, model.cfg, tokens, offsets, cache.pages, slots, model.comm, **kw)
     except BaseException:
         cache.rollback(seq_ids)
@@ -87,6 +104,15 @@ def perplexity(model: Model, ids: Sequence[int], *, context_length: int,
     Returns:
         (perplexity, scored tokens).
     """
+    if not spmd.is_leader(model):
+        result, _ = spmd.follow(model)
+        return result[0], result[1]
+    with spmd.session(model) as box:
+        box["result"] = _perplexity(model, ids, context_length=context_length, on_progress=on_progress)
+    return box["result"]
+
+
+def _perplexity(model: Model, ids, *, context_length: int, on_progress) -> tuple[float, int]:
     if context_length < 2:
         raise ValueError("context_length must be at least 2")
     if context_length > model.cfg.max_seq_len:
@@ -100,7 +126,7 @@ def perplexity(model: Model, ids: Sequence[int], *, context_length: int,
     total = sum(len(w) - 1 for w in windows)
     nll, n = 0.0, 0
     for w in windows:  # one window per forward: memory stays [context_length, vocab]
-        (lg,) = logits(model, [w])
+        (lg,) = _logits(model, [w], page_size=16)
         lg = lg[:-1].astype(np.float64)  # [L-1, V]: predicts w[1:]
         m = lg.max(axis=-1, keepdims=True)
         logz = (m + np.log(np.exp(lg - m).sum(axis=-1, keepdims=True)))[:, 0]
@@ -492,7 +518,20 @@ def generate(model: Model, prompts: Iterable[str], params: SamplingParams = Samp
     `stats`, if given, accumulates prefill/decode token counts and times. The KV cache is
     sized from the capped lengths (prompt + max new tokens, at most the model context): room
     for every request, and for `max_batch` of them at once.
+
+    Under MPI every rank calls it alike: rank 0 encodes, schedules and samples, the others
+    run each forward pass with it; every rank returns rank 0's completions.
     """
+    if not spmd.is_leader(model):
+        result, _ = spmd.follow(model)
+        return [Completion(**c) for c in result]
+    with spmd.session(model) as box:
+        outs = _generate(model, prompts, params, chat=chat, max_batch=max_batch, on_token=on_token, stats=stats)
+        box["result"] = [dataclasses.asdict(c) for c in outs]
+    return outs
+
+
+def _generate(model, prompts, params, *, chat, max_batch, on_token, stats) -> list[Completion]:
     prompts = [encode_prompt(model, p, chat=chat) for p in prompts]
     page = 16
     ctx = model.cfg.max_seq_len

