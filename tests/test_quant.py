@@ -211,7 +211,8 @@ def check_pieces(tensors, qc, W, strategy, tp, block_bytes):
 
 
 @settings(max_examples=40)
-@given(st.sampled_from(sorted(STRATEGIES)), st.integers(1, 4), st.sampled_from([4, 8]), st.sampled_from([8, 16, 24, -1]),
+@given(st.sampled_from(sorted(STRATEGIES)), st.integers(1, 4), st.sampled_from([4, 8]),
+       st.sampled_from([8, 16, 24, -1]),
        st.booleans(), st.booleans(), st.booleans(), st.integers(0, 999))
 def test_gptq_reader_every_piece(strategy, tp, bits, group, desc_act, sym, v1, seed):
     rng = np.random.default_rng(seed)

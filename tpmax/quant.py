@@ -256,7 +256,8 @@ class FP8Weight:
     def take_out(self, a: int, b: int) -> "FP8Weight":
         """Output rows `[a, b)`."""
         if self.block is None:
-            return dataclasses.replace(self, w=self.w[a:b], scale=self.scale if self.scale.ndim == 0 else self.scale[a:b])
+            scale = self.scale if self.scale.ndim == 0 else self.scale[a:b]
+            return dataclasses.replace(self, w=self.w[a:b], scale=scale)
         (bo, _), (r0, c0) = self.block, self.origin
         b0, b1 = (a + r0) // bo, (b - 1 + r0) // bo + 1
         return dataclasses.replace(self, w=self.w[a:b], scale=self.scale[b0:b1], origin=((a + r0) % bo, c0))
