@@ -5,7 +5,7 @@
     tpmax generate [options] --prompt TEXT [--prompt TEXT ...]
     tpmax generate [options] --file PATH          (one prompt per line; - = stdin)
     tpmax perplexity [options] --file PATH
-    tpmax info
+    tpmax info [--model PATH [--devices SPEC]]
 
 Each subcommand is a pair: `add_<name>_parser(sub)` declares its arguments and sets
 `run=_<name>`; `_<name>(args)` runs it and returns the exit status. To add a subcommand,
@@ -339,8 +339,14 @@ def _perplexity(args) -> int:
 
 
 def add_info_parser(sub) -> None:
-    i = _add_subparser(sub, "info", "backends, devices, NCCL",
-                       "Versions of tpmax, NumPy and CuPy, the GPUs found, and whether NCCL is available.")
+    i = _add_subparser(sub, "info", "backends, devices, NCCL; with --model, its quantization and bytes per device",
+                       "Versions of tpmax, NumPy and CuPy, the GPUs found, and whether NCCL is available. "
+                       "With --model, also load that model and show its quantization and the weight bytes "
+                       "each device holds against float32.")
+    i.add_argument("--model", metavar="PATH", help="HF model directory or .gguf file to load and describe")
+    i.add_argument("--devices", default="cpu", type=_nonempty, metavar="SPEC", help="devices to load --model on")
+    i.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="weight dtype of --model's unquantized tensors")
     add_quiet_arg(i)
     i.set_defaults(run=_info)
 
@@ -357,6 +363,14 @@ def _info(args) -> int:
     for k, v in info.items():
         print(f"{k:7s} {v}")
     print("devices cpu:0,1,... (virtual)" + (f", gpu:0..{info['gpus'] - 1}" if info["gpus"] else ""))
+    if args.model:
+        from .quant import resident_bytes
+
+        model = _load(args)
+        print(f"model   {model!r}")
+        print(f"quant   {model.quant.describe() if model.quant else 'none'}")
+        for dev, (held, f32) in zip(model.devices, resident_bytes(model.weights)):
+            print(f"{str(dev):7s} {held / 2**20:.3f} MiB resident ({held / f32:.2f} of float32 {f32 / 2**20:.3f} MiB)")
     return 0
 
 

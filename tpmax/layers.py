@@ -33,7 +33,10 @@ def matmul_t(x: Array, w: Array) -> Array:
     NumPy has no fast half-precision GEMM, so half weights are computed in float32 there.
     On CuPy, a bf16 matmul with an operand of more than two axes crashes (CuPy 14.2), so
     such an x is flattened to 2-D first (`matmul_t_2d`).
+    A quantized weight (`tpmax.quant`: anything with its own `matmul_t`) computes it itself.
     """
+    if hasattr(w, "matmul_t"):
+        return w.matmul_t(x)
     if xp_of(x) is np:
         if w.dtype in _HALF:
             return x.astype(np.float32) @ w.astype(np.float32).T

@@ -28,8 +28,10 @@ from .devices import Device, as_dtype, asarray, bfloat16, devices as parse_devic
 from .errors import LoadError
 from .files import inside, read_json, regular_file
 from .kv_cache import KVCacheParams, PagedKVCache
+from .quant import (QuantConfig, SafetensorsFile, group_quantized, quant_config_from_hf, quantized_shape,
+                    read_quantized)
+from .sharding import LAYER_PARAMS, MODEL_PARAMS, base_name, ceil_div
 from .tokenizer import gguf_metadata
-from .sharding import LAYER_PARAMS, MODEL_PARAMS, ceil_div
 from .weights import Weights, assemble, device_tensors, n_device_tensors
 
 # ------------------------------------------------------------------------------------------
@@ -44,6 +46,11 @@ GGUF_LAYER = re.compile(r"^blk\.(\d+)\.(.+)$")
 GGUF_NAMES = {p.gguf: p.name for p in MODEL_PARAMS if p.gguf}
 GGUF_LAYER_NAMES = {p.gguf: p.name for p in LAYER_PARAMS if p.gguf}
 GGUF_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q8_0")
+
+# Table rows a quantized checkpoint may store quantized (linears; embeddings and norms never).
+QUANTIZABLE = {p.name for p in LAYER_PARAMS + MODEL_PARAMS if p.name.endswith("_proj")} | {"lm_head"}
+_QUANTIZED_SUFFIXES = {"qweight", "qzeros", "scales", "g_idx", "weight_packed", "weight_scale", "weight_shape",
+                       "weight_zero_point", "weight_scale_inv"}
 
 _SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": bfloat16,
                        "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
@@ -64,14 +71,22 @@ def _table_name(name: str, top: dict, layer_re: re.Pattern, layer_names: dict, s
 
 
 class SafetensorsSource:
-    """The tensors of a HF directory: one `model.safetensors`, or shards with an index."""
+    """The tensors of a HF directory: one `model.safetensors`, or shards with an index.
 
-    def __init__(self, directory: Path):
+    With a `QuantConfig`, each quantized linear (its `qweight`/`qzeros`/`scales`/`g_idx`, or
+    `weight`/`weight_scale`, ... — `quant.group_quantized`) is one tensor under the table name
+    of its `.weight`: `shape` is its logical `[out, in]` and `read` returns the device's piece
+    still quantized (`quant.read_quantized`).
+    """
+
+    def __init__(self, directory: Path, quant: QuantConfig | None = None):
         from safetensors import safe_open
 
         self.name = str(directory)
+        self.quant = quant
         self.files = self._files(directory)
         self._where: dict[str, tuple] = {}
+        located: dict[str, tuple] = {}  # checkpoint key -> (handle, path)
         for path in self.files:
             try:
                 handle = safe_open(str(path), framework="numpy")
@@ -79,12 +94,33 @@ class SafetensorsSource:
             except Exception as e:  # truncated, bad header, ...
                 raise LoadError(f"{path}: not a valid safetensors file ({e})") from None
             for key in keys:
-                if HF_IGNORED.search(key):
-                    continue
+                if key in located:
+                    raise LoadError(f"{path}: tensor {key!r} is also in {located[key][1]}")
+                located[key] = (handle, path)
+        self._quant: dict[str, tuple[str, dict[str, tuple[Path, str]]]] = {}
+        qkeys: set[str] = set()
+        if quant is not None:
+            is_fp8 = lambda k: located[k][0].get_slice(k).get_dtype() == "F8_E4M3"  # noqa: E731
+            for module, by_suffix in group_quantized(located, quant, source=self.name, is_fp8=is_fp8).items():
+                name = _table_name(module + ".weight", HF_NAMES, HF_LAYER, HF_LAYER_NAMES, self.name)
+                if base_name(name) not in QUANTIZABLE:
+                    raise LoadError(f"{self.name}: {module} is quantized; tpmax reads quantized linears only "
+                                    f"({', '.join(sorted(QUANTIZABLE))})")
+                self._quant[name] = (module, {sfx: (located[k][1], k) for sfx, k in by_suffix.items()})
+                qkeys |= set(by_suffix.values())
+        self._mapped: dict[Path, SafetensorsFile] = {}
+        for key, (handle, path) in located.items():
+            if key in qkeys or HF_IGNORED.search(key):
+                continue
+            try:
                 name = _table_name(key, HF_NAMES, HF_LAYER, HF_LAYER_NAMES, str(path))
-                if name in self._where:
-                    raise LoadError(f"{path}: tensor {key!r} is also in {self._where[name][2]}")
-                self._where[name] = (handle, key, path)
+            except LoadError as e:
+                if quant is None and key.rsplit(".", 1)[-1] in _QUANTIZED_SUFFIXES:
+                    raise LoadError(f"{e}; it looks quantized but config.json has no quantization_config") from None
+                raise
+            if name in self._where or name in self._quant:
+                raise LoadError(f"{path}: tensor {key!r} maps to {name}, which another tensor already provides")
+            self._where[name] = (handle, key, path)
 
     @staticmethod
     def _files(directory: Path) -> list[Path]:
@@ -112,13 +148,31 @@ class SafetensorsSource:
         return files
 
     def names(self):
-        return set(self._where)
+        return set(self._where) | set(self._quant)
+
+    def _reader(self, name):
+        """`suffix -> slice-like` over the memory-mapped files of quantized linear `name`."""
+        module, by_suffix = self._quant[name]
+
+        def reader(suffix):
+            if suffix not in by_suffix:
+                return None
+            path, key = by_suffix[suffix]
+            if path not in self._mapped:
+                self._mapped[path] = SafetensorsFile(path)
+            return self._mapped[path].get_slice(key)
+        return module, reader
 
     def shape(self, name):
+        if name in self._quant:
+            module, reader = self._reader(name)
+            return quantized_shape(reader, self.quant, name=module, source=self.name)
         handle, key, _ = self._where[name]
         return tuple(handle.get_slice(key).get_shape())
 
     def dtype(self, name):
+        if name in self._quant:
+            return np.dtype(np.float32)  # what a quantized linear computes in
         handle, key, path = self._where[name]
         code = handle.get_slice(key).get_dtype()
         if code not in _SAFETENSORS_DTYPES:
@@ -126,6 +180,9 @@ class SafetensorsSource:
         return np.dtype(_SAFETENSORS_DTYPES[code])
 
     def read(self, name, index):
+        if name in self._quant:
+            module, reader = self._reader(name)
+            return read_quantized(reader, self.quant, index, name=module, source=self.name)
         handle, key, path = self._where[name]
         try:
             return handle.get_slice(key)[index]
@@ -208,12 +265,13 @@ class Model:
     eos_token_ids: tuple[int, ...]
     dtype: str
     path: str
+    quant: QuantConfig | None = None  # how the checkpoint's linears are quantized (kept so on the devices)
 
     def __repr__(self):
         c = self.cfg
         return (f"Model({c.arch}, {c.n_params() / 1e6:.1f}M parameters, {c.n_layers} layers, "
                 f"devices={','.join(map(str, self.devices))}, tp={self.comm.tp}, dtype={self.dtype}, "
-                f"quantization=none, path={self.path!r})")
+                f"quantization={self.quant.describe() if self.quant else 'none'}, path={self.path!r})")
 
     def new_cache(self, num_tokens: int, *, page_size: int = 16, announce: bool = True) -> PagedKVCache:
         """A paged KV cache with room for `num_tokens` tokens in all (rounded up to pages).
@@ -271,13 +329,15 @@ def load(path: str | Path | None = None, devices: Sequence[Device] | str | None 
                       f"it converts every weight on every use); use float32 on CPU", stacklevel=2)
     if not path.exists():
         raise LoadError(f"{path}: no such file or directory")
-    shard_cache = None
+    shard_cache, quant = None, None
     if path.is_dir():
         cfg_path = path / "config.json"
         if not cfg_path.exists():
             raise LoadError(f"{path}: not a model directory (no config.json)")
-        cfg = ModelConfig.from_hf_config(read_json(cfg_path), source=str(cfg_path))
-        src = SafetensorsSource(path)
+        hf_config = read_json(cfg_path)
+        cfg = ModelConfig.from_hf_config(hf_config, source=str(cfg_path))
+        quant = quant_config_from_hf(hf_config, source=str(cfg_path))
+        src = SafetensorsSource(path, quant)
         tokenizer, eos = _hf_tokenizer(path)
     elif path.suffix == ".gguf":
         reader = open_gguf(path)
@@ -299,7 +359,7 @@ def load(path: str | Path | None = None, devices: Sequence[Device] | str | None 
         bar.done()
     else:
         bar.done("from the shard cache")
-    return Model(cfg, weights, tuple(comm.devices), comm, tokenizer, eos, dtype, str(path))
+    return Model(cfg, weights, tuple(comm.devices), comm, tokenizer, eos, dtype, str(path), quant)
 
 
 def _communicator(devs: Sequence[Device]) -> Communicator:

@@ -18,6 +18,7 @@ from .attention import AttentionWeights
 from .config import ModelConfig
 from .devices import Array, Device, as_dtype, asarray, bfloat16
 from .errors import WeightError
+from .quant import concat_out, is_quantized
 from .sharding import LAYER_PARAMS, MODEL_PARAMS, PRESENCE, Param, shard_pieces
 
 
@@ -184,19 +185,27 @@ def device_tensors(src: TensorSource, cfg: ModelConfig, devices: Sequence[Device
     layouts = [cfg.layout(tp, r) for r in ranks]
     done = 0
 
-    def read(name: str, i: int) -> np.ndarray:
-        """Local device i's shard of `name` as a float32 host array (pieces stacked on axis 0)."""
+    def read(name: str, i: int):
+        """Local device i's shard of `name` as a float32 host array (pieces stacked on axis 0),
+        or, for a quantized linear, as a quantized weight (`tpmax.quant`) that stays quantized."""
         pieces = [src.read(name, idx) for idx in shard_pieces(name, src.shape(name), layouts[i])]
+        if any(is_quantized(a) for a in pieces):
+            return concat_out(pieces)  # scales are checked finite by the quantized readers
         a = np.asarray(pieces[0] if len(pieces) == 1 else np.concatenate(pieces, axis=0), np.float32)
         if not np.isfinite(a).all():
             raise WeightError(f"{src.name}: tensor {name} contains NaN or inf")
         return a
 
+    def place(names: Sequence[str], i: int, d: Device):
+        parts = [read(n, i) for n in names]
+        if any(is_quantized(a) for a in parts):
+            return concat_out(parts).to(d)  # quantized: kept as stored, whatever `dtype`
+        return asarray(np.concatenate(parts, axis=0) if len(parts) > 1 else parts[0], d, dtype=dt)
+
     def build(names: Sequence[str]) -> tuple:
         """One device tensor from its rows' shards, for every local device."""
         nonlocal done
-        out = tuple(asarray(np.concatenate([read(n, i) for n in names], axis=0) if len(names) > 1
-                            else read(names[0], i), d, dtype=dt) for i, d in enumerate(devices))
+        out = tuple(place(names, i, d) for i, d in enumerate(devices))
         done += 1
         if progress:
             progress(done)
