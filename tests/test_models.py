@@ -454,3 +454,24 @@ def test_model_repr_is_one_line():
     model = load(FIX / "hf" / "llama", devices="cpu:0,1", progress=False)
     r = repr(model)
     assert "\n" not in r and len(r) < 300 and "llama" in r and "cpu:0,cpu:1" in r and "float32" in r
+
+
+def test_gguf_in_the_model_cache_loads_from_its_shard_cache(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TPMAX_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "cache").mkdir()
+    full = tpmax.random_weights(GGUF_CFG, seed=5, std=0.2)
+    write_gguf(tmp_path / "cache" / "m.gguf", GGUF_CFG, full, "Q8_0")
+    seq = [np.arange(7)]
+    first = load(tmp_path / "cache" / "m.gguf", devices="cpu:0,1")
+    assert "from the shard cache" not in capsys.readouterr().err
+    second = load(tmp_path / "cache" / "m.gguf", devices="cpu:0,1")
+    assert "from the shard cache" in capsys.readouterr().err
+    assert second.cfg == first.cfg
+    np.testing.assert_array_equal(tpmax.logits(second, seq)[0], tpmax.logits(first, seq)[0])
+    other_split = load(tmp_path / "cache" / "m.gguf", devices="cpu:0,1,2")  # another key: dequantized again
+    assert "from the shard cache" not in capsys.readouterr().err
+    np.testing.assert_allclose(tpmax.logits(other_split, seq)[0], tpmax.logits(first, seq)[0], rtol=1e-5, atol=1e-5)
+    # A model outside the cache is never cached.
+    write_gguf(tmp_path / "elsewhere.gguf", GGUF_CFG, full, "Q8_0")
+    load(tmp_path / "elsewhere.gguf", progress=False)
+    assert len(list((tmp_path / "cache" / "shards").iterdir())) == 2

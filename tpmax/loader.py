@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import os
 import re
 import sys
@@ -209,7 +210,7 @@ class GGUFSource:
 
     def __init__(self, path: Path, reader):
         self.name = str(path)
-        self.path = path
+        self.path, self.reader = path, reader
         self._tensors = {}
         for t in reader.tensors:
             if t.name == "rope_freqs.weight":
@@ -316,6 +317,7 @@ def load(path: str | Path | None = None, devices: Sequence[Device] | str | None 
             dequantized per-device shards beside it (safetensors, keyed by the file, dtype and
             device split) so the next load skips dequantizing.
     """
+    t0 = time.perf_counter()
     devs = tuple(parse_devices(devices or "cpu") if isinstance(devices, (str, type(None))) else devices)
     comm = comm if comm is not None else _communicator(devs)
     if path is None:
@@ -340,21 +342,24 @@ def load(path: str | Path | None = None, devices: Sequence[Device] | str | None 
         src = SafetensorsSource(path, quant)
         tokenizer, eos = _hf_tokenizer(path)
     elif path.suffix == ".gguf":
-        reader = open_gguf(path)
-        src = GGUFSource(path, reader)
-        meta = gguf_metadata(reader, source=str(path))  # decoded once, for the config and the tokenizer
-        cfg = ModelConfig.from_gguf(meta, source=str(path), has_output="lm_head" in src.names())
-        tokenizer, eos = _gguf_tokenizer(meta, path)
         shard_cache = _shard_cache_dir(path, dtype, comm) if cache_shards and _in_cache(path) else None
+        header = _cached_header(shard_cache) if shard_cache else None  # parsing the file takes seconds
+        src = None if header else GGUFSource(path, open_gguf(path))
+        if header is None:  # metadata decoded once, for the config and the tokenizer
+            header = {"metadata": gguf_metadata(src.reader, source=str(path)), "has_output": "lm_head" in src.names()}
+        meta = header["metadata"]
+        cfg = ModelConfig.from_gguf(meta, source=str(path), has_output=header["has_output"])
+        tokenizer, eos = _gguf_tokenizer(meta, path)
     else:
         raise LoadError(f"{path}: expected a model directory or a .gguf file")
-    bar = _Progress(n_device_tensors(cfg), f"loading {path.name} on {len(comm.devices)} device(s)", progress)
+    bar = _Progress(n_device_tensors(cfg), f"loading {path.name} on {len(comm.devices)} device(s)", progress, t0)
     weights = _cached_weights(shard_cache, cfg, comm, dt) if shard_cache else None
     if weights is None:
+        src = src or GGUFSource(path, open_gguf(path))
         layers, top = device_tensors(src, cfg, comm.devices, dtype, ranks=comm.ranks, tp=comm.tp,
                                      progress=bar.update)
         if shard_cache:
-            _store_shards(shard_cache, layers, top, comm)
+            _store_shards(shard_cache, layers, top, comm, header)
         weights = assemble(layers, top, len(comm.devices))
         bar.done()
     else:
@@ -390,10 +395,9 @@ def _default_model(comm: Communicator) -> Path:
 class _Progress:
     """One line on stderr: updated in place on a terminal; elsewhere one line when done."""
 
-    def __init__(self, total: int, label: str, enabled: bool):
-        self.total, self.label, self.enabled = total, label, enabled
+    def __init__(self, total: int, label: str, enabled: bool, t0: float):
+        self.total, self.label, self.enabled, self.t0 = total, label, enabled, t0
         self.tty = enabled and sys.stderr.isatty()
-        self.t0 = time.perf_counter()
 
     def update(self, n: int) -> None:
         if self.tty:
@@ -456,12 +460,25 @@ def _cached_weights(folder: Path, cfg: ModelConfig, comm: Communicator, dt: np.d
     return assemble(layers, tensors(""), len(comm.devices))
 
 
-def _store_shards(folder: Path, layers: list[dict], top: dict, comm: Communicator) -> None:
-    """Write each device's tensors (best effort: a read-only or full disk only skips the cache)."""
+def _cached_header(folder: Path) -> dict | None:
+    """The GGUF's decoded metadata saved beside its shards (None if absent or unreadable)."""
+    try:
+        header = json.loads((folder / "header.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return header if isinstance(header, dict) and {"metadata", "has_output"} <= set(header) else None
+
+
+def _store_shards(folder: Path, layers: list[dict], top: dict, comm: Communicator, header: dict) -> None:
+    """Write each device's tensors and the file's decoded metadata (best effort: a read-only
+    or full disk only skips the cache)."""
     from safetensors.numpy import save_file
 
     try:
         folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f".header.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps(header), encoding="utf-8")
+        os.replace(tmp, folder / "header.json")
         for i, r in enumerate(comm.ranks):
             flat = {f"layers.{n}.{k}": np.ascontiguousarray(v[i]) for n, t in enumerate(layers) for k, v in t.items()}
             flat.update({k: np.ascontiguousarray(v[i]) for k, v in top.items()})
