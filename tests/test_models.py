@@ -475,3 +475,34 @@ def test_gguf_in_the_model_cache_loads_from_its_shard_cache(tmp_path, monkeypatc
     write_gguf(tmp_path / "elsewhere.gguf", GGUF_CFG, full, "Q8_0")
     load(tmp_path / "elsewhere.gguf", progress=False)
     assert len(list((tmp_path / "cache" / "shards").iterdir())) == 2
+
+
+class OneRankOf:
+    """The communicator view of one MPI rank (its devices and their group indices), for
+    loading as that rank would; no collective is ever called."""
+
+    def __init__(self, all_devices, ranks):
+        self.all_devices, self.ranks, self.tp = list(all_devices), list(ranks), len(all_devices)
+        self.devices = [self.all_devices[r] for r in ranks]
+
+
+@pytest.mark.parametrize("qtype", ["F32", "Q4_1", "Q8_0"])
+@pytest.mark.parametrize("tp", [2, 3, 4])
+def test_each_rank_reads_only_its_share_of_a_gguf(tmp_path, qtype, tp):
+    from tpmax.sharding import shard_pieces
+
+    cfg = dataclasses.replace(GGUF_CFG, n_heads=4, n_kv_heads=4, hidden_size=128, head_dim=32, ffn_size=256)
+    full = tpmax.random_weights(cfg, seed=2, std=0.2)
+    write_gguf(tmp_path / "m.gguf", cfg, full, qtype)
+    devs = tpmax.devices(spec(tp))
+    whole = load(tmp_path / "m.gguf", devices="cpu", progress=False).bytes_read
+    parts = [load(tmp_path / "m.gguf", comm=OneRankOf(devs, [r]), progress=False).bytes_read for r in range(tp)]
+    if qtype == "F32":  # exactly the elements the split rule gives each rank
+        for r, got in enumerate(parts):
+            lay = cfg.layout(tp, r)
+            want = sum(np.zeros(a.shape)[idx].size for name, a in full.items()
+                       for idx in shard_pieces(name, a.shape, lay))
+            assert got == 4 * want
+    replicated = 4 * cfg.hidden_size * (2 * cfg.n_layers + 1)  # the norms, on every rank
+    # Together about one copy: column splits that cut a quantization block read that block twice.
+    assert sum(parts) <= 1.06 * whole + (tp - 1) * replicated, (parts, whole)

@@ -85,6 +85,7 @@ class SafetensorsSource:
 
         self.name = str(directory)
         self.quant = quant
+        self.bytes_read = 0  # what `read` returned so far (the slices, packed when quantized)
         self.files = self._files(directory)
         self._where: dict[str, tuple] = {}
         located: dict[str, tuple] = {}  # checkpoint key -> (handle, path)
@@ -183,12 +184,16 @@ class SafetensorsSource:
     def read(self, name, index):
         if name in self._quant:
             module, reader = self._reader(name)
-            return read_quantized(reader, self.quant, index, name=module, source=self.name)
+            out = read_quantized(reader, self.quant, index, name=module, source=self.name)
+            self.bytes_read += out.nbytes
+            return out
         handle, key, path = self._where[name]
         try:
-            return handle.get_slice(key)[index]
+            out = handle.get_slice(key)[index]
         except Exception as e:
             raise LoadError(f"{path}: cannot read tensor {key!r} ({e})") from None
+        self.bytes_read += out.nbytes
+        return out
 
 
 # ------------------------------------------------------------------------------------------
@@ -211,6 +216,7 @@ class GGUFSource:
     def __init__(self, path: Path, reader):
         self.name = str(path)
         self.path, self.reader = path, reader
+        self.bytes_read = 0  # stored (quantized) bytes of the rows read so far
         self._tensors = {}
         for t in reader.tensors:
             if t.name == "rope_freqs.weight":
@@ -233,17 +239,29 @@ class GGUFSource:
         return np.dtype(np.float32)  # every supported type (GGUF_TYPES) dequantizes to floats
 
     def read(self, name, index):
+        """Rows `index[0]` (and columns `index[1]`) of a tensor, dequantized: only the stored
+        blocks covering them are read (GGUF quantizes each row in blocks along its columns)."""
         import gguf
 
         t = self._tensors[name]
-        rows, rest = index[0], index[1:]
-        data = t.data.reshape(self.shape(name)[0], -1)[rows]  # only these rows' blocks
+        shape = self.shape(name)
+        rows, cols = index[0], (index[1] if len(index) > 1 else slice(None))
+        data = t.data.reshape(shape[0], -1)[rows]  # [rows, stored elements per row]
+        a, b = 0, int(np.prod(shape[1:], dtype=np.int64))
+        if len(shape) == 2 and cols != slice(None):  # only the blocks holding these columns
+            a, b, _ = cols.indices(shape[1])
+            block, block_bytes = gguf.GGML_QUANT_SIZES[t.tensor_type]
+            per_block = block_bytes // data.dtype.itemsize  # stored elements per block
+            a0, b0 = a // block, ceil_div(b, block)  # covering blocks
+            data = data[:, a0 * per_block:b0 * per_block]
+            a, b = a - a0 * block, b - a0 * block
+        self.bytes_read += data.nbytes
         try:
-            dense = gguf.quants.dequantize(data, t.tensor_type)
+            dense = gguf.quants.dequantize(np.ascontiguousarray(data), t.tensor_type)
         except Exception as e:
             raise LoadError(f"{self.name}: cannot dequantize {t.name} ({e})") from None
-        dense = dense.reshape(dense.shape[0], *self.shape(name)[1:])
-        return dense[(slice(None),) + rest] if rest else dense
+        dense = dense.reshape(dense.shape[0], -1)[:, a:b]
+        return dense.reshape(dense.shape[0], *shape[1:]) if len(shape) != 2 else dense
 
 
 # ------------------------------------------------------------------------------------------
@@ -267,6 +285,7 @@ class Model:
     dtype: str
     path: str
     quant: QuantConfig | None = None  # how the checkpoint's linears are quantized (kept so on the devices)
+    bytes_read: int = 0  # checkpoint bytes this process read to build its devices' weights
 
     def __repr__(self):
         c = self.cfg
@@ -361,10 +380,18 @@ def load(path: str | Path | None = None, devices: Sequence[Device] | str | None 
         if shard_cache:
             _store_shards(shard_cache, layers, top, comm, header)
         weights = assemble(layers, top, len(comm.devices))
-        bar.done()
+        read = src.bytes_read
+        bar.done(f"read {read / 2**20:.1f} MiB of the checkpoint's {_checkpoint_bytes(path) / 2**20:.1f} MiB")
     else:
+        read = 0
         bar.done("from the shard cache")
-    return Model(cfg, weights, tuple(comm.devices), comm, tokenizer, eos, dtype, str(path), quant)
+    return Model(cfg, weights, tuple(comm.devices), comm, tokenizer, eos, dtype, str(path), quant, read)
+
+
+def _checkpoint_bytes(path: Path) -> int:
+    """Size of a GGUF file, or of a directory's safetensors files."""
+    files = [path] if path.is_file() else list(path.glob("*.safetensors"))
+    return sum(f.stat().st_size for f in files)
 
 
 def _communicator(devs: Sequence[Device]) -> Communicator:
