@@ -6,10 +6,10 @@ and stand-ins for pip."""
 
 import builtins
 import dataclasses
-import inspect
-import json
 import hashlib
+import inspect
 import io
+import json
 import os
 import sys
 import time
