@@ -14,6 +14,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 HERE = Path(__file__).resolve().parent
 
@@ -33,7 +34,12 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
-def main(argv=None) -> int:
+def main(argv=None, *, run: Callable[[list[str]], int] = subprocess.call) -> int:
+    """Run the benchmarks `argv` asks for; returns 1 if any failed, else 0.
+
+    Args:
+        run: runs one command (a list of arguments) and returns its exit status.
+    """
     args = parser().parse_args(argv)
     out = args.out or (Path(tempfile.mkdtemp(prefix="tpmax-bench-quick-")) if args.quick else HERE / "results")
     failed = []
@@ -41,7 +47,7 @@ def main(argv=None) -> int:
         cmd = [*cmd, "--out", str(out)]
         print(f"\n=== {' '.join(cmd)}", flush=True)
         t0 = time.perf_counter()
-        rc = subprocess.call([sys.executable, str(HERE / cmd[0]), *cmd[1:]])
+        rc = run([sys.executable, str(HERE / cmd[0]), *cmd[1:]])
         print(f"=== {cmd[0]}: exit {rc} after {time.perf_counter() - t0:.0f} s", flush=True)
         if rc:
             failed.append(cmd[0])

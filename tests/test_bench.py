@@ -4,6 +4,7 @@ here runs a benchmark."""
 import importlib
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -38,13 +39,11 @@ def test_one_list_syntax(bench):
         bench["decode"].parser().parse_args(["--peers", "torch"])
 
 
-def test_run_all_commands_parse_and_quick_runs_stay_out_of_results(bench, monkeypatch, tmp_path):
+def test_run_all_commands_parse_and_quick_runs_stay_out_of_results(bench, tmp_path):
     calls = []
-    monkeypatch.setattr(bench["run_all"].subprocess, "call", lambda argv: calls.append(argv) or 0)
-    monkeypatch.setattr(bench["run_all"].tempfile, "mkdtemp", lambda prefix: str(tmp_path))
     for argv in (["--quick"], []):
         calls.clear()
-        assert bench["run_all"].main(argv) == 0
+        assert bench["run_all"].main(argv, run=lambda cmd: calls.append(cmd) or 0) == 0
         outs = set()
         for _, script, *args in calls:
             name = Path(script).stem
@@ -53,4 +52,16 @@ def test_run_all_commands_parse_and_quick_runs_stay_out_of_results(bench, monkey
                 outs.add(Path(parsed.out))
             assert "--out" in args
         assert len(outs) == 1
-        assert (outs.pop() == bench["common"].RESULTS) == (argv == [])
+        out = outs.pop()
+        if argv == ["--quick"]:  # a fresh, empty temp dir
+            assert out.parent == Path(tempfile.gettempdir()) and out.name.startswith("tpmax-bench-quick-")
+            out.rmdir()
+        else:
+            assert out == bench["common"].RESULTS
+
+
+def test_run_all_reports_failures(bench, tmp_path):
+    calls = []
+    failing = lambda cmd: calls.append(cmd) or (3 if Path(cmd[1]).stem == "prefill" else 0)  # noqa: E731
+    assert bench["run_all"].main(["--quick", "--out", str(tmp_path / "o")], run=failing) == 1
+    assert len(calls) == 5 and all(c[c.index("--out") + 1] == str(tmp_path / "o") for c in calls)

@@ -1,12 +1,9 @@
 """Sampling, continuous batching (admission, preemption, isolation of faults), stop
 conditions, streaming, and the CLI."""
 import dataclasses
-import json
-import shutil
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,35 +12,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 import tpmax
 from tpmax.generate import SamplingParams, sample
 from tpmax.loader import load
-
-FIX = Path(__file__).parent / "fixtures"
-
-
-def make_chat_model_dir(d: Path, *, context: int | None = None) -> Path:
-    """The tiny llama fixture plus a byte-level tokenizer (ids 0-2 <unk> <s> </s>, then the
-    256 bytes: 259 = the fixture's vocabulary) and a chat template, written into `d`;
-    `context` overrides its max_position_embeddings (128)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    d.mkdir(parents=True, exist_ok=True)
-    for f in ("generation_config.json", "model.safetensors"):
-        if not (d / f).exists():
-            shutil.copy(FIX / "hf" / "llama" / f, d / f)  # a symlink out of the model directory is refused
-    cfg = json.loads((FIX / "hf" / "llama" / "config.json").read_text())
-    cfg["max_position_embeddings"] = context or cfg["max_position_embeddings"]
-    (d / "config.json").write_text(json.dumps(cfg))
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
-    vocab.update({ch: 3 + i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))})
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(["<unk>", "<s>", "</s>"])
-    tok.save(str(d / "tokenizer.json"))
-    template = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-                "{% if add_generation_prompt %}assistant:{% endif %}")
-    (d / "tokenizer_config.json").write_text(json.dumps(
-        {"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True, "chat_template": template}))
-    return d
+from conftest import FIX, make_chat_model_dir
 
 
 @pytest.fixture(scope="module")
@@ -357,29 +326,38 @@ def test_greedy_limits():
     assert sample(lg, SamplingParams(temperature=5.0, top_p=0.01), np.random.default_rng(0)) == 1
 
 
-class FakeStream:
-    """Decodes token t to the character chr(97 + t % 26) (enough to test stop strings)."""
+class Letters:
+    """A detokenizer that decodes the n-th token it is given to the n-th letter, whatever the
+    token: any model's text reads "abcde..." (enough to test stop strings)."""
+
+    def __init__(self):
+        self.n = 0
 
     def push(self, t):
-        return chr(97 + t % 26)
+        self.n += 1
+        return chr(96 + self.n)
 
     def flush(self):
         return ""
 
 
-@pytest.mark.parametrize("stop", [("c",), ("bc",), ("xyz", "cd")])
-def test_stop_strings_are_cut_and_held_back(tiny, stop):
+@pytest.mark.parametrize("stop, pieces, reason", [
+    (("c",), ["a", "b", ""], "stop"),  # the stop string itself is never shown
+    (("bc",), ["a", "", ""], "stop"),  # "b" is held back: it could start "bc"
+    (("xyz", "cd"), ["a", "b", "", ""], "stop"),
+    (("bd",), ["a", "", "bc", "d", "e"], "length"),  # "b" held, then released with "c"
+    (("ef",), ["a", "b", "c", "d", "e"], "length"),  # the held "e" is shown when the request ends
+])
+def test_stop_strings_are_cut_and_held_back(tiny, stop, pieces, reason):
     engine = tpmax.Engine(tiny, cache_tokens=64)
-    engine.submit([1], SamplingParams(max_new_tokens=8, stop=stop), detokenizer=FakeStream())
-    req = engine.waiting[0]
-    pieces = []
-    for tok in [0, 1, 2, 3, 4]:  # "abcde"
-        if req.finish_reason:
-            break
-        pieces.append(engine._emit(req, new=req.stream.push(tok)))
-    text = "".join(pieces)
-    cut = min(("abcde".find(s) for s in stop if s in "abcde"))
-    assert text == "abcde"[:cut] and req.finish_reason == "stop"
+    rid = engine.submit([1], SamplingParams(max_new_tokens=5, stop=stop, stop_token_ids=()), detokenizer=Letters())
+    events = []
+    while engine.busy:
+        events += engine.step()
+    assert [ev.text for ev in events if ev.token is not None] == pieces  # one event per token, as streamed
+    (done,) = [ev.completion for ev in events if ev.completion is not None]
+    assert events[-1].completion is done and done.id == rid
+    assert done.finish_reason == reason and done.text == "".join(pieces) and len(done.tokens) == len(pieces)
 
 
 def test_stop_string_through_the_engine(chat):

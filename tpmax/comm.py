@@ -65,27 +65,22 @@ def uses_nccl(devs: Sequence[Device], nccl_ok: bool) -> bool:
             and len({d.id for d in devs}) == len(devs))
 
 
-def nccl_available() -> bool:
+def nccl_available(nccl=None) -> bool:
     """True when CuPy imports and its NCCL library loaded (`cupy.cuda.nccl.available`).
 
     `cupy.cuda.nccl` imports even without libnccl (it then sets `available = False`), so
     importability alone says nothing.
+
+    Args:
+        nccl: the `cupy.cuda.nccl` module to ask (default: imported here; False when CuPy
+            does not import).
     """
-    return _nccl_module_available(_nccl_module())
-
-
-def _nccl_module():
-    """`cupy.cuda.nccl`, or None when CuPy does not import."""
-    try:
-        from cupy.cuda import nccl
-    except Exception:
-        return None
-    return nccl
-
-
-def _nccl_module_available(nccl) -> bool:
-    """Whether an imported `cupy.cuda.nccl` (or None) has its library."""
-    return nccl is not None and bool(getattr(nccl, "available", False))
+    if nccl is None:
+        try:
+            from cupy.cuda import nccl
+        except Exception:
+            return False
+    return bool(getattr(nccl, "available", False))
 
 
 # ------------------------------------------------------------------------------------------
@@ -190,8 +185,8 @@ class InProcessCommunicator:
 _NCCL_BFLOAT16 = 9  # ncclBfloat16 in nccl.h, for CuPy builds that do not export it
 
 
-def _nccl_dtype(dtype, nccl=None):
-    """The NCCL data type of a NumPy dtype.
+def nccl_dtype(dtype, nccl=None) -> int:
+    """The NCCL data type of a NumPy dtype; ValueError for one NCCL cannot reduce.
 
     Args:
         nccl: the `cupy.cuda.nccl` module (default: imported here); its `NCCL_BFLOAT16` is
@@ -261,7 +256,7 @@ class NcclCommunicator:
         _check(self.devices, xs, "allreduce_sum")
         xs = self._contiguous(xs)
         outs = self._empty(xs[0].shape, xs[0].dtype)
-        t = _nccl_dtype(xs[0].dtype, self._nccl)
+        t = nccl_dtype(xs[0].dtype, self._nccl)
         self._group(lambda r, c, s: c.allReduce(xs[r].data.ptr, outs[r].data.ptr, xs[r].size, t,
                                                 self._nccl.NCCL_SUM, s))
         return outs
@@ -279,7 +274,7 @@ class NcclCommunicator:
             with b.device:
                 b[: x.shape[ax]] = cp.moveaxis(x, ax, 0)
         recv = self._empty((n, m) + rest, xs[0].dtype)
-        t = _nccl_dtype(xs[0].dtype, self._nccl)
+        t = nccl_dtype(xs[0].dtype, self._nccl)
         self._group(lambda r, c, s: c.allGather(bufs[r].data.ptr, recv[r].data.ptr, bufs[r].size, t, s))
         out = []
         for rv in recv:
@@ -293,7 +288,7 @@ class NcclCommunicator:
         bufs = self._empty(x.shape, x.dtype)
         with bufs[root].device:
             bufs[root][...] = x
-        t = _nccl_dtype(x.dtype, self._nccl)
+        t = nccl_dtype(x.dtype, self._nccl)
         self._group(lambda r, c, s: c.bcast(bufs[r].data.ptr, bufs[r].size, t, root, s))
         return bufs
 
@@ -314,7 +309,7 @@ class NcclCommunicator:
                 for j, (a, b) in enumerate(bounds):
                     sb[j, : b - a] = xm[a:b]
         recv = self._empty((m,) + rest, xs[0].dtype)
-        t = _nccl_dtype(xs[0].dtype, self._nccl)
+        t = nccl_dtype(xs[0].dtype, self._nccl)
         self._group(lambda r, c, s: c.reduceScatter(sends[r].data.ptr, recv[r].data.ptr, recv[r].size,
                                                     t, self._nccl.NCCL_SUM, s))
         out = []

