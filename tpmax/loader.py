@@ -339,15 +339,28 @@ def load(path: str | Path | None = None, devices: Sequence[Device] | str | None 
     t0 = time.perf_counter()
     devs = tuple(parse_devices(devices or "cpu") if isinstance(devices, (str, type(None))) else devices)
     comm = comm if comm is not None else _communicator(devs)
-    if path is None:
-        path = _default_model(comm)
-    path = Path(path)
+    if path is not None:
+        return _load(Path(path), comm, dtype, progress=progress, cache_shards=cache_shards, t0=t0)
+    try:
+        return _load(_default_model(comm), comm, dtype, progress=progress, cache_shards=cache_shards, t0=t0)
+    except LoadError:
+        if getattr(comm, "mpi", None) is not None:
+            raise
+        # The cached default model is checked cheaply (size and sampled hashes) at each start;
+        # when it fails to load, check it fully (fetching it again if it is damaged) and retry.
+        from .hub import default_model_path
+
+        path = default_model_path(full_check=True)
+        return _load(path, comm, dtype, progress=progress, cache_shards=False, t0=t0)
+
+
+def _load(path: Path, comm: Communicator, dtype: str, *, progress: bool, cache_shards: bool, t0: float) -> Model:
     dt = as_dtype(dtype)
     if dt.kind != "f" and dt != bfloat16:
         raise ValueError(f"dtype {dtype!r}: model weights must be float32, bfloat16 or float16")
     if dt != np.float32 and any(d.kind == "cpu" for d in comm.devices):
         warnings.warn(f"dtype {dtype} on CPU runs slower than float32 (NumPy has no half-precision matmul: "
-                      f"it converts every weight on every use); use float32 on CPU", stacklevel=2)
+                      f"it converts every weight on every use); use float32 on CPU", stacklevel=3)
     if not path.exists():
         raise LoadError(f"{path}: no such file or directory")
     shard_cache, quant = None, None
