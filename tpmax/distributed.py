@@ -75,14 +75,20 @@ def per_device(fn: Callable, *per_device_args: Sequence, devices: Sequence[Devic
         the n results, in device order.
     """
     n = len(per_device_args[0])
-    if any(len(a) != n for a in per_device_args):
+    if len(per_device_args) > 1 and len({len(a) for a in per_device_args}) > 1:
         raise ValueError(f"per_device: argument lists differ in length: {[len(a) for a in per_device_args]}")
     if devices is not None and len(devices) != n:
         raise ValueError(f"per_device: {len(devices)} devices for {n} entries per argument")
+    if n == 1 or not threads:  # in turn, on this thread (the common case: keep it lean)
+        if devices is None:
+            return [fn(*a) for a in zip(*per_device_args)]
+        out = []
+        for d, a in zip(devices, zip(*per_device_args)):
+            with on_device_context(d):
+                out.append(fn(*a))
+        return out
     args = list(zip(*per_device_args))
     calls = [functools.partial(_on, None if devices is None else devices[r], fn, *args[r]) for r in range(n)]
-    if n == 1 or not threads:
-        return [call() for call in calls]
     pool = _pools.get(n)
     if pool is None:
         pool = _pools[n] = ThreadPoolExecutor(max_workers=n - 1, thread_name_prefix="tpmax-dev")

@@ -35,9 +35,9 @@ def matmul_t(x: Array, w: Array) -> Array:
     such an x is flattened to 2-D first (`matmul_t_2d`).
     A quantized weight (`tpmax.quant`: anything with its own `matmul_t`) computes it itself.
     """
-    if hasattr(w, "matmul_t"):
+    if not isinstance(w, np.ndarray) and hasattr(w, "matmul_t"):
         return w.matmul_t(x)
-    if xp_of(x) is np:
+    if isinstance(x, np.ndarray):
         if w.dtype in _HALF:
             return x.astype(np.float32) @ w.astype(np.float32).T
         if x.ndim == 2 and 2 <= x.shape[0] <= 4:
