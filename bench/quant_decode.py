@@ -10,7 +10,6 @@ same prompts and decoded greedily: `--warmup` steps untimed, `--steps` timed.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import tempfile
@@ -113,7 +112,7 @@ def run(args) -> dict:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         dirs = checkpoints(args, Path(tmp))
-        for spec in common.device_specs(args.devices):
+        for spec in args.devices:
             f32_total = None
             for fmt, d in dirs.items():
                 model = tpmax.load(d, devices=spec, progress=False)
@@ -123,7 +122,7 @@ def run(args) -> dict:
                 lin = sum(w.nbytes for layer in model.weights.layers
                           for ws in (layer.w13, layer.w2, [a.wqkv for a in layer.attn], [a.wo for a in layer.attn])
                           for w in ws)
-                for batch in common.parse_ints(args.batches):
+                for batch in args.batches:
                     prompts = prompts_for(batch, args.prompt, model.cfg.vocab_size)
                     step, _, _ = tpmax_decode(model, prompts, args.steps, args.warmup)
                     rows.append({"format": fmt, "devices": spec, "batch": batch, "tok_s": batch / step.median,
@@ -133,17 +132,16 @@ def run(args) -> dict:
                     common.print_table(rows[-1:], COLUMNS)
     common.print_table(rows, COLUMNS, title="decode: float32 vs GPTQ int4 vs FP8")
     common.write_json("quant_decode", backend="tpmax", devices=args.devices, model=hf_config(args), dtype="float32",
-                      figures=rows)
+                      figures=rows, out=args.out)
     return {"rows": rows}
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--devices", default="cpu", help="device specs separated by ';' (e.g. 'cpu;cpu:0,1')")
-    ap.add_argument("--batches", default="1,4")
-    ap.add_argument("--steps", type=int, default=16)
-    ap.add_argument("--warmup", type=int, default=3)
+def parser():
+    ap = common.arg_parser(__doc__)
+    ap.add_argument("--devices", nargs="+", default=["cpu"], metavar="SPEC", help="device specs, one per word")
+    ap.add_argument("--batches", nargs="+", type=int, default=[1, 4], metavar="B", help="decode batch sizes")
+    ap.add_argument("--steps", type=int, default=16, help="timed decode steps")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed decode steps")
     ap.add_argument("--prompt", type=int, default=16, help="prompt tokens per sequence")
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--hidden", type=int, default=1024)
@@ -152,7 +150,12 @@ def main(argv=None) -> int:
     ap.add_argument("--kv-heads", type=int, default=4)
     ap.add_argument("--vocab", type=int, default=8192)
     ap.add_argument("--group", type=int, default=128, help="GPTQ group size")
-    run(ap.parse_args(argv))
+    common.add_out_arg(ap)
+    return ap
+
+
+def main(argv=None) -> int:
+    run(parser().parse_args(argv))
     return 0
 
 

@@ -18,11 +18,14 @@ from typing import Callable
 
 HERE = Path(__file__).resolve().parent
 
-FULL = [["roofline.py"], ["decode.py"], ["prefill.py"], ["tp_scaling.py"], ["plot.py"]]
+FULL = [["roofline.py"], ["decode.py"], ["prefill.py"], ["tp_scaling.py"], ["quant_decode.py"], ["serve.py"],
+        ["plot.py"]]
 QUICK = [["roofline.py", "--quick"],
          ["decode.py", "--batches", "1", "4", "--steps", "8", "--quick-roofline"],
          ["prefill.py", "--lengths", "128", "--repeats", "2", "--quick-roofline"],
          ["tp_scaling.py", "--steps", "8", "--repeats", "2", "--quick-roofline"],
+         ["quant_decode.py", "--batches", "1", "--steps", "4", "--layers", "2"],
+         ["serve.py", "--clients", "1", "2", "--requests", "1", "--max-tokens", "8"],
          ["plot.py"]]
 
 

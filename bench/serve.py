@@ -11,7 +11,6 @@ chunks) p50/p99. One warm-up request per server is excluded.
 """
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import json
 import socket
@@ -111,7 +110,7 @@ def bench_server(backend: str, cmd: list[str], url: str, model: str, args) -> li
     try:
         level(url, model, 1, 1, args.max_tokens)  # warm-up
         rows = []
-        for n in common.parse_ints(args.clients):
+        for n in args.clients:
             rows.append({"backend": backend, **level(url, model, n, args.requests, args.max_tokens)})
             common.print_table(rows[-1:], COLUMNS)
         return rows
@@ -119,17 +118,24 @@ def bench_server(backend: str, cmd: list[str], url: str, model: str, args) -> li
         stop(proc)
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parser():
+    ap = common.arg_parser(__doc__)
     ap.add_argument("--model", default=None, help="GGUF file (default: tpmax's default model)")
-    ap.add_argument("--devices", default="cpu", help="tpmax device spec (default: cpu)")
-    ap.add_argument("--clients", default="1,4,16", help="concurrent clients per level, comma separated")
+    ap.add_argument("--devices", default="cpu", help="tpmax device spec")
+    ap.add_argument("--clients", nargs="+", type=int, default=[1, 4, 16], metavar="N",
+                    help="concurrent clients, one level per word")
     ap.add_argument("--requests", type=int, default=2, help="requests per client per level")
     ap.add_argument("--max-tokens", type=int, default=32, help="output tokens per request")
-    ap.add_argument("--max-batch", type=int, default=16)
-    ap.add_argument("--cache-tokens", type=int, default=8192)
-    ap.add_argument("--peers", default="llamacpp", help="'llamacpp' to compare when installed, '' for none")
-    args = ap.parse_args(argv)
+    ap.add_argument("--max-batch", type=int, default=16, help="the server's --max-batch")
+    ap.add_argument("--cache-tokens", type=int, default=8192, help="the server's --cache-tokens")
+    ap.add_argument("--peers", nargs="*", default=["llamacpp"], choices=["llamacpp"], metavar="PEER",
+                    help="peers to compare when installed; none with a bare --peers")
+    common.add_out_arg(ap)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
     path = common.model_path(args.model)
     rows, skipped = [], {}
 
@@ -140,7 +146,7 @@ def main(argv=None) -> int:
            "--served-model-name", "bench"]
     rows += bench_server("tpmax", cmd, url, "bench", args)
 
-    if "llamacpp" in args.peers.split(","):
+    if "llamacpp" in args.peers:
         try:
             import llama_cpp.server  # noqa: F401
         except Exception as e:
@@ -155,7 +161,7 @@ def main(argv=None) -> int:
 
     common.print_table(rows, COLUMNS, title="serving: streamed chat completions")
     common.write_json("serve", backend="tpmax serve", devices=args.devices, model=str(path), dtype="float32",
-                      figures=rows, skipped=skipped,
+                      figures=rows, skipped=skipped, out=args.out,
                       settings={"max_tokens": args.max_tokens, "requests_per_client": args.requests,
                                 "max_batch": args.max_batch, "cache_tokens": args.cache_tokens})
     return 0

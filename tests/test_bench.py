@@ -16,7 +16,8 @@ BENCH = Path(__file__).parent.parent / "bench"
 def bench(request):
     sys.path.insert(0, str(BENCH))
     request.addfinalizer(lambda: sys.path.remove(str(BENCH)))
-    return {m: importlib.import_module(m) for m in ("common", "decode", "prefill", "tp_scaling", "plot", "run_all")}
+    return {m: importlib.import_module(m) for m in ("common", "decode", "prefill", "tp_scaling", "quant_decode", "serve", "plot",
+                                                        "run_all")}
 
 
 def test_plot_help_and_missing_matplotlib(tmp_path):
@@ -64,4 +65,4 @@ def test_run_all_reports_failures(bench, tmp_path):
     calls = []
     failing = lambda cmd: calls.append(cmd) or (3 if Path(cmd[1]).stem == "prefill" else 0)  # noqa: E731
     assert bench["run_all"].main(["--quick", "--out", str(tmp_path / "o")], run=failing) == 1
-    assert len(calls) == 5 and all(c[c.index("--out") + 1] == str(tmp_path / "o") for c in calls)
+    assert len(calls) == 7 and all(c[c.index("--out") + 1] == str(tmp_path / "o") for c in calls)
