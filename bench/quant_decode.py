@@ -6,7 +6,7 @@ safetensors, GPTQ v1 4-bit (round-to-nearest, group 128, sym) and compressed-ten
 quantized on the devices, dequantized block by block per matmul). Each is prefilled with the
 same prompts and decoded greedily: `--warmup` steps untimed, `--steps` timed.
 
-    python bench/quant_decode.py [--devices cpu] [--batches 1,4] [--steps 16] [--layers 4]
+    python bench/quant_decode.py [--devices cpu] [--batches 1 4] [--steps 16] [--layers 4] [--out DIR]
 """
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ differ per request). Per concurrency level: requests/s and output tokens/s over 
 time, time to first token (TTFT) and inter-token latency (ITL: gaps between streamed
 chunks) p50/p99. One warm-up request per server is excluded.
 
-    python bench/serve.py [--clients 1,4,16] [--requests 2] [--max-tokens 32] [--devices cpu]
+    python bench/serve.py [--clients 1 4 16] [--requests 2] [--max-tokens 32] [--devices cpu] [--out DIR]
 """
 from __future__ import annotations
 
