@@ -214,6 +214,11 @@ def test_heads_that_cannot_be_split(tmp_path):
         load(FIX / "hf" / "llama_tied", devices=spec(5), progress=False)
 
 
+def test_empty_device_spec_is_an_error():
+    with pytest.raises(ValueError, match="empty device spec"):
+        load(FIX / "hf" / "llama", devices="", progress=False)
+
+
 def test_bad_paths(tmp_path):
     with pytest.raises(tpmax.LoadError, match="no such file"):
         load(tmp_path / "nope", progress=False)

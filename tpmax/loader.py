@@ -337,7 +337,8 @@ def load(path: str | Path | None = None, devices: Sequence[Device] | str | None 
             device split) so the next load skips dequantizing.
     """
     t0 = time.perf_counter()
-    devs = tuple(parse_devices(devices or "cpu") if isinstance(devices, (str, type(None))) else devices)
+    devs = tuple(parse_devices("cpu" if devices is None else devices) if isinstance(devices, (str, type(None)))
+                 else devices)
     comm = comm if comm is not None else _communicator(devs)
     if path is not None:
         return _load(Path(path), comm, dtype, progress=progress, cache_shards=cache_shards, t0=t0)
