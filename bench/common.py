@@ -337,6 +337,15 @@ def print_table(rows: Sequence[dict], columns: Sequence[str], *, title: str | No
     sys.stdout.flush()
 
 
+def save_json(doc: dict, path: Path) -> Path:
+    """Write a result document as indented JSON to `path` (folders made as needed)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=2, default=_json_default) + "\n")
+    print(f"\nwrote {path}")
+    return path
+
+
 def write_json(name: str, *, backend: str, devices, model: str | None, dtype: str | None, figures,
                roofline: dict | None = None, out: Path = RESULTS, **extra) -> Path:
     """Write `<out>/<name>-<machine-tag>.json` (`out` defaults to bench/results) and return its path."""

@@ -361,9 +361,7 @@ def main(argv=None) -> int:
         "figures": {"decode": decode_rows, "prefill": prefill, "transformers": peer},
     }
     out = Path(args.out) if args.out else common.RESULTS / f"gpu_decode-{slug(name)}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(doc, indent=2, default=common._json_default) + "\n")
-    print(f"\nwrote {out}")
+    common.save_json(doc, out)
     return 0
 
 

@@ -375,9 +375,7 @@ def main(argv=None) -> int:
     }
     tag = args.devices.replace(":", "").replace(",", "-")
     out = Path(args.out) if args.out else common.RESULTS / f"launch_profile-{tag}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(doc, indent=2, default=common._json_default) + "\n")
-    print(f"\nwrote {out}")
+    common.save_json(doc, out)
     return 0
 
 

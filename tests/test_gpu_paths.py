@@ -168,7 +168,8 @@ def test_mlp_computes_each_shard_under_its_device(tp, fused):
     with device_context_factory("cpu", rec):
         ys = tpmax.mlp(xs, w13s, w2s, comm, gemm_config=gemm)
     chunks = 2 if fused else 1
-    assert len(log) == 2 * tp * chunks  # gate/up and down matmul of every device (and chunk)
+    # gate/up and down matmul of every device and chunk (a 2-3 row matmul runs as one gemv per row)
+    assert len(log) >= 2 * tp * chunks and {home for home, _ in log} == set(devs)
     assert all(home == now for home, now in log), log
     assert len(comm.calls) == chunks
     if fused:  # the reducer thread's all-reduces run with device 0 current, not the thread's default

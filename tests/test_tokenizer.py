@@ -380,7 +380,7 @@ def test_json_size_cap(tmp_path):
     from tpmax import files
 
     _write_hf_dir(tmp_path, {"bos_token": "<s>"})
-    with pytest.raises(LoadError, match=r"tokenizer.json: larger than 100 bytes"):
+    with pytest.raises(LoadError, match=r"tokenizer.json: larger than the 100-byte limit"):
         files.read_json(tmp_path / "tokenizer.json", limit=100)
     assert files.read_json(tmp_path / "tokenizer_config.json", limit=100) == {"bos_token": "<s>"}
 

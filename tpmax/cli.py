@@ -22,6 +22,7 @@ import os
 import stat
 import sys
 import time
+from pathlib import Path
 
 MAX_INPUT_BYTES = 64 << 20  # the most a --file may hold (64 MiB)
 MAX_SEED = 2**64 - 1
@@ -127,23 +128,15 @@ def add_quiet_arg(p: argparse.ArgumentParser) -> None:
 def read_text(path: str, *, what: str, limit: int = MAX_INPUT_BYTES) -> str:
     """The UTF-8 text of `path` ("-" = stdin), refusing what is not a regular file (a
     directory, a FIFO, a device such as /dev/zero) and anything over `limit` bytes."""
-    if path == "-":
-        data = sys.stdin.buffer.read(limit + 1)
-    else:
+    from .errors import LoadError
+    from .files import read_text as read_file
+
+    if path != "-":
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # opening a FIFO must not wait for a writer
-        except OSError as e:
-            raise CLIError(f"{what} {path}: cannot open ({e.strerror})") from None
-        with os.fdopen(fd, "rb") as f:
-            st = os.fstat(fd)
-            if stat.S_ISDIR(st.st_mode):
-                raise CLIError(f"{what} {path}: is a directory, not a text file")
-            if not stat.S_ISREG(st.st_mode):
-                raise CLIError(f"{what} {path}: not a regular file")
-            if st.st_size > limit:
-                raise CLIError(f"{what} {path}: {st.st_size / 2**20:.1f} MiB, more than the "
-                               f"{limit / 2**20:.0f} MiB limit")
-            data = f.read(limit + 1)
+            return read_file(Path(path), limit=limit)
+        except LoadError as e:
+            raise CLIError(f"{what} {e}") from None
+    data = sys.stdin.buffer.read(limit + 1)
     if len(data) > limit:
         raise CLIError(f"{what} {path}: more than the {limit / 2**20:.0f} MiB limit")
     try:

@@ -20,7 +20,9 @@ def regular_file(path: Path) -> Path:
     try:
         st = os.stat(path)
     except OSError as e:
-        raise LoadError(f"{path}: cannot read ({e.strerror or e})") from None
+        raise LoadError(f"{path}: cannot open ({e.strerror or e})") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise LoadError(f"{path}: is a directory, not a regular file")
     if not stat.S_ISREG(st.st_mode):
         raise LoadError(f"{path}: not a regular file")
     return path
@@ -56,7 +58,7 @@ def read_text(path: Path, *, limit: int = MAX_JSON_BYTES) -> str:
     except OSError as e:
         raise LoadError(f"{path}: cannot read ({e.strerror or e})") from None
     if len(data) > limit:
-        raise LoadError(f"{path}: larger than {limit:,} bytes; refusing to read it")
+        raise LoadError(f"{path}: larger than the {limit:,}-byte limit; refusing to read it")
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
