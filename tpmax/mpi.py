@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import enum
 import functools
 import json
 import os
@@ -493,13 +492,6 @@ def _check_one_gpu_per_rank(all_devices, mpi_comm) -> None:
 
 # ------------------------------------------------------------------------------------------
 # Lock-step messages: rank 0 schedules, the other ranks follow.
-
-
-class Msg(enum.IntEnum):
-    """What rank 0 tells the others to do next (send as `{"kind": np.array([Msg.STEP])}`)."""
-
-    STEP = 1  # run one engine step on the arrays that come with it
-    DONE = 2  # no more work: leave the loop
 
 
 _ALIGN = 16

@@ -20,7 +20,7 @@ def expected():
     out["empty"] = np.zeros((0, 4), np.float32)
     out["tokens"] = np.arange(37, dtype=np.int64)
     out["größe ✓"] = np.ones((2, 2, 2), bfloat16)
-    out["kind"] = np.array([mpi.Msg.STEP], np.int64)
+    out["kind"] = np.array([1], np.int64)
     return out
 
 
@@ -35,7 +35,7 @@ def check(w):
             assert got[name].tobytes() == a.tobytes(), name
             assert got[name].ctypes.data % a.dtype.itemsize == 0, name  # aligned
         assert mpi.bcast_arrays({} if w.rank == root else None, root=root) == {}
-        msg = {"kind": int(mpi.Msg.DONE), "texts": ["héllo", "wörld"], "n": (1, 2)}
+        msg = {"kind": 2, "texts": ["héllo", "wörld"], "n": (1, 2)}
         assert mpi.bcast_json(msg if w.rank == root else None, root=root) == \
             {"kind": 2, "texts": ["héllo", "wörld"], "n": [1, 2]}
         assert mpi.bcast_json(None) is None
