@@ -135,3 +135,44 @@ def test_a_killed_rank_ends_the_job(tmp_path):
     t0 = time.monotonic()
     rc, _, err = run_mpi(2, [sys.executable, WORKER, "kill", "cpu:0,1", tmp_path / "x.json"], timeout=120)
     assert rc != 0 and time.monotonic() - t0 < 60
+
+
+@pytest.mark.slow
+def test_serve_under_mpirun_answers_like_one_process(tmp_path):
+    """`mpirun -n 2 tpmax serve`: rank 0 serves over HTTP, rank 1 runs every step with it."""
+    import socket
+
+    import httpx2 as httpx  # the HTTP client the openai package ships with
+    import openai
+    from conftest import make_chat_model_dir
+
+    model_dir = make_chat_model_dir(tmp_path / "chat")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k not in mpi.LAUNCHER_ENV}
+    env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    proc = subprocess.Popen([MPIRUN, "-n", "2", "--oversubscribe", "--bind-to", "none", *tpmax_cmd(
+        "serve", "--model", model_dir, "--devices", "cpu:0,1", "--port", str(port), "--quiet")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, proc.communicate()[1][-2000:]
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        else:
+            pytest.fail("the server did not come up in 90 s")
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=60)
+        answers = [client.completions.create(model=client.models.list().data[0].id, prompt=p, max_tokens=8,
+                                             temperature=0.7, seed=3).choices[0].text for p in ("hello", "abc")]
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+    one = tpmax.load(model_dir, devices="cpu:0,1", progress=False)
+    want = [c.text for c in tpmax.generate(one, ["hello", "abc"], tpmax.SamplingParams(
+        max_new_tokens=8, temperature=0.7, seed=3), chat=False)]
+    assert answers == want
