@@ -1,8 +1,9 @@
 """tpmax: tensor-parallel transformer inference in plain Python (NumPy / CuPy + NCCL).
 
 Layers of the package, bottom to top (dependencies point down):
-devices -> sharding -> comm -> distributed -> layers / kv_cache -> attention -> config
--> weights -> transformer -> loader / tokenizer -> generate -> cli.
+devices / errors / files -> sharding -> comm (mpi) -> distributed -> layers / quant /
+kv_cache -> attention -> config -> weights -> transformer -> spmd -> tokenizer / hub ->
+loader -> generate -> serve -> cli.
 """
 from .attention import (AttentionConfig, AttentionWeights, MHAMaskVariant, materialize_kv_from_hidden,
                         tensor_parallel_attention_with_rope)
@@ -10,7 +11,7 @@ from .comm import Communicator, InProcessCommunicator, NcclCommunicator, communi
 from .config import ConfigError, ModelConfig
 from .devices import (Device, as_dtype, asarray, bfloat16, device_of, devices, gpu_count, synchronize,
                       to_numpy, xp_of)
-from .errors import LoadError
+from .errors import ChatTemplateError, LoadError
 from .distributed import ShardableCallable, distribute_value, forward_sharded_layers, per_device, take
 from .kv_cache import KVCacheFullError, KVCacheParams, PagedKVCache
 from .layers import (DistributedGemmConfig, Llama3Scaling, LinearScaling, RotaryEmbedding, column_parallel_linear,
@@ -22,13 +23,14 @@ from .weights import DictSource, LayerWeights, WeightError, Weights, random_weig
 from .loader import Model, load
 from .tokenizer import StreamDecoder, Tokenizer
 from .hub import ModelFetchError, default_model_path
-from .generate import Completion, Engine, SamplingParams, Stats, generate, logits, perplexity
+from .generate import Completion, Engine, Event, SamplingParams, Stats, generate, logits, perplexity
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AttentionConfig",
     "AttentionWeights",
+    "ChatTemplateError",
     "Communicator",
     "Completion",
     "ConfigError",
@@ -36,6 +38,7 @@ __all__ = [
     "DictSource",
     "DistributedGemmConfig",
     "Engine",
+    "Event",
     "InProcessCommunicator",
     "KVCacheFullError",
     "KVCacheParams",
