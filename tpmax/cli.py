@@ -129,20 +129,14 @@ def read_text(path: str, *, what: str, limit: int = MAX_INPUT_BYTES) -> str:
     """The UTF-8 text of `path` ("-" = stdin), refusing what is not a regular file (a
     directory, a FIFO, a device such as /dev/zero) and anything over `limit` bytes."""
     from .errors import LoadError
-    from .files import read_text as read_file
+    from .files import read_text as read_file, text_of
 
-    if path != "-":
-        try:
-            return read_file(Path(path), limit=limit)
-        except LoadError as e:
-            raise CLIError(f"{what} {e}") from None
-    data = sys.stdin.buffer.read(limit + 1)
-    if len(data) > limit:
-        raise CLIError(f"{what} {path}: more than the {limit / 2**20:.0f} MiB limit")
     try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise CLIError(f"{what} {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        if path == "-":
+            return text_of(sys.stdin.buffer, name="stdin", limit=limit)
+        return read_file(Path(path), limit=limit)
+    except LoadError as e:
+        raise CLIError(f"{what} {e}") from None
 
 
 def _load(args):

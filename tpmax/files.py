@@ -54,15 +54,21 @@ def read_text(path: Path, *, limit: int = MAX_JSON_BYTES) -> str:
     regular_file(path)
     try:
         with open(path, "rb") as f:
-            data = f.read(limit + 1)
+            return text_of(f, name=str(path), limit=limit)
     except OSError as e:
         raise LoadError(f"{path}: cannot read ({e.strerror or e})") from None
+
+
+def text_of(stream, *, name: str, limit: int) -> str:
+    """The UTF-8 text of a binary stream (a file, stdin) of at most `limit` bytes; a BOM is
+    dropped. Errors name `name`."""
+    data = stream.read(limit + 1)
     if len(data) > limit:
-        raise LoadError(f"{path}: larger than the {limit:,}-byte limit; refusing to read it")
+        raise LoadError(f"{name}: larger than the {limit:,}-byte limit; refusing to read it")
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        raise LoadError(f"{path}: not UTF-8 ({e.reason} at byte {e.start})") from None
+        raise LoadError(f"{name}: not UTF-8 ({e.reason} at byte {e.start})") from None
 
 
 def parse_json(path: Path, text: str):
