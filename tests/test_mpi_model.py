@@ -32,6 +32,23 @@ def spec(n):
     return "cpu:" + ",".join(map(str, range(n)))
 
 
+def end_job(proc, grace=15):
+    """End an mpirun job: SIGTERM to mpirun, which ends every rank it started (they are not in
+    its process group), then SIGKILL to mpirun's group if it is still there."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.communicate(timeout=grace)
+            return
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.communicate()
+
+
 def run_mpi(n, argv, *, timeout=240):
     """`mpirun -n n argv...` with a time limit; the whole job is killed if it runs over."""
     env = {k: v for k, v in os.environ.items() if k not in mpi.LAUNCHER_ENV}
@@ -43,8 +60,7 @@ def run_mpi(n, argv, *, timeout=240):
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
+        end_job(proc)
         raise
     return proc.returncode, out, err
 
@@ -170,8 +186,7 @@ def test_serve_under_mpirun_answers_like_one_process(tmp_path):
         answers = [client.completions.create(model=client.models.list().data[0].id, prompt=p, max_tokens=8,
                                              temperature=0.7, seed=3).choices[0].text for p in ("hello", "abc")]
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
+        end_job(proc)
     one = tpmax.load(model_dir, devices="cpu:0,1", progress=False)
     want = [c.text for c in tpmax.generate(one, ["hello", "abc"], tpmax.SamplingParams(
         max_new_tokens=8, temperature=0.7, seed=3), chat=False)]

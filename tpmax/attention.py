@@ -17,7 +17,7 @@ import numpy as np
 
 from .comm import Communicator
 from .devices import Array, Device, asarray, xp_of
-from .distributed import per_device
+from .distributed import distribute_value, per_device
 from .kv_cache import BatchSlots, gather_kv, write_kv
 from .layers import RopeTables, RotaryEmbedding, linear, rms_norm, rotate
 from .sharding import HeadShard, check_heads, head_shard
@@ -143,17 +143,19 @@ def attention_inputs(cfg: AttentionConfig, rope: RotaryEmbedding, slots: BatchSl
     offs = [int(o) for o in slots.input_row_offsets]
     starts = [int(s) for s in slots.start]
     lengths = [int(s + e - a) for s, a, e in zip(starts, offs[:-1], offs[1:])]
+    host_blocks = [list(_query_blocks(cfg, st, e - a0, L, block))  # per sequence (a, b, lo, hi, bias)
+                   for st, a0, e, L in zip(starts, offs[:-1], offs[1:], lengths)]
+    decode = _decode_batch(cfg, slots, lengths)
+    # MAX's distribute_value: one copy of each host array per device.
+    pages, slot_ids = distribute_value(slots.page, devices), distribute_value(slots.slot, devices)
+    tables = list(zip(*[distribute_value(t, devices) for t in slots.tables])) or [()] * len(devices)
     out = []
-    for d in devices:
+    for i, d in enumerate(devices):
         put = lambda a: None if a is None else asarray(a, d)  # noqa: E731
-        blocks = tuple(tuple(QueryBlock(a, b, lo, hi, put(bias)) for a, b, lo, hi, bias in
-                             _query_blocks(cfg, st, e - a0, L, block))
-                       for st, a0, e, L in zip(starts, offs[:-1], offs[1:], lengths))
-        decode = _decode_batch(cfg, slots, lengths)
-        if decode is not None:
-            decode = DecodeBatch(put(decode[0]), put(decode[1]))
-        out.append(AttentionInputs(host_rope.to(d), put(slots.page), put(slots.slot), tuple(offs), tuple(starts),
-                                   tuple(lengths), tuple(put(t) for t in slots.tables), blocks, decode))
+        blocks = tuple(tuple(QueryBlock(a, b, lo, hi, put(bias)) for a, b, lo, hi, bias in seq) for seq in host_blocks)
+        dec = None if decode is None else DecodeBatch(put(decode[0]), put(decode[1]))
+        out.append(AttentionInputs(host_rope.to(d), pages[i], slot_ids[i], tuple(offs), tuple(starts),
+                                   tuple(lengths), tuple(tables[i]), blocks, dec))
     return out
 
 
