@@ -31,7 +31,6 @@ import collections
 import contextlib
 import dataclasses
 import datetime
-import json
 import sys
 import threading
 from pathlib import Path
@@ -227,7 +226,6 @@ def gpu_runtime_counts(run_step, segments: Segments) -> str:
     """Profile `run_step(mark)` where `mark(i)` opens segment i's range; fills `segments`
     from the CUDA runtime calls inside each range. Returns how it counted, or why not."""
     try:
-        import torch
         from torch.profiler import ProfilerActivity, profile, record_function
     except Exception as e:
         return f"no kernel counts: torch is not importable ({type(e).__name__}); collectives only"

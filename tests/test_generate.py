@@ -1,9 +1,6 @@
 """Sampling, continuous batching (admission, preemption, isolation of faults), stop
 conditions, streaming, and the CLI."""
 import dataclasses
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest

@@ -19,7 +19,6 @@ import argparse
 import json
 import math
 import os
-import stat
 import sys
 import time
 from pathlib import Path

@@ -16,7 +16,7 @@ import numpy as np
 
 from .attention import AttentionWeights
 from .config import ModelConfig
-from .devices import Array, Device, as_dtype, asarray, bfloat16
+from .devices import Device, as_dtype, asarray, bfloat16
 from .errors import WeightError
 from .quant import concat_out, is_quantized
 from .sharding import LAYER_PARAMS, MODEL_PARAMS, PRESENCE, Param, shard_pieces

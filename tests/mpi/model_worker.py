@@ -14,7 +14,6 @@ import signal
 import sys
 from pathlib import Path
 
-import numpy as np
 import safetensors.numpy as stn
 
 import tpmax
