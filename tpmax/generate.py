@@ -322,7 +322,7 @@ class Engine:
             raise ValueError(f"prompt of {len(prompt)} tokens leaves no room in the model's context "
                              f"({self.model.cfg.max_seq_len} tokens)")
         n_max = self.max_new_tokens(len(prompt), params)
-        need = self.pages_for(len(prompt) + n_max - 1)  # the last sampled token is never fed back
+        need = self.cache.pages_for(len(prompt) + n_max - 1)  # the last sampled token is never fed back
         if need > self.cache.num_pages:
             cap = self.cache.num_pages * self.cache.params.page_size
             raise ValueError(f"prompt of {len(prompt)} tokens + {n_max} new tokens does not fit the KV cache "
@@ -334,9 +334,6 @@ class Engine:
             detokenizer = self.model.tokenizer.stream()
         self.waiting.append(Request(rid, prompt, params, np.random.default_rng(params.seed), n_max, detokenizer))
         return rid
-
-    def pages_for(self, n_tokens: int) -> int:
-        return -(-n_tokens // self.cache.params.page_size)
 
     def cancel(self, request_id: int) -> Completion | None:
         """End a waiting or running request ("cancelled") and free its pages now.
@@ -399,7 +396,7 @@ class Engine:
         joined = []
         while self.waiting and len(self.running) < self.max_batch:
             r = self.waiting[0]
-            need = self.pages_for(len(r.prompt) + len(r.tokens))
+            need = self.cache.pages_for(len(r.prompt) + len(r.tokens))
             if need > budget:
                 break  # it waits for pages (in order: a long prompt is not starved by short ones)
             budget -= need
@@ -535,7 +532,7 @@ def _generate(model, prompts, params, *, chat, max_batch, on_token, stats) -> li
     prompts = [encode_prompt(model, p, chat=chat) for p in prompts]
     page = 16
     ctx = model.cfg.max_seq_len
-    sizes = sorted((-(-(len(p) + max(0, min(params.max_new_tokens, ctx - len(p)))) // page) * page for p in prompts),
+    sizes = sorted((ceil_div(len(p) + max(0, min(params.max_new_tokens, ctx - len(p))), page) * page for p in prompts),
                    reverse=True)
     engine = Engine(model, max_batch=max_batch, cache_tokens=max(1, sum(sizes[:max_batch])), page_size=page,
                     stats=stats)

@@ -17,7 +17,7 @@ import numpy as np
 
 from .devices import Array, Device, asarray, float8_e4m3fn, xp_of
 from .errors import ConfigError, LoadError
-from .sharding import split_bounds
+from .sharding import ceil_div, split_bounds
 
 # Output features dequantized per step of `matmul_t`: the float32 block is at most this many
 # bytes (or one row when a single row is larger).
@@ -602,7 +602,7 @@ def read_quantized(reader: Reader, qc: QuantConfig, index: tuple, *, name: str, 
 
 
 def _n_groups(n_in: int, group: int) -> int:
-    return 1 if group == -1 else -(-n_in // group)
+    return 1 if group == -1 else ceil_div(n_in, group)
 
 
 def _gptq_layout(t: _Tensors, qc: QuantConfig):
@@ -674,14 +674,14 @@ def _read_gptq(t: _Tensors, qc: QuantConfig, index: tuple, repack: bool) -> GPTQ
     _check_cut(t, "qweight", ia, ib, n_in, pf, qc.group_size, repack)
     g0, g1, g_idx = _local_groups(_read_g_idx(t, "g_idx", ia, ib, qc.group_size, groups))  # [ib-ia]
     # Packed rows covering [ia, ib); repack only when the piece does not start on a word.
-    w0, w1 = ia // pf, -(-ib // pf)
+    w0, w1 = ia // pf, ceil_div(ib, pf)
     qweight = t.read("qweight", (slice(w0, w1), slice(oa, ob)), (np.int32, np.uint32)).view(np.int32)
     if ia % pf:
         q = unpack_int32(qweight, bits, axis=0)[ia - w0 * pf: ib - w0 * pf]
         qweight = pack_int32(q, bits, axis=0)
     scales = t.read("scales", (slice(g0, g1), slice(oa, ob)), (np.float16, np.float32))
     # Zeros: packed along out; read the words covering [oa, ob) and unpack.
-    z0, z1 = oa // pf, -(-ob // pf)
+    z0, z1 = oa // pf, ceil_div(ob, pf)
     qzeros = t.read("qzeros", (slice(g0, g1), slice(z0, z1)), (np.int32, np.uint32)).view(np.int32)
     # v1 stores real zero - 1, so a stored all-ones value reads as 2^bits (uint16 for 8 bits).
     zeros = unpack_int32(qzeros, bits, axis=1)[:, oa - z0 * pf: ob - z0 * pf].astype(np.int32) + qc.zero_offset
@@ -696,15 +696,15 @@ def _ct_int_layout(t: _Tensors, qc: QuantConfig):
     if shape.shape != (2,):
         t.fail("weight_shape", f"has {shape.tolist()}, expected [out, in]")
     n_out, n_in = (int(v) for v in shape)
-    if t.shape("weight_packed") != (n_out, -(-n_in // pf)):
-        t.fail("weight_packed", f"has shape {t.shape('weight_packed')}, expected {(n_out, -(-n_in // pf))} "
+    if t.shape("weight_packed") != (n_out, ceil_div(n_in, pf)):
+        t.fail("weight_packed", f"has shape {t.shape('weight_packed')}, expected {(n_out, ceil_div(n_in, pf))} "
                                 f"for weight_shape {[n_out, n_in]} ({qc.bits}-bit, {pf} per int32)")
     groups = _n_groups(n_in, qc.group_size)
     if t.shape("weight_scale") != (n_out, groups):
         t.fail("weight_scale", f"has shape {t.shape('weight_scale')}, expected {(n_out, groups)}")
-    if not qc.sym and t.shape("weight_zero_point") != (-(-n_out // pf), groups):
+    if not qc.sym and t.shape("weight_zero_point") != (ceil_div(n_out, pf), groups):
         t.fail("weight_zero_point", f"has shape {t.shape('weight_zero_point')}, "
-                                    f"expected {(-(-n_out // pf), groups)}")
+                                    f"expected {(ceil_div(n_out, pf), groups)}")
     return n_out, n_in, groups
 
 
@@ -717,7 +717,7 @@ def _read_ct_int(t: _Tensors, qc: QuantConfig, index: tuple, repack: bool) -> GP
     oa, ob, ia, ib = _piece(index, (n_out, n_in))
     _check_cut(t, "weight_packed", ia, ib, n_in, pf, qc.group_size, repack)
     g0, g1, g_idx = _local_groups(_read_g_idx(t, "weight_g_idx", ia, ib, qc.group_size, groups))
-    w0, w1 = ia // pf, -(-ib // pf)
+    w0, w1 = ia // pf, ceil_div(ib, pf)
     packed = t.read("weight_packed", (slice(oa, ob), slice(w0, w1)), (np.int32,))
     q = unpack_int32(packed, bits, axis=1)[:, ia - w0 * pf: ib - w0 * pf]  # [out', in'] unsigned
     scales = t.read("weight_scale", (slice(oa, ob), slice(g0, g1)), (np.float16, np.float32, _bf16()))
@@ -726,7 +726,7 @@ def _read_ct_int(t: _Tensors, qc: QuantConfig, index: tuple, repack: bool) -> GP
     if qc.sym:
         zeros = np.full(scales.shape, half, np.uint8)
     else:
-        z0, z1 = oa // pf, -(-ob // pf)
+        z0, z1 = oa // pf, ceil_div(ob, pf)
         zp = t.read("weight_zero_point", (slice(z0, z1), slice(g0, g1)), (np.int32,))
         zp = unpack_int32(zp, bits, axis=0)[oa - z0 * pf: ob - z0 * pf]  # [out', groups'] stored +half
         zeros = zp.T.astype(np.uint8)  # (signed zp + half) = the unsigned zero
@@ -748,7 +748,7 @@ def _fp8_layout(t: _Tensors, qc: QuantConfig):
     s = t.shape(sfx)
     if qc.strategy == "block":
         bo, bi = qc.block
-        want = [(-(-n_out // bo), -(-n_in // bi))]
+        want = [(ceil_div(n_out, bo), ceil_div(n_in, bi))]
     elif qc.strategy == "channel":
         want = [(n_out, 1), (n_out,)]
     else:
