@@ -24,6 +24,7 @@ from .devices import to_numpy
 from .kv_cache import PagedKVCache
 from .loader import Model
 from .sharding import ceil_div
+from .stops import split_held
 from .transformer import ReturnLogits, check_ragged, distributed_transformer
 
 
@@ -445,18 +446,10 @@ class Engine:
 
     def _emit(self, r: Request, new: str = "", final: bool = False) -> str:
         """Text that is safe to show now: held back while it could still become a stop string."""
-        r.held += new
-        for s in r.params.stop:
-            at = r.held.find(s)
-            if at >= 0:
-                out, r.held = r.held[:at], ""
-                r.text += out
-                r.finish_reason = "stop"
-                return out
-        keep = 0 if final else max((k for s in r.params.stop for k in range(len(s), 0, -1)
-                                    if r.held.endswith(s[:k])), default=0)
-        out, r.held = r.held[:len(r.held) - keep], r.held[len(r.held) - keep:]
+        out, r.held, stopped = split_held(r.held + new, r.params.stop, final=final)
         r.text += out
+        if stopped:
+            r.finish_reason = "stop"
         return out
 
     def _finish(self, r: Request, reason: str, error: str | None = None) -> Completion:
