@@ -379,6 +379,8 @@ def add_serve_parser(sub) -> None:
     s.add_argument("--cache-tokens", type=_int_in(1), default=8192, help="KV cache capacity in tokens")
     s.add_argument("--served-model-name", metavar="NAME",
                    help="the model id clients send (default: the model's file or directory name)")
+    s.add_argument("--max-body-bytes", type=_int_in(1), default=4 * 2**20,
+                   help="largest request body; a larger one is answered 413 (default 4 MiB)")
     s.set_defaults(run=_serve)
 
 

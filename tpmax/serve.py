@@ -387,33 +387,38 @@ def run_serve(args) -> int:
         with spmd.session(model):
             return serve(model, sock, max_batch=args.max_batch, max_queue=args.max_queue,
                          cache_tokens=args.cache_tokens, served_name=args.served_model_name, quiet=args.quiet,
-                         max_body_bytes=getattr(args, "max_body_bytes", MAX_BODY_BYTES))
+                         max_body_bytes=args.max_body_bytes)
     finally:
         if sock is not None:
             sock.close()
 
 
-def serve(model: Model, sock: socket.socket, *, quiet: bool = False, max_connections: int = MAX_CONNECTIONS,
-          stall_timeout: float = STALL_TIMEOUT_S, drain_timeout: float = DRAIN_TIMEOUT_S, **app_options) -> int:
-    """Serve `model` on the listening socket `sock` (see `listen`) until SIGTERM / Ctrl-C:
-    then stop accepting, finish the requests in flight (cut after `drain_timeout` s), return 0.
-    `app_options` go to `create_app`."""
+def server(app, *, quiet: bool = False, max_connections: int = MAX_CONNECTIONS, stall_timeout: float = STALL_TIMEOUT_S,
+           drain_timeout: float = DRAIN_TIMEOUT_S):
+    """The uvicorn server for `app`, every connection bounded (see `bounded_protocol`); on
+    SIGTERM it stops accepting and finishes the requests in flight (cut after `drain_timeout` s)."""
     import uvicorn
 
+    return uvicorn.Server(uvicorn.Config(
+        app, http=bounded_protocol(max_connections=max_connections, stall_timeout=stall_timeout),
+        h11_max_incomplete_event_size=MAX_HEADER_BYTES, limit_concurrency=max_connections, timeout_keep_alive=5,
+        log_level="warning" if quiet else "info", access_log=not quiet, lifespan="on",
+        timeout_graceful_shutdown=int(drain_timeout)))
+
+
+def serve(model: Model, sock: socket.socket, *, quiet: bool = False, **app_options) -> int:
+    """Serve `model` on the listening socket `sock` (see `listen`) until SIGTERM / Ctrl-C,
+    which drain (see `server`), then return 0. `app_options` go to `create_app`."""
     app = create_app(model, **app_options)
     host, port = sock.getsockname()[:2]
     if not quiet:
         print(f"tpmax: serving {model.path} as {app_options.get('served_name') or model_id(model)!r} on "
               f"http://{host}:{port}/v1", file=sys.stderr)
-    config = uvicorn.Config(app, http=bounded_protocol(max_connections=max_connections, stall_timeout=stall_timeout),
-                            h11_max_incomplete_event_size=MAX_HEADER_BYTES, limit_concurrency=max_connections,
-                            timeout_keep_alive=5, log_level="warning" if quiet else "info", access_log=not quiet,
-                            lifespan="on", timeout_graceful_shutdown=int(drain_timeout))
     main_thread = threading.current_thread() is threading.main_thread()
     # uvicorn drains on SIGTERM, then re-raises it: exit 0 then rather than die by the signal.
     previous = signal.signal(signal.SIGTERM, lambda *_: None) if main_thread else None
     try:
-        uvicorn.Server(config).run(sockets=[sock])
+        server(app, quiet=quiet).run(sockets=[sock])
     finally:
         if main_thread:
             signal.signal(signal.SIGTERM, previous)
