@@ -2,6 +2,9 @@
 port serving the tiny fixture (with a byte-level tokenizer and a 16k context, so long
 requests take seconds)."""
 import concurrent.futures
+import importlib.util
+import os
+import shutil
 import contextlib
 import dataclasses
 import json
@@ -66,12 +69,12 @@ class Client:
 class Server(Client):
     """`tpmax serve` in a subprocess."""
 
-    def __init__(self, model_dir: Path, *args: str):
+    def __init__(self, model_dir: Path, *args: str, launcher=(), env=None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen([sys.executable, "-m", "tpmax.cli", "serve", "--model", str(model_dir), "--port",
-                                      str(self.port), "--quiet", *args], stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen([*launcher, sys.executable, "-m", "tpmax.cli", "serve", "--model", str(model_dir),
+                                      "--port", str(self.port), "--quiet", *args], stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True, env=env)
 
         def alive():
             if self.proc.poll() is not None:
@@ -597,7 +600,8 @@ def test_a_port_in_use_fails_at_once_before_loading(tmp_path):
 
 def test_sigterm_drains_twenty_whole_answers(model_dir):
     """SIGTERM with 20 non-streaming requests taken (16 decoding, 4 queued): each gets its
-    whole answer, then the server exits 0."""
+    whole answer, then the server exits 0. A connection whose request was not yet read is
+    answered 503 (it got an empty reply before: how 4 of 20 requests once got none)."""
     s = Server(model_dir, "--cache-tokens", "8192")
     n = 300
 
@@ -613,8 +617,45 @@ def test_sigterm_drains_twenty_whole_answers(model_dir):
             while s.metric("tpmax_running_requests") + s.metric("tpmax_queue_depth") < 20:
                 assert time.monotonic() < deadline
                 time.sleep(0.05)
+            half = [socket.create_connection(("127.0.0.1", s.port), timeout=30) for _ in range(3)]
+            for h in half:
+                h.sendall(POST)  # headers not finished
+            assert httpx.get(s.url + "/health", timeout=10).status_code == 200  # the 3 are accepted by now
             s.proc.send_signal(signal.SIGTERM)
+            for h in half:
+                with h:
+                    status, err = status_and_error(read_all(h))
+                assert status == 503 and err["code"] == "shutting_down"
             assert [f.result(timeout=120) for f in futures] == [(200, n)] * 20
+        assert s.proc.wait(60) == 0
+    finally:
+        s.close()
+
+
+MPIRUN = shutil.which("mpirun", path=str(Path(sys.executable).parent))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(MPIRUN is None or importlib.util.find_spec("mpi4py") is None, reason="needs mpi4py and mpirun")
+def test_sigusr1_drains_under_mpirun(model_dir):
+    """mpirun answers SIGTERM with SIGTERM then SIGKILL to every rank 0.3 s later (no drain
+    can finish), and forwards SIGUSR1: rank 0 drains on it while rank 1 keeps following."""
+    from tpmax.mpi import LAUNCHER_ENV
+
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_ENV}
+    env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OPENBLAS_NUM_THREADS="1")
+    s = Server(model_dir, "--devices", "cpu:0,1", "--cache-tokens", "1024", env=env,
+               launcher=(MPIRUN, "-n", "2", "--oversubscribe", "--bind-to", "none"))
+    try:
+        n = 100
+        with httpx.Client() as client, client.stream("POST", s.url + "/v1/completions", timeout=120, json={
+                "prompt": "drain", "max_tokens": n, "ignore_eos": True, "temperature": 0, "stream": True,
+                "stream_options": {"include_usage": True}}) as resp:
+            lines = resp.iter_lines()
+            assert next(lines).startswith("data: ")
+            s.proc.send_signal(signal.SIGUSR1)
+            rest = [line for line in lines if line.startswith("data: ")]
+        assert rest[-1] == "data: [DONE]" and json.loads(rest[-2][6:])["usage"]["completion_tokens"] == n
         assert s.proc.wait(60) == 0
     finally:
         s.close()

@@ -21,6 +21,7 @@ import sys
 import threading
 import time
 import uuid
+from http import HTTPStatus
 from pathlib import Path
 from typing import Callable
 
@@ -324,6 +325,14 @@ def bounded_protocol(*, max_connections: int = MAX_CONNECTIONS, stall_timeout: f
                 self._tick.cancel()
             super().connection_lost(exc)
 
+        def shutdown(self) -> None:
+            """SIGTERM: a request in progress finishes; a connection with none (idle, or its
+            request not yet read) is told why it closes, instead of an empty reply."""
+            if self.cycle is None or self.cycle.response_complete:
+                self.refuse(503, "the server is shutting down", "shutting_down")
+            else:
+                super().shutdown()
+
         def data_received(self, data: bytes) -> None:
             if not self._lingering:
                 super().data_received(data)
@@ -333,10 +342,13 @@ def bounded_protocol(*, max_connections: int = MAX_CONNECTIONS, stall_timeout: f
                              f"{MAX_HEADER_BYTES} bytes): {msg}", None)
 
         def refuse(self, status: int, message: str, code: str | None) -> None:
-            body = json.dumps(APIError(status, message, code=code).body()).encode()
-            self.transport.write(f"HTTP/1.1 {status} {'Bad Request' if status == 400 else 'Service Unavailable'}\r\n"
-                                 f"content-type: application/json\r\ncontent-length: {len(body)}\r\n"
-                                 f"connection: close\r\n\r\n".encode() + body)
+            """Answer `status` with an OpenAI-style error, then a lingering close."""
+            if self._lingering or self.transport.is_closing():
+                return
+            kind = "invalid_request_error" if status < 500 else "server_error"
+            body = json.dumps(APIError(status, message, code=code, type=kind).body()).encode()
+            self.transport.write(f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\ncontent-type: application/json\r\n"
+                                 f"content-length: {len(body)}\r\nconnection: close\r\n\r\n".encode() + body)
             self._lingering = True
             if self.transport.can_write_eof():
                 self.transport.write_eof()
@@ -377,12 +389,9 @@ def run_serve(args) -> int:
     try:
         model = load(args.model, devices=args.devices, dtype=args.dtype, progress=not args.quiet)
         if not spmd.is_leader(model):  # under MPI: rank 0 serves, this rank runs each step with it
-            # mpirun sends SIGTERM to every rank: this one follows until rank 0 has drained.
-            previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
-            try:
-                spmd.follow(model)
-            finally:
-                signal.signal(signal.SIGTERM, previous)
+            # mpirun forwards SIGUSR1 to every rank: rank 0 drains, this one follows until it is done.
+            signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+            spmd.follow(model)
             return 0
         with spmd.session(model):
             return serve(model, sock, max_batch=args.max_batch, max_queue=args.max_queue,
@@ -414,12 +423,19 @@ def serve(model: Model, sock: socket.socket, *, quiet: bool = False, **app_optio
     if not quiet:
         print(f"tpmax: serving {model.path} as {app_options.get('served_name') or model_id(model)!r} on "
               f"http://{host}:{port}/v1", file=sys.stderr)
+    srv = server(app, quiet=quiet)
     main_thread = threading.current_thread() is threading.main_thread()
-    # uvicorn drains on SIGTERM, then re-raises it: exit 0 then rather than die by the signal.
-    previous = signal.signal(signal.SIGTERM, lambda *_: None) if main_thread else None
+    if main_thread:
+        # uvicorn drains on SIGTERM / SIGINT, then re-raises it: exit 0 then rather than die by
+        # the signal. SIGUSR1 drains too: under mpirun, SIGTERM ends every rank within 0.3 s
+        # (SIGTERM, then SIGKILL), while SIGUSR1 is only forwarded.
+        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+        signal.signal(signal.SIGTERM, lambda *_: None)
+        signal.signal(signal.SIGUSR1, lambda *_: srv.handle_exit(signal.SIGTERM, None))
     try:
-        server(app, quiet=quiet).run(sockets=[sock])
+        srv.run(sockets=[sock])
     finally:
         if main_thread:
-            signal.signal(signal.SIGTERM, previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
     return 0
