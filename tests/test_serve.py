@@ -102,7 +102,8 @@ class InProcess(Client):
         sock = serve.listen("127.0.0.1", 0)
         self.port = sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = serve.server(serve.create_app(model, **app_options), quiet=True, **(server_options or {}))
+        self.app = serve.create_app(model, **app_options)
+        self.server = serve.server(self.app, quiet=True, **(server_options or {}))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
         self.thread.start()
         self.wait_up()
@@ -630,6 +631,22 @@ def test_sigterm_drains_twenty_whole_answers(model_dir):
         assert s.proc.wait(60) == 0
     finally:
         s.close()
+
+
+def test_the_drain_is_bounded(model):
+    """A request still running when the drain time is over is cut (no [DONE]), and the
+    server and its engine thread end."""
+    s = InProcess(model, {"drain_timeout": 1.0}, cache_tokens=CACHE)
+    rest = []
+    with httpx.Client() as client, long_stream(client, s.url) as resp:
+        lines = resp.iter_lines()
+        read_chunks(lines, 2)
+        s.server.should_exit = True
+        with pytest.raises(httpx.RemoteProtocolError):  # the stream ends mid-answer
+            rest.extend(lines)
+    assert "data: [DONE]" not in rest
+    s.thread.join(60)
+    assert not s.thread.is_alive() and not s.app.state.engine_loop.alive
 
 
 MPIRUN = shutil.which("mpirun", path=str(Path(sys.executable).parent))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from typing import Any, Callable, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .generate import Completion, SamplingParams
 from .stops import check_stops
@@ -50,13 +50,14 @@ class TextPart(_Strict):
 
 class Message(_Strict):
     role: Literal[CHAT_ROLES]
-    content: str | list[TextPart] | None = None
+    content: str | list[TextPart] | None = Field(default=None, validate_default=True)
 
-    @model_validator(mode="after")
-    def _content_text(self):
-        if self.content is None and self.role != "assistant":
-            raise ValueError("content must be a string or a list of text parts")
-        return self
+    @field_validator("content")
+    @classmethod
+    def _content_text(cls, v, info):
+        if v is None and info.data.get("role") != "assistant":
+            raise ValueError("must be a string or a list of text parts")
+        return v
 
     def text(self) -> str:
         c = self.content
