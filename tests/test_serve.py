@@ -432,7 +432,7 @@ def test_a_200_kb_header_is_answered_not_reset(server):
 @pytest.fixture
 def bounded(model):
     """A server whose bounds tests can reach in a second."""
-    s = InProcess(model, {"max_connections": 6, "stall_timeout": 0.3}, body_timeout=1.0, cache_tokens=512)
+    s = InProcess(model, {"stall_timeout": 0.3}, body_timeout=1.0, cache_tokens=512)
     yield s
     s.close()
 
@@ -452,15 +452,19 @@ def test_stalled_connections_are_closed(bounded):
             s.close()
 
 
-def test_connections_past_the_limit_are_answered_503(bounded):
-    socks = [socket.create_connection(("127.0.0.1", bounded.port), timeout=20) for _ in range(7)]
+def test_connections_past_the_limit_are_answered_503(model):
+    s = InProcess(model, {"max_connections": 6}, cache_tokens=512)
+    socks = [socket.create_connection(("127.0.0.1", s.port), timeout=20) for _ in range(7)]
     try:
         status, err = status_and_error(read_all(socks[-1]))  # the 7th of at most 6
         assert status == 503 and err["code"] == "service_unavailable"
+        for sock in socks:
+            sock.close()
+        assert s.client.models.list().data  # the held ones closed: room again
     finally:
-        for s in socks:
-            s.close()
-    assert bounded.client.models.list().data  # the held ones closed: room again
+        for sock in socks:
+            sock.close()
+        s.close()
 
 
 # ------------------------------------------------------------------------------------------
@@ -563,10 +567,10 @@ def model_id(model) -> str:
 
 
 def test_nothing_is_lost_under_load_with_preemption(model_dir, model):
-    """12 concurrent requests through a KV cache of 96 tokens (about one request's worth):
+    """12 concurrent requests through a KV cache of 128 tokens (one or two requests' worth):
     sequences are preempted and recomputed, and every text equals the request served alone."""
-    s = Server(model_dir, "--max-batch", "8", "--cache-tokens", "96")
-    jobs = [(f"load {i}", 20 + 2 * i, None if i % 2 else i) for i in range(12)]
+    s = Server(model_dir, "--max-batch", "8", "--cache-tokens", "128")
+    jobs = [(f"load {i}", 40 + 2 * i, None if i % 2 else i) for i in range(12)]
 
     def one(job):
         text, n, seed = job
@@ -634,19 +638,27 @@ def test_sigterm_drains_twenty_whole_answers(model_dir):
 
 
 def test_the_drain_is_bounded(model):
-    """A request still running when the drain time is over is cut (no [DONE]), and the
-    server and its engine thread end."""
-    s = InProcess(model, {"drain_timeout": 1.0}, cache_tokens=CACHE)
+    """Requests still running when the drain time is over, streamed or whole, are cut (no
+    [DONE], no answer) and cancelled in the engine, and the server and its engine thread end."""
+    s = InProcess(model, {"drain_timeout": 1.0}, cache_tokens=2 * LONG + 64)
     rest = []
-    with httpx.Client() as client, long_stream(client, s.url) as resp:
+    with concurrent.futures.ThreadPoolExecutor(1) as pool, httpx.Client() as client, \
+            long_stream(client, s.url) as resp:
+        whole = pool.submit(httpx.post, s.url + "/v1/completions", timeout=120, json={
+            "prompt": "long", "max_tokens": LONG, "ignore_eos": True})
         lines = resp.iter_lines()
         read_chunks(lines, 2)
+        assert s.wait_metric("tpmax_running_requests", 2)
         s.server.should_exit = True
         with pytest.raises(httpx.RemoteProtocolError):  # the stream ends mid-answer
             rest.extend(lines)
+        assert whole.result(timeout=120).status_code == 500  # uvicorn's own, for a request it cut
     assert "data: [DONE]" not in rest
     s.thread.join(60)
     assert not s.thread.is_alive() and not s.app.state.engine_loop.alive
+    registry = s.app.state.metrics.registry
+    for endpoint in ("chat", "completions"):
+        assert registry.get_sample_value("tpmax_requests_total", {"endpoint": endpoint, "outcome": "cancelled"}) == 1
 
 
 MPIRUN = shutil.which("mpirun", path=str(Path(sys.executable).parent))

@@ -232,6 +232,10 @@ async def until_disconnect(request, coro, *, on_disconnect: Callable[[], None]):
     work, watch = asyncio.ensure_future(coro), asyncio.ensure_future(disconnected())
     try:
         await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:  # the server cut the request (the drain time is over)
+        work.cancel()
+        on_disconnect()
+        raise
     finally:
         watch.cancel()
     if work.done():
