@@ -224,7 +224,8 @@ class CancellingStream(StreamingResponse):
 
 
 async def until_disconnect(request, coro, *, on_disconnect: Callable[[], None]):
-    """Await `coro`; if the client disconnects first, call `on_disconnect` and return None."""
+    """Await `coro`; if the client disconnects first, call `on_disconnect` and return None
+    (and call it too if this call is cancelled)."""
     async def disconnected():
         while (await request.receive())["type"] != "http.disconnect":
             pass
@@ -232,16 +233,13 @@ async def until_disconnect(request, coro, *, on_disconnect: Callable[[], None]):
     work, watch = asyncio.ensure_future(coro), asyncio.ensure_future(disconnected())
     try:
         await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
-    except asyncio.CancelledError:  # the server cut the request (the drain time is over)
-        work.cancel()
-        on_disconnect()
-        raise
+        if work.done():
+            return work.result()
     finally:
         watch.cancel()
-    if work.done():
-        return work.result()
-    work.cancel()
-    on_disconnect()
+        if not work.done():  # the client is gone, or the server cut the request (drain time over)
+            work.cancel()
+            on_disconnect()
     return None
 
 
