@@ -326,6 +326,10 @@ BAD = [
     ("chat", {"model": "tinychat", "messages": [{"role": "user", "content": "hi"}], "stop": ["s"] * 17}, 400,
      "stop"),
     ("chat", {"model": "tinychat", "messages": [{"role": "user", "content": "hi"}], "top_k": -2}, 400, "top_k"),
+    ("chat", {"model": "tinychat", "messages": [{"role": "user", "content": "hi"}], "frequency_penalty": 0.5}, 400,
+     "frequency_penalty"),  # was ignored silently
+    ("chat", {"model": "tinychat", "messages": [{"role": "user", "content": "hi"}], "logit_bias": {"5": 100}}, 400,
+     "logit_bias"),
     ("chat", {"model": "tinychat", "messages": [{"role": "user", "content": "hi"}], "temperature": True}, 400,
      "temperature"),
     ("chat", {"model": "tinychat", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400,

@@ -16,7 +16,9 @@ COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 # A positive temperature below this divides float32 logits past float64's range (1e-310
 # gave NaN probabilities); 0 is greedy.
 MIN_TEMPERATURE = 1e-4
-UNSUPPORTED = ("logprobs", "top_logprobs", "echo", "suffix", "tools", "functions")
+# Accepted when unset, 0, false or empty; anything else would be silently ignored: a 400.
+UNSUPPORTED = ("logprobs", "top_logprobs", "echo", "suffix", "tools", "functions", "logit_bias", "presence_penalty",
+               "frequency_penalty")
 
 
 class APIError(Exception):
@@ -90,6 +92,9 @@ class _Request(_Strict):
     suffix: Any = None
     tools: Any = None
     functions: Any = None
+    logit_bias: Any = None
+    presence_penalty: Any = None
+    frequency_penalty: Any = None
 
     @field_validator(*UNSUPPORTED)
     @classmethod
