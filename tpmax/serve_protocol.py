@@ -159,7 +159,8 @@ def parse(cls: type[_Request], raw: bytes) -> _Request:
 
 def check_model(req: _Request, name: str) -> None:
     if req.model is not None and req.model != name:
-        raise APIError(404, f"the model {json.dumps(req.model)} does not exist; this server serves {json.dumps(name)}",
+        shown = json.dumps(req.model[:100]) + ("..." if len(req.model) > 100 else "")
+        raise APIError(404, f"the model {shown} does not exist; this server serves {json.dumps(name)}",
                        param="model", code="model_not_found")
 
 
