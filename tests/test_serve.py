@@ -462,6 +462,8 @@ def test_connections_past_the_limit_are_answered_503(model):
     try:
         status, err = status_and_error(read_all(socks[-1]))  # the 7th of at most 6
         assert status == 503 and err["code"] == "service_unavailable"
+        socks[0].sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")  # the 6 are served
+        assert read_all(socks[0]).startswith(b"HTTP/1.1 200")
         for sock in socks:
             sock.close()
         assert s.client.models.list().data  # the held ones closed: room again

@@ -412,7 +412,7 @@ def server(app, *, quiet: bool = False, max_connections: int = MAX_CONNECTIONS, 
 
     return uvicorn.Server(uvicorn.Config(
         app, http=bounded_protocol(max_connections=max_connections, stall_timeout=stall_timeout),
-        h11_max_incomplete_event_size=MAX_HEADER_BYTES, limit_concurrency=max_connections, timeout_keep_alive=5,
+        h11_max_incomplete_event_size=MAX_HEADER_BYTES, timeout_keep_alive=5,
         log_level="warning" if quiet else "info", access_log=not quiet, lifespan="on",
         timeout_graceful_shutdown=drain_timeout))
 
