@@ -27,6 +27,7 @@ from typing import Callable
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
@@ -90,6 +91,8 @@ class Routes:
         except asyncio.TimeoutError:
             raise APIError(408, f"the request body did not arrive within {self.body_timeout:g} s",
                            code="request_timeout") from None
+        except ClientDisconnect:  # nobody reads the answer; not a server error
+            raise APIError(400, "the client disconnected while sending the request body") from None
         req = await asyncio.to_thread(parse, cls, raw)
         check_model(req, self.name)
         return req
