@@ -556,7 +556,9 @@ def test_a_failed_generation_answers_500_and_the_others_go_on(model):
                 chat(s, "fail", max_tokens=30, temperature=0)
             assert e.value.body["code"] == "generation_error" and "injected" in e.value.body["message"]
             with pytest.raises(openai.BadRequestError, match="refuses"):  # a ValueError from encoding: 400
-                s.client.completions.create(model=model_id(model), prompt="a\x01b")
+                s.client.completions.create(model=serve.model_id(model), prompt="a\x01b")
+            with pytest.raises(openai.BadRequestError, match="refuses"):
+                chat(s, "a\x01b")
             texts = ["".join(c["choices"][0]["delta"].get("content", "") for c in
                              (json.loads(line[6:]) for line in lines if line.startswith("data: {")))
                      for lines in streams]
@@ -566,10 +568,6 @@ def test_a_failed_generation_answers_500_and_the_others_go_on(model):
         assert s.metric('tpmax_requests_total{endpoint="chat",outcome="error"}') == 1
     finally:
         s.close()
-
-
-def model_id(model) -> str:
-    return Path(model.path).name
 
 
 def test_nothing_is_lost_under_load_with_preemption(model_dir, model):
