@@ -2,7 +2,7 @@
 
 Layers of the package, bottom to top (dependencies point down):
 devices / errors / files -> sharding -> comm (mpi) -> distributed -> layers / quant /
-kv_cache -> attention -> config -> weights -> transformer -> spmd -> tokenizer / hub ->
+kv_cache -> attention -> config -> weights -> transformer -> executor -> tokenizer / hub ->
 loader -> generate -> serve -> cli.
 """
 from .attention import (AttentionConfig, AttentionWeights, MHAMaskVariant, materialize_kv_from_hidden,
@@ -20,6 +20,7 @@ from .sharding import LAYER_SHARDING, MODEL_SHARDING, head_shard, split_bounds, 
 from .transformer import (ReturnHiddenStates, ReturnLogits, distributed_logits_postprocess,
                           distributed_transformer, distributed_transformer_block)
 from .weights import DictSource, LayerWeights, WeightError, Weights, random_weights, shard_weights
+from .executor import Executor, PassOptions, Step
 from .loader import Model, load
 from .tokenizer import StreamDecoder, Tokenizer
 from .hub import ModelFetchError, default_model_path
@@ -39,6 +40,7 @@ __all__ = [
     "DistributedGemmConfig",
     "Engine",
     "Event",
+    "Executor",
     "InProcessCommunicator",
     "KVCacheFullError",
     "KVCacheParams",
@@ -54,12 +56,14 @@ __all__ = [
     "ModelFetchError",
     "NcclCommunicator",
     "PagedKVCache",
+    "PassOptions",
     "ReturnHiddenStates",
     "ReturnLogits",
     "RotaryEmbedding",
     "SamplingParams",
     "ShardableCallable",
     "Stats",
+    "Step",
     "StreamDecoder",
     "Tokenizer",
     "WeightError",

@@ -421,7 +421,7 @@ def main(argv=None) -> int:
     if not args.leader:  # under mpirun only rank 0 prints; the other ranks compute with it
         sys.stdout = open(os.devnull, "w")
         args.quiet = True
-    from .spmd import LeaderError
+    from .executor import LeaderError
 
     try:
         return args.run(args)
