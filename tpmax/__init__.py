@@ -14,6 +14,7 @@ from .devices import (Device, as_dtype, asarray, bfloat16, device_of, devices, g
 from .errors import ChatTemplateError, LoadError
 from .distributed import ShardableCallable, distribute_value, forward_sharded_layers, per_device, take
 from .kv_cache import KVCacheFullError, KVCacheParams, PagedKVCache
+from .quant import fp8_linear, gptq_linear
 from .layers import (DistributedGemmConfig, Llama3Scaling, LinearScaling, RotaryEmbedding, column_parallel_linear,
                      linear, mlp, rms_norm, row_parallel_linear, vocab_parallel_embedding)
 from .sharding import LAYER_SHARDING, MODEL_SHARDING, head_shard, split_bounds, split_sizes
@@ -81,8 +82,10 @@ __all__ = [
     "distributed_transformer",
     "distributed_transformer_block",
     "forward_sharded_layers",
+    "fp8_linear",
     "generate",
     "gpu_count",
+    "gptq_linear",
     "head_shard",
     "linear",
     "load",
