@@ -34,7 +34,7 @@ from .devices import Device
 from .kv_cache import PAGE_SIZE, BatchSlots, KVCacheParams, PagedKVCache
 from .layers import DistributedGemmConfig
 from .sharding import ceil_div
-from .transformer import ReturnHiddenStates, ReturnLogits, check_ragged, distributed_transformer
+from .transformer import ReturnHiddenStates, ReturnLogits, distributed_transformer
 from .weights import Weights
 
 
@@ -119,8 +119,16 @@ class Step:
         if len(seq_ids) != len(chunks) or not chunks:
             raise ValueError(f"a step needs one chunk of new tokens per sequence: {len(seq_ids)} sequences, "
                              f"{len(chunks)} chunks")
-        arrays = [token_ids(c, vocab_size, f"sequence {s!r}") for s, c in zip(seq_ids, chunks)]
-        tokens, offsets = check_ragged(np.concatenate(arrays), np.cumsum([0] + [len(a) for a in arrays]), vocab_size)
+        try:  # one check of the whole batch; on failure, name the sequence at fault
+            arrays = [np.asarray(c) for c in chunks]
+            if any(a.ndim != 1 or a.size == 0 for a in arrays):
+                raise ValueError
+            tokens = token_ids(np.concatenate(arrays), vocab_size)
+        except ValueError:
+            for s, c in zip(seq_ids, chunks):
+                token_ids(c, vocab_size, f"sequence {s!r}")
+            raise
+        offsets = np.cumsum([0] + [a.size for a in arrays], dtype=np.int64)
         return cls(tuple(seq_ids), tokens, offsets, PassOptions(**options))
 
     @property
