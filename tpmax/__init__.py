@@ -3,7 +3,7 @@
 Layers of the package, bottom to top (dependencies point down):
 devices / errors / files -> sharding -> comm (mpi) -> distributed -> layers / quant /
 kv_cache -> attention -> config -> weights -> transformer -> executor -> tokenizer / hub ->
-loader -> generate -> serve -> cli.
+loader -> sampling / engine -> api -> serve -> cli.
 """
 from .attention import (AttentionConfig, AttentionWeights, MHAMaskVariant, materialize_kv_from_hidden,
                         tensor_parallel_attention_with_rope)
@@ -25,7 +25,9 @@ from .executor import Executor, PassOptions, Step
 from .loader import Model, load
 from .tokenizer import StreamDecoder, Tokenizer
 from .hub import ModelFetchError, default_model_path
-from .generate import Completion, Engine, Event, SamplingParams, Stats, generate, logits, perplexity
+from .sampling import SamplingParams
+from .engine import Completion, Engine, Event, Stats
+from .api import generate, logits, perplexity
 
 __version__ = "0.1.0"
 
