@@ -366,21 +366,19 @@ MIXED_TEXT = st.lists(
 
 @pytest.fixture(scope="module")
 def trained_bpe() -> tuple[list[str], list[str]]:
-    """A byte-level BPE vocabulary and merges trained without any pre-tokenizer split, so that
-    merges cross the boundaries a pre-tokenizer draws (digits, spaces, contractions)."""
+    """A byte-level BPE vocabulary and merges trained on every pair of the text pieces without
+    any pre-tokenizer split, so that merges cross the boundaries a pre-tokenizer draws (digits,
+    spaces, contractions); plus whole words no merge makes (for `ignore_merges`)."""
     from tokenizers import trainers
 
-    corpus = [
-        "Hello world! It's 2024, we're testing 12345 digits and   spaces.\n\nNew line\tTab. don't I'll you've",
-        "Ünïcödé café naïve 日本語のテキスト 🙂🙂 ÀÉÎ 1,234.56 $100 e-mail: a@b.c '' \r\n  indented code()",
-        "THE END'S NEAR 999999 x² ٣٣ (a) (b)   \n \n  they'd we'll ... ?? !!",
-    ] * 20
+    corpus = [a + b for a in PIECES_OF_TEXT for b in PIECES_OF_TEXT]
     bpe = Backend(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     alphabet = pre_tokenizers.ByteLevel.alphabet()
-    bpe.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=800, initial_alphabet=alphabet, show_progress=False))
+    bpe.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=1500, initial_alphabet=alphabet, show_progress=False))
     model = json.loads(bpe.to_str())["model"]
     tokens = [t for t, _ in sorted(model["vocab"].items(), key=lambda kv: kv[1])]
+    tokens += [w for w in ("Hello", "ĠHello", "WORLD", "Ġworld", "don", "Ġ?", "123", "e-mail") if w not in tokens]
     return tokens, [" ".join(m) if isinstance(m, list) else m for m in model["merges"]]
 
 
