@@ -422,6 +422,8 @@ class Tokenizer:
         rendered = self.apply_chat_template(masked, add_generation_prompt=add_generation_prompt, **variables)
         pieces, forged, pos, last = [], [], 0, 0  # forged: [start, end) of message special text
         for m in _PLACEHOLDER.finditer(rendered):
+            if int(m[1]) >= len(originals):  # the template's own text, not a placeholder
+                continue
             original = originals[int(m[1])]
             pieces += [rendered[last : m.start()], original]
             pos += m.start() - last
@@ -484,7 +486,7 @@ class Tokenizer:
 # ---------------------------------------------------------------------------------------------
 
 _MARK = "\ue000"  # private-use characters around a placeholder's number
-_PLACEHOLDER = re.compile("\ue000([0-9]+)\ue001")
+_PLACEHOLDER = re.compile("\ue000([0-9]{1,9})\ue001")
 _MAX_MESSAGE_DEPTH = 64
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
