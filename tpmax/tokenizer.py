@@ -691,7 +691,10 @@ class StreamDecoder:
     def __init__(self, tokenizer: Tokenizer, *, skip_special_tokens: bool = False):
         self._tokenizer = tokenizer
         self._skip = skip_special_tokens
-        self._stream = decoders.DecodeStream(skip_special_tokens=skip_special_tokens)
+        self._reset()
+
+    def _reset(self) -> None:
+        self._stream = decoders.DecodeStream(skip_special_tokens=self._skip)
         self._context: list[int] = []  # the ids of the last piece (the stream's context)
         self._held: list[int] = []  # the ids pushed since
 
@@ -712,7 +715,7 @@ class StreamDecoder:
         """The held-back text, an incomplete last character dropped; the decoder starts afresh."""
         decode = lambda ids: self._tokenizer.decode(ids, skip_special_tokens=self._skip)  # noqa: E731
         text = decode(self._context + self._held)[len(decode(self._context)) :]
-        self.__init__(self._tokenizer, skip_special_tokens=self._skip)
+        self._reset()
         return text.rstrip("\ufffd")
 
 
