@@ -121,8 +121,7 @@ def encode_chat(model: Model, messages: Sequence[dict]) -> list[int]:
     tok = model.tokenizer
     if tok is None:
         raise ValueError(f"{model.path}: the model has no tokenizer; pass token ids instead")
-    text = tok.apply_chat_template(messages, add_generation_prompt=True)
-    return tok.encode(text, add_special_tokens=False if text.startswith(tok.bos_token or "\0") else True)
+    return tok.encode_chat(messages, add_generation_prompt=True)  # message text never becomes special tokens
 
 
 def generate(model: Model, prompts, params: SamplingParams = SamplingParams(), *, chat: bool = True,
