@@ -1,0 +1,369 @@
+"""The decode-step kernels: every `.cu` source compiles with NVRTC for sm_80 and sm_90 without
+spills (registers printed); every NumPy twin equals the unfused tpmax layers or a float64
+reference; the decode step built from the twins equals `tpmax.distributed_transformer`; the
+sampling twin draws from exactly tpmax.generate.sample's distribution.
+
+Tolerances: float32 twins vs float32 tpmax layers rtol = atol = 1e-5 (scaled by the output's
+magnitude; only the summation order differs); bfloat16 twins vs a float64 reference 3e-2 of
+the output's magnitude (bf16 has 8 significant bits, inputs and outputs are rounded)."""
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import tpmax
+from tpmax import bfloat16
+from tpmax.attention import AttentionWeights, qkv_rope
+from tpmax.generate import SamplingParams, sample
+from tpmax.kernels import compile as nvrtc, twins
+from tpmax.kernels.step import fused_decode_sample, fused_decode_step
+from tpmax.kv_cache import gather_kv, write_kv
+from tpmax.layers import RopeTables, linear, mlp_local, rms_norm
+from tpmax.quant import FP8Weight, GPTQWeight, pack_int32
+from tpmax.sharding import head_shard
+from conftest import cpu_group
+import reference as ref
+
+def close(out, want, tol=1e-5):
+    want = np.asarray(want, np.float64)
+    np.testing.assert_allclose(np.asarray(out, np.float64), want, rtol=tol, atol=tol * max(1.0, np.abs(want).max()))
+
+
+def bf16_close(out, want):
+    """bf16 twin output vs a float64 reference computed from the same bf16-rounded inputs."""
+    close(out, want, 3e-2)
+
+
+# ------------------------------------------------------------------------------------------
+# NVRTC: every kernel compiles for sm_80 and sm_90, no spills.
+
+needs_nvrtc = pytest.mark.skipif(not nvrtc.nvrtc_available(),
+                                 reason="NVRTC missing: pip install nvidia-cuda-nvrtc-cu12 nvidia-cuda-runtime-cu12")
+
+
+@needs_nvrtc
+@pytest.mark.parametrize("arch", nvrtc.ARCHS)
+@pytest.mark.parametrize("name", nvrtc.SOURCES)
+def test_kernel_compiles_without_spills(name, arch):
+    cubin, log = nvrtc.compile_cubin(name, arch)
+    res = nvrtc.kernel_resources(cubin, log)
+    assert set(res) == set(nvrtc.KERNELS[name])
+    for r in res.values():
+        print(f"{arch} {name}:{r.name}: {r.registers} registers, {r.spill_stores} B spill stores, "
+              f"{r.spill_loads} B spill loads, {r.stack_frame} B stack")
+        assert r.spill_stores == r.spill_loads == 0, f"{r.name} spills on {arch}"
+        assert 0 < r.registers <= 255
+
+
+@needs_nvrtc
+def test_compile_error_is_reported(tmp_path, monkeypatch):
+    (tmp_path / "gemv.cu").write_text('extern "C" __global__ void k() { undeclared(); }\n')
+    monkeypatch.setattr(nvrtc, "KERNEL_DIR", tmp_path)
+    with pytest.raises(nvrtc.CompileError, match="undeclared"):
+        nvrtc.compile_cubin("gemv.cu", "sm_90")
+    with pytest.raises(ValueError, match="sm_70"):
+        nvrtc.options("sm_70")
+
+
+# ------------------------------------------------------------------------------------------
+# gemv.cu twins vs tpmax.layers.
+
+
+@settings(max_examples=40, derandomize=True)
+@given(st.integers(1, 8), st.integers(1, 12).map(lambda k: 8 * k), st.integers(1, 17), st.integers(0, 10**6),
+       st.sampled_from(["silu", "gelu_tanh"]))
+def test_gemv_twins_equal_tpmax_layers(B, K, N, seed, act):
+    rng = np.random.default_rng(seed)
+    x, w, nw = rng.standard_normal((B, K), np.float32), rng.standard_normal((N, K), np.float32), \
+        (1 + 0.1 * rng.standard_normal(K)).astype(np.float32)
+    res = rng.standard_normal((B, N), np.float32)
+    close(twins.gemv(x, w), linear(x, w))
+    close(twins.gemv(x, w, residual=res, out_scale=0.5), res + 0.5 * linear(x, w))
+    normed = rms_norm(x, nw, eps=1e-5)
+    close(twins.rms_norm_rows(x, nw, eps=1e-5), normed)
+    close(twins.gemv(x, w, norm_w=nw, eps=1e-5, out_scale=0.25, out_dtype=np.float32), linear(normed, w) / 4)
+    w13, w2 = rng.standard_normal((2 * N, K), np.float32), np.eye(N, dtype=np.float32)
+    want = mlp_local(normed, w13, w2, act=act)  # down = identity: act(gate) * up
+    close(twins.gemv(x, w13, norm_w=nw, eps=1e-5, glu=act), want)
+    close(twins.glu(linear(normed, w13), act=act), want)
+    close(twins.residual_add(x[:, :1], res[:, :1], scale=0.5), x[:, :1] + 0.5 * res[:, :1])
+
+
+@settings(max_examples=20, derandomize=True)
+@given(st.integers(1, 8), st.integers(1, 8).map(lambda k: 8 * k), st.integers(1, 9), st.integers(0, 10**6))
+def test_gemv_twins_bf16(B, K, N, seed):
+    rng = np.random.default_rng(seed)
+    x, w = rng.standard_normal((B, K)).astype(bfloat16), rng.standard_normal((2 * N, K)).astype(bfloat16)
+    nw = (1 + 0.1 * rng.standard_normal(K)).astype(bfloat16)
+    x64, w64, n64 = (a.astype(np.float64) for a in (x, w, nw))
+    y = twins.gemv(x, w, norm_w=nw, eps=1e-5)
+    assert y.dtype == bfloat16
+    bf16_close(y, ref.rms(x64, n64, 1e-5) @ w64.T)
+    g = ref.rms(x64, n64, 1e-5) @ w64.T
+    bf16_close(twins.gemv(x, w, norm_w=nw, eps=1e-5, glu="silu"), ref.act("silu", g[:, :N]) * g[:, N:])
+
+
+def test_gemv_rejects_too_many_rows():
+    with pytest.raises(ValueError, match="1 <= B <= 8"):
+        twins.gemv(np.zeros((9, 8), np.float32), np.zeros((2, 8), np.float32))
+    with pytest.raises(ValueError, match="relu"):
+        twins.gemv(np.zeros((1, 8), np.float32), np.zeros((2, 8), np.float32), glu="relu")
+
+
+# ------------------------------------------------------------------------------------------
+# qkv_rope.cu twin vs tpmax.attention.qkv_rope + write_kv.
+
+
+@settings(max_examples=40, derandomize=True)
+@given(st.integers(1, 8), st.integers(1, 3), st.integers(1, 3), st.sampled_from([2, 4, 8]), st.booleans(),
+       st.booleans(), st.booleans(), st.integers(0, 10**6))
+def test_qkv_rope_twin_equals_tpmax(B, n_kv, g, hd, interleaved, bias, qk_norm, seed):
+    rng = np.random.default_rng(seed)
+    n_q, D, num_layers, num_pages, ps = n_kv * g, 8, 2, 6, 3
+    heads = head_shard(n_q, n_kv, 1, 0)
+    cfg = tpmax.AttentionConfig(n_q, n_kv, hd, qk_norm_eps=1e-5 if qk_norm else None, interleaved=interleaved)
+    f = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
+    w = AttentionWeights(f((n_q + 2 * n_kv) * hd, D), f(D, n_q * hd), f((n_q + 2 * n_kv) * hd) if bias else None,
+                         1 + 0.1 * f(hd) if qk_norm else None, 1 + 0.1 * f(hd) if qk_norm else None)
+    x = f(B, D)
+    positions = rng.choice(num_pages * ps, B, replace=False)
+    page, slot = rng.permutation(num_pages)[positions // ps], positions % ps
+    rope = tpmax.RotaryEmbedding(D, n_q, 10000.0, 64, head_dim=hd, interleaved=interleaved)
+    cos, sin = rope.cos_sin(positions)
+    want_pages, pages = np.zeros((num_layers, 2, num_pages, ps, n_kv, hd), np.float32), np.zeros(
+        (num_layers, 2, num_pages, ps, n_kv, hd), np.float32)
+    q_want, k, v = qkv_rope(x, w, heads, cfg, RopeTables.build(cos, sin, interleaved=interleaved))
+    write_kv(want_pages, 1, k, v, page, slot)
+    cos_tab, sin_tab = rope.cos_sin(np.arange(num_pages * ps))
+    q = twins.qkv_rope_kv_write(linear(x, w.wqkv), w.bqkv, w.q_norm, w.k_norm, 1e-5, cos_tab, sin_tab, positions,
+                                page, slot, pages, 1, n_q=n_q, n_kv=n_kv, head_dim=hd, interleaved=interleaved)
+    close(q, q_want)
+    close(pages, want_pages)
+
+
+# ------------------------------------------------------------------------------------------
+# flash_decode.cu twin vs a float64 softmax over the gathered cache.
+
+
+@settings(max_examples=40, derandomize=True)
+@given(st.integers(1, 5), st.integers(1, 3), st.integers(1, 3), st.sampled_from([2, 8]), st.integers(1, 4),
+       st.sampled_from([0, 1, 3, 7]), st.integers(1, 5), st.integers(0, 10**6), st.booleans())
+def test_flash_decode_twin_equals_reference(B, n_kv, g, hd, ps, window, chunk, seed, in_bf16):
+    rng = np.random.default_rng(seed)
+    n_q, num_pages = n_kv * g, 24
+    dt = bfloat16 if in_bf16 else np.float32
+    pages = rng.standard_normal((2, 2, num_pages, ps, n_kv, hd)).astype(dt)
+    lengths = rng.integers(1, 4 * ps + 1, B)
+    owned = rng.permutation(num_pages)
+    tables = np.stack([owned[b * 4:(b + 1) * 4] for b in range(B)])  # [B, 4] pages, at most 4*ps tokens
+    q = rng.standard_normal((B, n_q, hd)).astype(dt)
+    kv_of_q = np.arange(n_q) // g
+    out = twins.flash_decode(q, pages, 1, tables, lengths, kv_of_q, scale=0.7, window=window, chunk=chunk)
+    for b in range(B):
+        k, v = (a.astype(np.float64) for a in gather_kv(pages, 1, tables[b], int(lengths[b])))  # [L, n_kv, hd]
+        lo = max(0, lengths[b] - window) if window else 0
+        for h in range(n_q):
+            s = k[lo:, kv_of_q[h]] @ q[b, h].astype(np.float64) * 0.7
+            p = np.exp(s - s.max())
+            want = p @ v[lo:, kv_of_q[h]] / p.sum()
+            (bf16_close if in_bf16 else close)(out[b, h], want)
+
+
+def test_flash_decode_irregular_head_map():
+    """kv heads replicated unevenly (TP > n_kv): each q head reads the kv head its map names."""
+    rng = np.random.default_rng(0)
+    pages = rng.standard_normal((1, 2, 4, 2, 2, 4)).astype(np.float32)
+    q = rng.standard_normal((1, 3, 4)).astype(np.float32)
+    kv_of_q = np.array([0, 1, 1])
+    out = twins.flash_decode(q, pages, 0, np.array([[2, 0]]), np.array([3]), kv_of_q, scale=1.0, chunk=2)
+    for h in range(3):
+        one = twins.flash_decode(q[:, h:h + 1], pages[..., kv_of_q[h]:kv_of_q[h] + 1, :], 0, np.array([[2, 0]]),
+                                 np.array([3]), np.array([0]), scale=1.0, chunk=8)
+        close(out[:, h], one[:, 0])
+
+
+# ------------------------------------------------------------------------------------------
+# sample.cu twin: tpmax.generate.sample's distribution.
+
+
+class _Capture:
+    """A stand-in rng: records the probabilities tpmax.generate.sample draws from."""
+
+    def choice(self, n, p):
+        self.p = np.asarray(p)
+        return 0
+
+
+def host_probs(logits, temperature, top_k, top_p):
+    """The exact distribution of tpmax.generate.sample (`[V]` float64)."""
+    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
+    if temperature == 0:
+        return np.eye(len(logits))[sample(logits, params, None)]
+    cap = _Capture()
+    sample(logits, params, cap)
+    return cap.p
+
+
+@settings(max_examples=200, derandomize=True)
+@given(st.integers(2, 60), st.sampled_from([0.0, 0.3, 1.0, 2.5]), st.integers(0, 70),
+       st.sampled_from([1.0, 0.05, 0.5, 0.83, 0.999]), st.integers(0, 10**6), st.booleans())
+def test_kept_probs_equal_host_sampling(V, T, k, p, seed, ties):
+    rng = np.random.default_rng(seed)
+    lg = (rng.integers(-3, 3, V) if ties else 3 * rng.standard_normal(V)).astype(np.float32)
+    np.testing.assert_allclose(twins.kept_probs(lg, T, k, p), host_probs(lg, T, k, p), rtol=1e-9, atol=1e-12)
+
+
+def test_ties_at_the_top_p_boundary_follow_index_order():
+    lg = np.zeros(4, np.float32)  # p = 1/4 each: top_p 0.5 keeps the first two
+    np.testing.assert_array_equal(twins.kept_probs(lg, 1.0, 0, 0.5), host_probs(lg, 1.0, 0, 0.5))
+    assert twins.kept_probs(lg, 1.0, 0, 0.5).tolist() == [0.5, 0.5, 0, 0]
+
+
+def chi2_critical(df, z=3.719):
+    """Wilson-Hilferty: the chi-square quantile at the standard normal quantile z (3.719 = 1e-4)."""
+    return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
+
+
+@pytest.mark.parametrize("T, k, p", [(1.0, 0, 1.0), (0.7, 5, 1.0), (1.3, 0, 0.8), (1.0, 6, 0.9)])
+def test_sample_tokens_chi_square(T, k, p):
+    rng = np.random.default_rng(7)
+    lg = rng.standard_normal(12).astype(np.float32)
+    n = 6000
+    want = host_probs(lg, T, k, p)
+    B = np.ones(n)
+    ids = twins.sample_tokens(np.repeat(lg[None], n, 0), T * B, (k * B).astype(int), p * B,
+                              np.full(n, 1234), np.arange(n))
+    counts = np.bincount(ids, minlength=len(lg))
+    assert not counts[want == 0].any()
+    expected = n * want[want > 0]
+    stat = ((counts[want > 0] - expected) ** 2 / expected).sum()
+    assert stat < chi2_critical(len(expected) - 1), (stat, counts, expected)
+
+
+def test_sample_tokens_greedy_and_deterministic():
+    lg = np.array([[0.1, 3.0, 3.0, -1], [5, 0, 0, 0]], np.float32)
+    one = np.ones(2)
+    assert twins.sample_tokens(lg, 0 * one, 0 * one, one, one, one).tolist() == [1, 0]
+    a = twins.sample_tokens(lg, one, 0 * one, one, np.array([9, 9]), np.array([4, 5]))
+    assert (a == twins.sample_tokens(lg, one, 0 * one, one, np.array([9, 9]), np.array([4, 5]))).all()
+
+
+# ------------------------------------------------------------------------------------------
+# dequant_gemv.cu twins vs tpmax.quant.
+
+
+@settings(max_examples=30, derandomize=True)
+@given(st.integers(1, 8), st.integers(1, 6), st.sampled_from([8, 16, 32]), st.integers(1, 9).map(lambda n: 4 * n),
+       st.booleans(), st.integers(0, 10**6))
+def test_gptq_twin_equals_dequantized_matmul(B, groups, gs, N, desc_act, seed):
+    rng = np.random.default_rng(seed)
+    K = groups * gs
+    q = rng.integers(0, 16, (K, N))
+    scales = (0.01 + 0.1 * rng.random((groups, N))).astype(np.float16)
+    zeros = rng.integers(0, 16, (groups, N)).astype(np.uint8)
+    g_idx = rng.permutation(np.arange(K) // gs) if desc_act else np.arange(K) // gs
+    wq = GPTQWeight(pack_int32(q, 4, axis=0), scales, zeros, g_idx.astype(np.int16), 4, K, 0 if desc_act else gs)
+    x = rng.standard_normal((B, K)).astype(np.float32)
+    y = twins.gptq_int4_gemv(x, wq.qweight, scales, zeros, g_idx if desc_act else None, group_size=gs, in_features=K)
+    close(y, x @ wq.dequantize().T)
+    close(y, wq.matmul_t(x))
+
+
+@settings(max_examples=30, derandomize=True)
+@given(st.integers(1, 8), st.integers(1, 4).map(lambda k: 16 * k), st.integers(1, 9), st.booleans(),
+       st.integers(0, 10**6))
+def test_fp8_twin_equals_dequantized_matmul(B, K, N, rowwise, seed):
+    rng = np.random.default_rng(seed)
+    bits = rng.integers(0, 256, (N, K)).astype(np.uint8)
+    bits[(bits & 0x7F) == 0x7F] = 0  # no NaN patterns
+    scale = (0.5 + rng.random(N if rowwise else ())).astype(np.float32)
+    wq = FP8Weight(bits, scale)
+    x = rng.standard_normal((B, K)).astype(np.float32)
+    y = twins.fp8_e4m3_gemv(x, bits, scale)
+    close(y, x @ wq.dequantize().T)
+
+
+# ------------------------------------------------------------------------------------------
+# The decode step from twins == tpmax.distributed_transformer.
+
+
+@st.composite
+def decode_cases(draw):
+    n_kv = draw(st.integers(1, 3))
+    n_heads = n_kv * draw(st.integers(1, 3))
+    cfg = tpmax.ModelConfig(
+        arch="llama", vocab_size=draw(st.integers(11, 41)), hidden_size=8 * draw(st.integers(1, 3)),
+        n_layers=draw(st.integers(1, 2)), n_heads=n_heads, n_kv_heads=n_kv, head_dim=draw(st.sampled_from([2, 4, 8])),
+        ffn_size=draw(st.integers(4, 19)), norm_eps=1e-5, rope_theta=10000.0,
+        rope_interleaved=draw(st.booleans()), activation=draw(st.sampled_from(["silu", "gelu_tanh"])),
+        qkv_bias=draw(st.booleans()), qk_norm=draw(st.booleans()),
+        sliding_window=draw(st.sampled_from([None, None, 1, 3])),
+        attention_scale=draw(st.sampled_from([None, 0.3])),
+        embedding_multiplier=draw(st.sampled_from([1.0, 2.0])), residual_multiplier=draw(st.sampled_from([1.0, 0.5])),
+        logits_scaling=draw(st.sampled_from([1.0, 4.0])), tie_embeddings=draw(st.booleans()))
+    tp = draw(st.integers(1, min(4, n_heads, cfg.ffn_size)))
+    prompts = draw(st.lists(st.integers(1, 9), min_size=1, max_size=10))  # up to 10 sequences: two GEMV row blocks
+    return cfg, tp, prompts, draw(st.integers(0, 10**6)), draw(st.sampled_from([1, 2, 256]))
+
+
+def _model(cfg, tp, seed):
+    devs = cpu_group(tp)
+    weights = tpmax.shard_weights(tpmax.DictSource(tpmax.random_weights(cfg, seed=seed, std=0.4)), cfg, devs)
+    return weights, tpmax.communicator(devs), devs
+
+
+def _cache(cfg, devs):
+    params = tpmax.KVCacheParams("float32", cfg.n_kv_heads, cfg.head_dim, 3, cfg.n_layers, tuple(devs),
+                                 n_heads=cfg.n_heads)
+    return tpmax.PagedKVCache(params, 64)
+
+
+@settings(max_examples=40, derandomize=True)
+@given(decode_cases())
+def test_fused_decode_step_equals_distributed_transformer(case):
+    cfg, tp, lengths, seed, chunk = case
+    weights, comm, devs = _model(cfg, tp, seed)
+    rng = np.random.default_rng(seed)
+    ref_cache, fused_cache = _cache(cfg, devs), _cache(cfg, devs)
+    ids = list(range(len(lengths)))
+    seqs = [rng.integers(0, cfg.vocab_size, n) for n in lengths]
+    for cache in (ref_cache, fused_cache):  # the same prefill into both caches
+        for s in ids:
+            cache.add(s)
+        slots = cache.reserve(ids, lengths)
+        last = tpmax.distributed_transformer(weights, cfg, np.concatenate(seqs), np.cumsum([0] + lengths),
+                                             cache.pages, slots, comm)[0]
+        cache.commit(ids, lengths)
+    one = [1] * len(ids)
+    for _ in range(3):
+        tokens = np.argmax(last, axis=-1)
+        slots = ref_cache.reserve(ids, one)
+        last = tpmax.distributed_transformer(weights, cfg, tokens, np.arange(len(ids) + 1), ref_cache.pages, slots,
+                                             comm)[0]
+        ref_cache.commit(ids, one)
+        slots = fused_cache.reserve(ids, one)
+        fused = fused_decode_step(weights, cfg, tokens, fused_cache.pages, slots, comm, chunk=chunk)
+        fused_cache.commit(ids, one)
+        close(fused, last)
+        for a, b in zip(fused_cache.pages, ref_cache.pages):
+            close(a, b)
+
+
+def test_fused_decode_sample_greedy_and_errors():
+    cfg = tpmax.ModelConfig(arch="llama", vocab_size=19, hidden_size=8, n_layers=1, n_heads=2, n_kv_heads=1,
+                            head_dim=4, ffn_size=6, norm_eps=1e-5)
+    weights, comm, devs = _model(cfg, 2, 3)
+    cache = _cache(cfg, devs)
+    cache.add(0)
+    slots = cache.reserve([0], [2])
+    with pytest.raises(ValueError, match="one new token per sequence"):
+        fused_decode_step(weights, cfg, np.array([1, 2]), cache.pages, slots, comm)
+    cache.rollback([0])
+    slots = cache.reserve([0], [1])
+    logits = tpmax.distributed_transformer(weights, cfg, np.array([5]), np.array([0, 1]), cache.pages, slots, comm)[0]
+    cache.rollback([0])
+    slots = cache.reserve([0], [1])
+    ids = fused_decode_sample(weights, cfg, np.array([5]), cache.pages, slots, comm, temperature=[0.0], top_k=[0],
+                              top_p=[1.0], seed=[0])
+    assert ids.tolist() == [int(np.argmax(logits[0]))]
