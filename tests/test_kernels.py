@@ -7,6 +7,7 @@ Tolerances: float32 twins vs float32 tpmax layers rtol = atol = 1e-5 (scaled by 
 magnitude; only the summation order differs); bfloat16 twins vs a float64 reference 3e-2 of
 the output's magnitude (bf16 has 8 significant bits, inputs and outputs are rounded)."""
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,11 +16,12 @@ from hypothesis import given, settings, strategies as st
 import tpmax
 from tpmax import bfloat16
 from tpmax.attention import AttentionWeights, qkv_rope
-from tpmax.generate import SamplingParams, sample
+from tpmax.generate import SamplingParams, forward, sample
 from tpmax.kernels import compile as nvrtc, twins
 from tpmax.kernels.step import fused_decode_sample, fused_decode_step
 from tpmax.kv_cache import gather_kv, write_kv
 from tpmax.layers import RopeTables, linear, mlp_local, rms_norm
+from tpmax.loader import load
 from tpmax.quant import FP8Weight, GPTQWeight, pack_int32
 from tpmax.sharding import head_shard
 from conftest import cpu_group
@@ -367,3 +369,29 @@ def test_fused_decode_sample_greedy_and_errors():
     ids = fused_decode_sample(weights, cfg, np.array([5]), cache.pages, slots, comm, temperature=[0.0], top_k=[0],
                               top_p=[1.0], seed=[0])
     assert ids.tolist() == [int(np.argmax(logits[0]))]
+
+
+HF_FIXTURES = sorted(p.name for p in (Path(__file__).parent / "fixtures" / "hf").iterdir() if p.is_dir())
+
+
+@pytest.mark.filterwarnings("ignore:dtype bfloat16 on CPU")
+@pytest.mark.parametrize("tp, dtype", [(1, "float32"), (3, "float32"), (2, "bfloat16")])
+@pytest.mark.parametrize("case", HF_FIXTURES)
+def test_fused_decode_step_on_hf_fixtures(case, tp, dtype):
+    """Every HF fixture, quantized ones included: prefill, then 3 decode steps of 2 sequences;
+    float32 within 1e-4, bfloat16 (weights, activations, cache) within 3e-2 of the logits' range."""
+    model = load(Path(__file__).parent / "fixtures" / "hf" / case, devices="cpu:" + ",".join(map(str, range(tp))),
+                 dtype=dtype, progress=False)
+    ref_cache, fused_cache = (model.new_cache(64, page_size=4, announce=False) for _ in range(2))
+    ids, prompts = [0, 1], [[3, 5, 7, 9, 11], [2, 4]]
+    for cache in (ref_cache, fused_cache):
+        for s in ids:
+            cache.add(s)
+        last = forward(model, cache, ids, prompts)[0]
+    for _ in range(3):
+        tokens = np.argmax(last, axis=-1)
+        last = forward(model, ref_cache, ids, [[t] for t in tokens])[0]
+        slots = fused_cache.reserve(ids, [1, 1])
+        fused = fused_decode_step(model.weights, model.cfg, tokens, fused_cache.pages, slots, model.comm)
+        fused_cache.commit(ids, [1, 1])
+        close(fused, last, 1e-4 if dtype == "float32" else 3e-2)
