@@ -6,7 +6,11 @@ sampling twin draws from exactly tpmax.generate.sample's distribution.
 Tolerances: float32 twins vs float32 tpmax layers rtol = atol = 1e-5 (scaled by the output's
 magnitude; only the summation order differs); bfloat16 twins vs a float64 reference 3e-2 of
 the output's magnitude (bf16 has 8 significant bits, inputs and outputs are rounded)."""
+import importlib
 import math
+import re
+import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +28,7 @@ from tpmax.layers import RopeTables, linear, mlp_local, rms_norm
 from tpmax.loader import load
 from tpmax.quant import FP8Weight, GPTQWeight, pack_int32
 from tpmax.sharding import head_shard
-from conftest import cpu_group
+from conftest import cpu_group, requires_gpu
 import reference as ref
 
 def close(out, want, tol=1e-5):
@@ -395,3 +399,209 @@ def test_fused_decode_step_on_hf_fixtures(case, tp, dtype):
         fused = fused_decode_step(model.weights, model.cfg, tokens, fused_cache.pages, slots, model.comm)
         fused_cache.commit(ids, [1, 1])
         close(fused, last, 1e-4 if dtype == "float32" else 3e-2)
+
+
+# ------------------------------------------------------------------------------------------
+# On a GPU: every kernel against its twin (bf16 tolerances). Skipped without a device.
+
+def _gpu_ops():
+    import cupy as cp
+    return cp, importlib.import_module("tpmax.kernels.gpu_ops")
+
+
+def _bf(rng, *shape, scale=1.0):
+    return (scale * rng.standard_normal(shape)).astype(bfloat16)
+
+
+@pytest.mark.gpu
+@requires_gpu
+@pytest.mark.parametrize("B, N, K", [(1, 4096, 4096), (8, 1000, 256), (3, 7, 8)])
+def test_gpu_gemv_family_equals_twins(B, N, K):
+    cp, ops = _gpu_ops()
+    rng = np.random.default_rng(0)
+    x, w, w13, nw, res = _bf(rng, B, K), _bf(rng, N, K, scale=0.05), _bf(rng, 2 * N, K, scale=0.05), \
+        (1 + 0.1 * rng.standard_normal(K)).astype(bfloat16), _bf(rng, B, N)
+    d = cp.asarray
+    bf16_close(cp.asnumpy(ops.gemv(d(x), d(w))), twins.gemv(x, w))
+    bf16_close(cp.asnumpy(ops.gemv(d(x), d(w), residual=d(res), out_scale=0.5)), twins.gemv(x, w, residual=res,
+                                                                                             out_scale=0.5))
+    bf16_close(cp.asnumpy(ops.gemv(d(x), d(w), norm_w=d(nw), eps=1e-5)), twins.gemv(x, w, norm_w=nw, eps=1e-5))
+    bf16_close(cp.asnumpy(ops.gemv(d(x), d(w), norm_w=d(nw), eps=1e-5, out_dtype=np.float32, out_scale=0.25)),
+               twins.gemv(x, w, norm_w=nw, eps=1e-5, out_dtype=np.float32, out_scale=0.25))
+    for act in twins.ACTS:
+        bf16_close(cp.asnumpy(ops.gemv(d(x), d(w13), norm_w=d(nw), eps=1e-5, glu=act)),
+                   twins.gemv(x, w13, norm_w=nw, eps=1e-5, glu=act))
+        gu = _bf(rng, B, 2 * N)
+        bf16_close(cp.asnumpy(ops.glu(d(gu), act=act)), twins.glu(gu, act=act))
+    bf16_close(cp.asnumpy(ops.rms_norm_rows(d(x), d(nw), eps=1e-5)), twins.rms_norm_rows(x, nw, eps=1e-5))
+    bf16_close(cp.asnumpy(ops.residual_add(d(res), d(res), scale=0.5)), twins.residual_add(res, res, scale=0.5))
+
+
+@pytest.mark.gpu
+@requires_gpu
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("n_q, n_kv, hd, qk_norm", [(32, 8, 128, False), (6, 2, 64, True)])
+def test_gpu_qkv_rope_and_flash_decode_equal_twins(n_q, n_kv, hd, qk_norm, interleaved):
+    cp, ops = _gpu_ops()
+    rng = np.random.default_rng(1)
+    B, ps, num_pages, window = 4, 16, 64, 0
+    pages = _bf(rng, 2, 2, num_pages, ps, n_kv, hd)
+    qkv, bias = _bf(rng, B, (n_q + 2 * n_kv) * hd), _bf(rng, (n_q + 2 * n_kv) * hd)
+    qn, kn = ((1 + 0.1 * rng.standard_normal(hd)).astype(bfloat16) for _ in range(2)) if qk_norm else (None, None)
+    tables = rng.permutation(num_pages)[:B * 16].reshape(B, 16).astype(np.int32)
+    lengths = np.array([1, 17, 200, 256], np.int32)
+    pos = lengths - 1
+    page, slot = tables[np.arange(B), pos // ps], (pos % ps).astype(np.int32)
+    rope = tpmax.RotaryEmbedding(n_q * hd, n_q, 10000.0, 256, head_dim=hd, interleaved=interleaved)
+    cos, sin = rope.cos_sin(np.arange(256))
+    d = lambda a: None if a is None else cp.asarray(a)  # noqa: E731
+    gpages = d(pages)
+    q = ops.qkv_rope_kv_write(d(qkv), d(bias), d(qn), d(kn), 1e-5, d(cos), d(sin), d(pos), d(page), d(slot), gpages, 1,
+                              n_q=n_q, n_kv=n_kv, head_dim=hd, interleaved=interleaved)
+    q_twin = twins.qkv_rope_kv_write(qkv, bias, qn, kn, 1e-5, cos, sin, pos, page, slot, pages, 1, n_q=n_q, n_kv=n_kv,
+                                     head_dim=hd, interleaved=interleaved)
+    bf16_close(cp.asnumpy(q), q_twin)
+    bf16_close(cp.asnumpy(gpages).astype(np.float32), pages.astype(np.float32))
+    kv_of_q = np.arange(n_q) // (n_q // n_kv)
+    for window, chunk in [(0, 256), (0, 64), (100, 32)]:
+        out = ops.flash_decode(q, gpages, 1, d(tables), d(lengths), kv_of_q, scale=0.1, window=window, chunk=chunk)
+        bf16_close(cp.asnumpy(out), twins.flash_decode(q_twin, pages, 1, tables, lengths, kv_of_q, scale=0.1,
+                                                      window=window, chunk=chunk))
+
+
+@pytest.mark.gpu
+@requires_gpu
+def test_gpu_sample_tokens_distribution():
+    cp, ops = _gpu_ops()
+    rng = np.random.default_rng(2)
+    lg = rng.standard_normal(12).astype(np.float32)
+    n = 6000
+    for T, k, p in [(0.0, 0, 1.0), (1.0, 0, 1.0), (0.7, 5, 1.0), (1.3, 0, 0.8), (1.0, 6, 0.9)]:
+        ones = cp.ones(n)
+        ids = cp.asnumpy(ops.sample_tokens(cp.asarray(np.repeat(lg[None], n, 0)), T * ones, k * ones, p * ones,
+                                           cp.full(n, 1234), cp.arange(n)))
+        want = host_probs(lg, T, k, p)
+        counts = np.bincount(ids, minlength=len(lg))
+        assert not counts[want == 0].any()
+        if T > 0:
+            expected = n * want[want > 0]
+            assert ((counts[want > 0] - expected) ** 2 / expected).sum() < chi2_critical(len(expected) - 1)
+
+
+@pytest.mark.gpu
+@requires_gpu
+@pytest.mark.parametrize("desc_act", [False, True])
+def test_gpu_dequant_gemv_equal_twins(desc_act):
+    cp, ops = _gpu_ops()
+    rng = np.random.default_rng(3)
+    B, K, N, gs = 4, 512, 384, 128
+    q = rng.integers(0, 16, (K, N))
+    scales = (0.01 + 0.01 * rng.random((K // gs, N))).astype(np.float16)
+    zeros = rng.integers(0, 16, (K // gs, N)).astype(np.uint8)
+    g_idx = rng.permutation(np.arange(K) // gs).astype(np.int32) if desc_act else None
+    qw, x = pack_int32(q, 4, axis=0), _bf(rng, B, K)
+    d = lambda a: None if a is None else cp.asarray(a)  # noqa: E731
+    bf16_close(cp.asnumpy(ops.gptq_int4_gemv(d(x), d(qw), d(scales), d(zeros), d(g_idx), group_size=gs,
+                                             in_features=K)),
+               twins.gptq_int4_gemv(x, qw, scales, zeros, g_idx, group_size=gs, in_features=K))
+    bits = rng.integers(0, 256, (N, K)).astype(np.uint8)
+    bits[(bits & 0x7F) >= 0x70] = 0x38  # no NaN, moderate magnitudes
+    for scale in (np.float32(0.01), (0.01 * (1 + rng.random(N))).astype(np.float32)):
+        bf16_close(cp.asnumpy(ops.fp8_e4m3_gemv(d(x), d(bits), d(np.asarray(scale)))),
+                   twins.fp8_e4m3_gemv(x, bits, scale))
+
+
+# ------------------------------------------------------------------------------------------
+# On the CPU: the CuPy launchers pass every kernel the arguments its C signature declares.
+
+_C_TYPES = {"__nv_bfloat16": bfloat16, "float": np.float32, "int": np.int32, "unsigned char": np.uint8,
+            "__half": np.float16, "long long": np.int64, "u64": np.uint64}
+_SIGNATURE = re.compile(r'extern "C" __global__ void (?:__launch_bounds__\([^)]*\)\s*)?(\w+)\(([^)]*)\)', re.S)
+
+
+def kernel_signatures():
+    """kernel -> [(C type, is pointer)] for every kernel of every source."""
+    sigs = {}
+    for name in nvrtc.SOURCES:
+        for kernel, params in _SIGNATURE.findall(nvrtc.source(name)):
+            args = [re.sub(r"\bconst\b", "", p).strip() for p in params.split(",")]
+            sigs[kernel] = [(re.sub(r"\s*\*?\s*\w+$", "", a).strip(), "*" in a) for a in args]
+    return sigs
+
+
+class _FakeCupy(types.ModuleType):
+    """Enough of CuPy for the launchers to run on NumPy arrays; launches are recorded."""
+
+    def __init__(self):
+        super().__init__("cupy")
+        self.launches = []
+        fake = self
+
+        class RawModule:
+            def __init__(self, code, options):
+                self.code = code
+
+            def get_function(self, kernel):
+                return lambda grid, block, args: fake.launches.append((kernel, grid, block, args))
+
+        class Device:
+            def __init__(self, i=0):
+                self.id = i
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *a):
+                return False
+
+        self.RawModule, self.cuda = RawModule, types.SimpleNamespace(Device=Device)
+        for f in ("empty", "empty_like", "asarray", "ones", "full", "arange"):
+            setattr(self, f, getattr(np, f))
+        self.asnumpy = np.asarray
+
+
+def test_launchers_match_kernel_signatures(monkeypatch):
+    fake = _FakeCupy()
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    real = sys.modules.pop("tpmax.kernels.gpu_ops", None)
+    try:
+        ops = importlib.import_module("tpmax.kernels.gpu_ops")
+        _launch_every_kernel(ops)
+    finally:  # the module bound to the fake CuPy must not outlive this test
+        sys.modules.pop("tpmax.kernels.gpu_ops", None)
+        if real is not None:
+            sys.modules["tpmax.kernels.gpu_ops"] = real
+    sigs = kernel_signatures()
+    assert {k for k, *_ in fake.launches} == set(sigs)  # every kernel launched
+    for kernel, grid, block, args in fake.launches:
+        assert len(args) == len(sigs[kernel]), kernel
+        assert np.prod(block) <= 1024 and all(g >= 1 for g in grid), (kernel, grid, block)
+        for (ctype, is_ptr), a in zip(sigs[kernel], args):
+            if is_ptr and isinstance(a, np.ndarray) and a.ndim:  # an array (a uint64 0 is a null pointer)
+                assert a.dtype == _C_TYPES[ctype] and a.flags.c_contiguous, (kernel, ctype, a.dtype)
+            else:
+                assert (a.dtype == np.uint64 and a == 0) if is_ptr else a.dtype == _C_TYPES[ctype], (kernel, ctype, a)
+
+
+def _launch_every_kernel(ops):
+    rng = np.random.default_rng(0)
+    B, K, N, hd, n_q, n_kv = 2, 32, 8, 8, 4, 2
+    x, w, nw = _bf(rng, B, K), _bf(rng, N, K), _bf(rng, K)
+    ops.gemv(x, w)
+    ops.gemv(x, w, residual=_bf(rng, B, N))
+    ops.gemv(x, w, norm_w=nw, eps=1e-5)
+    ops.gemv(x, w, norm_w=nw, eps=1e-5, out_dtype=np.float32)
+    ops.gemv(x, _bf(rng, 2 * N, K), norm_w=nw, eps=1e-5, glu="silu")
+    ops.rms_norm_rows(x, nw, eps=1e-5)
+    ops.glu(_bf(rng, B, 2 * N), act="gelu_tanh")
+    ops.residual_add(x, x)
+    pages = _bf(rng, 2, 2, 4, 4, n_kv, hd)
+    i32 = lambda *a: np.array(a, np.int32)  # noqa: E731
+    cos = np.ones((8, hd // 2), np.float32)
+    q = ops.qkv_rope_kv_write(_bf(rng, B, (n_q + 2 * n_kv) * hd), None, nw[:hd], nw[:hd], 1e-5, cos, cos, i32(1, 2),
+                              i32(0, 1), i32(1, 2), pages, 1, n_q=n_q, n_kv=n_kv, head_dim=hd, interleaved=True)
+    ops.flash_decode(q, pages, 1, i32(0, 1, 2, 3).reshape(2, 2), i32(2, 3), np.arange(n_q) // 2, scale=0.5, chunk=2)
+    ops.sample_tokens(np.zeros((B, 5), np.float32), np.ones(B), np.zeros(B), np.ones(B), np.zeros(B), np.arange(B))
+    ops.gptq_int4_gemv(x, np.zeros((K // 8, N), np.int32), np.ones((2, N), np.float16), np.zeros((2, N), np.uint8),
+                       np.zeros(K, np.int16), group_size=16, in_features=K)
+    ops.fp8_e4m3_gemv(x, np.zeros((N, K), np.uint8), np.float32(1.0))
