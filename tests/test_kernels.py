@@ -6,9 +6,11 @@ sampling twin draws from exactly tpmax.generate.sample's distribution.
 Tolerances: float32 twins vs float32 tpmax layers rtol = atol = 1e-5 (scaled by the output's
 magnitude; only the summation order differs); bfloat16 twins vs a float64 reference 3e-2 of
 the output's magnitude (bf16 has 8 significant bits, inputs and outputs are rounded)."""
+import configparser
 import importlib
 import math
 import re
+import subprocess
 import sys
 import types
 from pathlib import Path
@@ -605,3 +607,40 @@ def _launch_every_kernel(ops):
     ops.gptq_int4_gemv(x, np.zeros((K // 8, N), np.int32), np.ones((2, N), np.float16), np.zeros((2, N), np.uint8),
                        np.zeros(K, np.int16), group_size=16, in_features=K)
     ops.fp8_e4m3_gemv(x, np.zeros((N, K), np.uint8), np.float32(1.0))
+
+
+# ------------------------------------------------------------------------------------------
+# bench/device_check.sh: the extra comes from the driver's CUDA version.
+
+DEVICE_CHECK = Path(__file__).parent.parent / "bench" / "device_check.sh"
+
+
+def _fake_smi(tmp_path, text):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    smi = bin_dir / "nvidia-smi"
+    smi.write_text(f"#!/bin/sh\necho '{text}'\n")
+    smi.chmod(0o755)
+    return bin_dir
+
+
+@pytest.mark.parametrize("smi, rc, says", [
+    ("| NVIDIA-SMI 535.1  Driver Version: 535.1  CUDA Version: 11.8 |", 2, "CUDA '11'"),
+    ("nvidia-smi: command failed", 2, "CUDA ''"),
+])
+def test_device_check_refuses_unsupported_drivers(tmp_path, smi, rc, says):
+    env = {"PATH": f"{_fake_smi(tmp_path, smi)}:/usr/bin:/bin", "OUT": str(tmp_path / "out"), "VENV": str(tmp_path / "v")}
+    r = subprocess.run(["bash", str(DEVICE_CHECK)], env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == rc and says in r.stdout, r.stdout + r.stderr
+    assert (tmp_path / "out" / "nvidia-smi.txt").read_text().strip() == smi
+    assert not (tmp_path / "v").exists()  # nothing installed
+
+
+def test_device_check_extras_and_time_limits():
+    text = DEVICE_CHECK.read_text()
+    cfg = configparser.ConfigParser()
+    cfg.read(DEVICE_CHECK.parent.parent / "setup.cfg")
+    extras = set(cfg["options.extras_require"])
+    assert set(re.findall(r"EXTRA=(\w+)", text)) <= extras  # the extras the script installs exist
+    limits = [int(n) for n in re.findall(r"^\[?.*step \w+ (\d+) ", text, re.M)]
+    assert len(limits) == 4 and sum(limits) + 5 * len(limits) <= 8 * 60  # every step's limit, within 8 minutes
