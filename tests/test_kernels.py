@@ -442,7 +442,7 @@ def test_gpu_gemv_family_equals_twins(B, N, K):
 @pytest.mark.gpu
 @requires_gpu
 @pytest.mark.parametrize("interleaved", [False, True])
-@pytest.mark.parametrize("n_q, n_kv, hd, qk_norm", [(32, 8, 128, False), (6, 2, 64, True)])
+@pytest.mark.parametrize("n_q, n_kv, hd, qk_norm", [(32, 8, 128, False), (6, 2, 64, True), (4, 2, 80, True)])
 def test_gpu_qkv_rope_and_flash_decode_equal_twins(n_q, n_kv, hd, qk_norm, interleaved):
     cp, ops = _gpu_ops()
     rng = np.random.default_rng(1)

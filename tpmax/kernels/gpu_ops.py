@@ -108,7 +108,7 @@ def qkv_rope_kv_write(qkv, bias, q_norm, k_norm, qk_eps, cos_tab, sin_tab, posit
     q = cp.empty((B, n_q, head_dim), bfloat16)
     num_pages, page_size = pages.shape[2], pages.shape[3]
     _kernel("qkv_rope.cu", "qkv_rope_kv_write")(
-        (B, n_q + 2 * n_kv), (head_dim // 2,),
+        (B, n_q + 2 * n_kv), ((head_dim // 2 + 31) // 32 * 32,),
         (_contig(qkv), _ptr(bias), _ptr(q_norm), _ptr(k_norm), _f(qk_eps), _contig(cos_tab), _contig(sin_tab),
          _contig(positions), _contig(page), _contig(slot), _contig(pages), _i(layer), _i(num_pages), _i(page_size),
          _i(n_q), _i(n_kv), _i(head_dim), _i(bool(interleaved)), q))

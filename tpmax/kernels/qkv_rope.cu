@@ -3,8 +3,8 @@
 // written into the paged KV cache. Twin: tpmax.kernels.twins.qkv_rope_kv_write.
 //
 // Launch: grid (B, n_q + 2 * n_kv) (one block per token and head: q heads, then k, then v),
-// block hd / 2 threads (thread i owns one rotation pair); hd even, 2 <= hd <= 1024; dynamic
-// shared memory 0.
+// block hd / 2 threads rounded up to a multiple of 32 (thread i < hd / 2 owns one rotation
+// pair, the rest only join the qk-norm reduction); hd even, 2 <= hd <= 2048; dynamic shared 0.
 //
 // Pointers (row-major, contiguous):
 //   qkv      bf16    [B, (n_q + 2 n_kv) * hd]  the projection's output (q heads, k heads, v heads)
@@ -49,20 +49,22 @@ extern "C" __global__ void qkv_rope_kv_write(const __nv_bfloat16* qkv, const __n
   const int heads = n_q + 2 * n_kv;
   // the pair this thread owns: (2i, 2i+1) interleaved, (i, i + hd/2) halves
   const int d0 = interleaved ? 2 * i : i, d1 = interleaved ? 2 * i + 1 : i + half;
+  const bool owner = i < half;  // the padding threads hold zeros
   const size_t src = ((size_t)b * heads + head) * hd;
-  float a = __bfloat162float(qkv[src + d0]), c = __bfloat162float(qkv[src + d1]);
-  if (bias != nullptr) {
+  float a = owner ? __bfloat162float(qkv[src + d0]) : 0.f, c = owner ? __bfloat162float(qkv[src + d1]) : 0.f;
+  if (bias != nullptr && owner) {
     a = bf16_round(a + __bfloat162float(bias[(size_t)head * hd + d0]));
     c = bf16_round(c + __bfloat162float(bias[(size_t)head * hd + d1]));
   }
   const bool is_q = head < n_q, is_k = !is_q && head < n_q + n_kv;
-  if (is_q || is_k) {  // uniform per block: the barriers inside block_sum are safe
-    const __nv_bfloat16* nw = is_q ? q_norm : k_norm;
-    if (nw != nullptr) {
-      const float inv = rsqrtf(block_sum(a * a + c * c) / hd + qk_eps);
-      a = bf16_round(a * inv * __bfloat162float(nw[d0]));
-      c = bf16_round(c * inv * __bfloat162float(nw[d1]));
-    }
+  const __nv_bfloat16* nw = is_q ? q_norm : is_k ? k_norm : nullptr;
+  if (nw != nullptr) {  // uniform per block: the barriers inside block_sum are safe
+    const float inv = rsqrtf(block_sum(a * a + c * c) / hd + qk_eps);
+    a = bf16_round(a * inv * (owner ? __bfloat162float(nw[d0]) : 0.f));
+    c = bf16_round(c * inv * (owner ? __bfloat162float(nw[d1]) : 0.f));
+  }
+  if (!owner) return;
+  if (is_q || is_k) {
     const size_t t = (size_t)positions[b] * half + i;
     const float cs = cos_tab[t], sn = sin_tab[t];
     const float ra = a * cs - c * sn, rc = c * cs + a * sn;
