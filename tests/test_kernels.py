@@ -30,7 +30,8 @@ from tpmax.layers import RopeTables, linear, mlp_local, rms_norm
 from tpmax.loader import load
 from tpmax.quant import FP8Weight, GPTQWeight, pack_int32
 from tpmax.sharding import head_shard
-from conftest import cpu_group, requires_gpu
+from conftest import requires_gpu
+from test_transformer import build, model_cases, new_cache
 import reference as ref
 
 def close(out, want, tol=1e-5):
@@ -296,44 +297,19 @@ def test_fp8_twin_equals_dequantized_matmul(B, K, N, rowwise, seed):
 # The decode step from twins == tpmax.distributed_transformer.
 
 
-@st.composite
-def decode_cases(draw):
-    n_kv = draw(st.integers(1, 3))
-    n_heads = n_kv * draw(st.integers(1, 3))
-    cfg = tpmax.ModelConfig(
-        arch="llama", vocab_size=draw(st.integers(11, 41)), hidden_size=8 * draw(st.integers(1, 3)),
-        n_layers=draw(st.integers(1, 2)), n_heads=n_heads, n_kv_heads=n_kv, head_dim=draw(st.sampled_from([2, 4, 8])),
-        ffn_size=draw(st.integers(4, 19)), norm_eps=1e-5, rope_theta=10000.0,
-        rope_interleaved=draw(st.booleans()), activation=draw(st.sampled_from(["silu", "gelu_tanh"])),
-        qkv_bias=draw(st.booleans()), qk_norm=draw(st.booleans()),
-        sliding_window=draw(st.sampled_from([None, None, 1, 3])),
-        attention_scale=draw(st.sampled_from([None, 0.3])),
-        embedding_multiplier=draw(st.sampled_from([1.0, 2.0])), residual_multiplier=draw(st.sampled_from([1.0, 0.5])),
-        logits_scaling=draw(st.sampled_from([1.0, 4.0])), tie_embeddings=draw(st.booleans()))
-    tp = draw(st.integers(1, min(4, n_heads, cfg.ffn_size)))
-    prompts = draw(st.lists(st.integers(1, 9), min_size=1, max_size=10))  # up to 10 sequences: two GEMV row blocks
-    return cfg, tp, prompts, draw(st.integers(0, 10**6)), draw(st.sampled_from([1, 2, 256]))
-
-
 def _model(cfg, tp, seed):
-    devs = cpu_group(tp)
-    weights = tpmax.shard_weights(tpmax.DictSource(tpmax.random_weights(cfg, seed=seed, std=0.4)), cfg, devs)
-    return weights, tpmax.communicator(devs), devs
-
-
-def _cache(cfg, devs):
-    params = tpmax.KVCacheParams("float32", cfg.n_kv_heads, cfg.head_dim, 3, cfg.n_layers, tuple(devs),
-                                 n_heads=cfg.n_heads)
-    return tpmax.PagedKVCache(params, 64)
+    _, weights, _, comm = build(cfg, tp, seed)
+    return weights, comm, comm.devices
 
 
 @settings(max_examples=40, derandomize=True)
-@given(decode_cases())
-def test_fused_decode_step_equals_distributed_transformer(case):
-    cfg, tp, lengths, seed, chunk = case
+@given(model_cases(), st.lists(st.integers(1, 9), min_size=1, max_size=10), st.sampled_from([1, 2, 256]))
+def test_fused_decode_step_equals_distributed_transformer(case, lengths, chunk):
+    """Up to 10 sequences (two GEMV row blocks), splits of 1, 2 or 256 keys."""
+    cfg, tp, seed = case
     weights, comm, devs = _model(cfg, tp, seed)
     rng = np.random.default_rng(seed)
-    ref_cache, fused_cache = _cache(cfg, devs), _cache(cfg, devs)
+    ref_cache, fused_cache = new_cache(cfg, devs), new_cache(cfg, devs)
     ids = list(range(len(lengths)))
     seqs = [rng.integers(0, cfg.vocab_size, n) for n in lengths]
     for cache in (ref_cache, fused_cache):  # the same prefill into both caches
@@ -362,7 +338,7 @@ def test_fused_decode_sample_greedy_and_errors():
     cfg = tpmax.ModelConfig(arch="llama", vocab_size=19, hidden_size=8, n_layers=1, n_heads=2, n_kv_heads=1,
                             head_dim=4, ffn_size=6, norm_eps=1e-5)
     weights, comm, devs = _model(cfg, 2, 3)
-    cache = _cache(cfg, devs)
+    cache = new_cache(cfg, devs)
     cache.add(0)
     slots = cache.reserve([0], [2])
     with pytest.raises(ValueError, match="one new token per sequence"):
