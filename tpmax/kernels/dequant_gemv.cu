@@ -6,8 +6,8 @@
 // gptq_int4_gemv: W[n, k] = (q[k, n] - zeros[g(k), n]) * scales[g(k), n], g(k) = g_idx[k] when
 // g_idx is given, else k / group_size (tpmax.quant.GPTQWeight with bits = 4).
 //   Launch: grid (ceil(N / 128)), block (32, 8): threadIdx.x owns 4 adjacent outputs (one
-//   16-byte load of 4 packed words per row of qweight), threadIdx.y strides over the K/8 words;
-//   dynamic shared 0. Requires N % 4 == 0, 1 <= B <= 8.
+//   16-byte load of 4 packed words per row of qweight when N % 4 == 0, else 4 single loads),
+//   threadIdx.y strides over the K/8 words; dynamic shared 0. Requires 1 <= B <= 8.
 //   Pointers:
 //     x        bf16    [B, K]
 //     qweight  int32   [ceil(K / 8), N]  8 nibbles along K per word, value j in bits [4j, 4j+4)
@@ -18,7 +18,8 @@
 //
 // fp8_e4m3_gemv: W[n, k] = e4m3(w[n, k]) * scale (scale[0] per tensor, scale[n] per row).
 //   Launch: grid (ceil(N / 4)), block 128 threads = 4 warps, one output row per warp, 16-byte
-//   loads of 16 e4m3 values; dynamic shared 0. Requires K % 16 == 0, 1 <= B <= 8.
+//   loads of 16 e4m3 values when K % 16 == 0 (else one value a lane a step); dynamic shared 0.
+//   Requires 1 <= B <= 8.
 //   Pointers:
 //     x      bf16    [B, K]
 //     w      uint8   [N, K]  e4m3 bit patterns (tpmax.quant.FP8Weight.w)
@@ -39,8 +40,14 @@ extern "C" __global__ void gptq_int4_gemv(const __nv_bfloat16* x, const int* qwe
   if (n0 < N) {
     const int words = (K + 7) / 8;
     for (int kw = ty; kw < words; kw += 8) {
-      const int4 packed = *reinterpret_cast<const int4*>(qweight + (size_t)kw * N + n0);
-      const unsigned q4[4] = {(unsigned)packed.x, (unsigned)packed.y, (unsigned)packed.z, (unsigned)packed.w};
+      unsigned q4[4];
+      if (N % 4 == 0) {
+        const int4 packed = *reinterpret_cast<const int4*>(qweight + (size_t)kw * N + n0);
+        q4[0] = packed.x, q4[1] = packed.y, q4[2] = packed.z, q4[3] = packed.w;
+      } else {
+#pragma unroll
+        for (int c = 0; c < 4; c++) q4[c] = n0 + c < N ? (unsigned)qweight[(size_t)kw * N + n0 + c] : 0u;
+      }
 #pragma unroll
       for (int j = 0; j < 8; j++) {
         const int k = kw * 8 + j;
@@ -49,7 +56,7 @@ extern "C" __global__ void gptq_int4_gemv(const __nv_bfloat16* x, const int* qwe
         float w[4];
 #pragma unroll
         for (int c = 0; c < 4; c++) {
-          const size_t gi = (size_t)g * N + n0 + c;
+          const size_t gi = (size_t)g * N + min(n0 + c, N - 1);  // columns past N compute garbage, never stored
           w[c] = ((float)((q4[c] >> (4 * j)) & 15u) - (float)zeros[gi]) * __half2float(scales[gi]);
         }
 #pragma unroll
@@ -69,8 +76,7 @@ extern "C" __global__ void gptq_int4_gemv(const __nv_bfloat16* x, const int* qwe
   __syncthreads();
   if (ty != 0 || n0 >= N) return;
   for (int b = 0; b < B; b++)
-#pragma unroll
-    for (int c = 0; c < 4; c++) {
+    for (int c = 0; c < 4 && n0 + c < N; c++) {
       float s = 0.f;
       for (int r = 0; r < 8; r++) s += red[r][b][tx * 4 + c];
       y[(size_t)b * N + n0 + c] = __float2bfloat16(s * out_scale);
@@ -82,7 +88,17 @@ extern "C" __global__ void fp8_e4m3_gemv(const __nv_bfloat16* x, const unsigned 
   const int n = blockIdx.x * 4 + threadIdx.x / 32, lane = threadIdx.x % 32;
   if (n >= N) return;
   float acc[DQ_MAX_B] = {0.f};
-  for (int k = lane * 16; k < K; k += 32 * 16) {
+  if (K % 16 != 0) {
+    for (int k = lane; k < K; k += 32) {
+      const float wk = __half2float(__half(__nv_cvt_fp8_to_halfraw(w[(size_t)n * K + k], __NV_E4M3)));
+#pragma unroll
+      for (int b = 0; b < DQ_MAX_B; b++) {
+        if (b >= B) break;
+        acc[b] += __bfloat162float(x[(size_t)b * K + k]) * wk;
+      }
+    }
+  }
+  for (int k = lane * 16; K % 16 == 0 && k < K; k += 32 * 16) {
     const uint4 u = *reinterpret_cast<const uint4*>(w + (size_t)n * K + k);
     const __nv_fp8x2_storage_t* pairs = reinterpret_cast<const __nv_fp8x2_storage_t*>(&u);
     float wf[16];

@@ -4,8 +4,9 @@
 // Twin: tpmax.kernels.twins.gemv / rms_norm_rows / residual_add.
 //
 // Launch (every gemv kernel): grid (ceil(N / 4)), block 128 threads = 4 warps, one output
-// feature n per warp; dynamic shared memory 0. Requires 1 <= B <= 8, K % 8 == 0 and 16-byte
-// aligned x, W rows (K % 8 == 0 gives that for a contiguous W from an aligned allocation).
+// feature n per warp; dynamic shared memory 0. Requires 1 <= B <= 8. With K % 8 == 0 (every
+// row of x and W then starts 16-byte aligned in a contiguous allocation) loads are 16 bytes;
+// other K (uneven TP splits) take a 2-byte-load path.
 //
 // Pointers (all row-major, contiguous):
 //   x        bf16  [B, K]     activations
@@ -52,11 +53,18 @@ __device__ void block_inv_rms(const __nv_bfloat16* x, int B, int K, float eps, f
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   for (int b = 0; b < B; b++) {
     float s = 0.f;
-    for (int k = threadIdx.x * 8; k < K; k += blockDim.x * 8) {
-      float f[8];
-      unpack8(*reinterpret_cast<const uint4*>(x + (size_t)b * K + k), f);
+    if (K % 8 == 0) {
+      for (int k = threadIdx.x * 8; k < K; k += blockDim.x * 8) {
+        float f[8];
+        unpack8(*reinterpret_cast<const uint4*>(x + (size_t)b * K + k), f);
 #pragma unroll
-      for (int i = 0; i < 8; i++) s += f[i] * f[i];
+        for (int i = 0; i < 8; i++) s += f[i] * f[i];
+      }
+    } else {
+      for (int k = threadIdx.x; k < K; k += blockDim.x) {
+        const float f = __bfloat162float(x[(size_t)b * K + k]);
+        s += f * f;
+      }
     }
     s = warp_sum(s);
     if (lane == 0) part[b][warp] = s;
@@ -75,7 +83,18 @@ template <bool NORM>
 __device__ __forceinline__ void warp_dot(const __nv_bfloat16* x, const __nv_bfloat16* norm_w, const float* inv_rms,
                                          const __nv_bfloat16* w_row, int B, int K, float acc[GEMV_MAX_B]) {
   const int lane = threadIdx.x % 32;
-  for (int k = lane * 8; k < K; k += 32 * 8) {
+  if (K % 8 != 0) {  // unaligned rows: one element a lane a step
+    for (int k = lane; k < K; k += 32) {
+      const float wk = __bfloat162float(w_row[k]), nk = NORM ? __bfloat162float(norm_w[k]) : 1.f;
+#pragma unroll
+      for (int b = 0; b < GEMV_MAX_B; b++) {
+        if (b >= B) break;
+        const float xf = __bfloat162float(x[(size_t)b * K + k]);
+        acc[b] += (NORM ? __bfloat162float(__float2bfloat16(xf * inv_rms[b] * nk)) : xf) * wk;
+      }
+    }
+  }
+  for (int k = lane * 8; K % 8 == 0 && k < K; k += 32 * 8) {
     float wf[8], nf[8];
     unpack8(*reinterpret_cast<const uint4*>(w_row + k), wf);
     if (NORM) unpack8(*reinterpret_cast<const uint4*>(norm_w + k), nf);

@@ -136,7 +136,7 @@ def num_splits(lengths: np.ndarray, window: int, chunk: int) -> int:
 
 def flash_decode(q: np.ndarray, pages: np.ndarray, layer: int, tables: np.ndarray, lengths: np.ndarray,
                  kv_of_q: np.ndarray, /, *, scale: float, window: int = 0, chunk: int = 256,
-                 out_dtype=None) -> np.ndarray:
+                 max_splits: int | None = None) -> np.ndarray:
     """`flash_decode_split` then `flash_decode_combine`: attention of one query per sequence
     over its paged keys, a split of `chunk` keys at a time, the splits merged.
 
@@ -144,11 +144,12 @@ def flash_decode(q: np.ndarray, pages: np.ndarray, layer: int, tables: np.ndarra
         q: `[B, n_q, hd]`; pages: `[num_layers, 2, num_pages, page_size, n_kv, hd]`;
         tables: `[B, max_pages]` page ids; lengths: `[B]` cache lengths (this token included);
         kv_of_q: `[n_q]` local kv head of each q head; window: sliding window (0 = none).
+        max_splits: the split grid (at least `num_splits(lengths, window, chunk)`; default that).
     Returns:
-        `[B, n_q, hd]` in out_dtype (default q's dtype).
+        `[B, n_q, hd]` in q's dtype.
     """
     B, nq, hd = q.shape
-    ps, S = pages.shape[3], num_splits(lengths, window, chunk)
+    ps, S = pages.shape[3], max_splits or num_splits(lengths, window, chunk)
     o_part = np.zeros((B, nq, S, hd), np.float32)
     m_part = np.full((B, nq, S), -np.inf, np.float32)
     l_part = np.zeros((B, nq, S), np.float32)
@@ -169,7 +170,7 @@ def flash_decode(q: np.ndarray, pages: np.ndarray, layer: int, tables: np.ndarra
     M = m_part.max(axis=2, keepdims=True)  # [B, n_q, 1]
     c = np.where(np.isfinite(m_part), np.exp(m_part - M), 0.0).astype(np.float32)  # [B, n_q, S]
     out = (c[..., None] * o_part).sum(axis=2) / (c * l_part).sum(axis=2)[..., None]
-    return out.astype(out_dtype or q.dtype)
+    return out.astype(q.dtype)
 
 
 # ------------------------------------------------------------------------------------------
