@@ -644,3 +644,9 @@ def test_gpu_fused_decode_step_on_hf_fixtures(case, spec):
         fused = fused_decode_step(model.weights, model.cfg, tokens, fused_cache.pages, slots, model.comm)
         fused_cache.commit(ids, [1, 1])
         bf16_close(fused, last)
+
+
+def test_docs_list_every_kernel():
+    text = (Path(__file__).parent.parent / "docs" / "kernels.md").read_text()
+    table = set(re.findall(r"^\| `(\w+)` \| (\w+\.cu) \|", text, re.M))
+    assert table == {(k, src) for src, ks in nvrtc.KERNELS.items() for k in ks}
