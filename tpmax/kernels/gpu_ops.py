@@ -41,6 +41,14 @@ def _contig(a):
     return a
 
 
+def _bf16(a, what: str):
+    """a, checked to be a C-contiguous bf16 array (weights, activations, cache pages)."""
+    if a.dtype != bfloat16:
+        raise ValueError(f"{what} must be bfloat16 for the GPU kernels, got {a.dtype} (load the model with "
+                         "dtype='bfloat16')")
+    return _contig(a)
+
+
 def _check(x, *, what: str) -> tuple[int, int]:
     if x.dtype != bfloat16 or x.ndim != 2 or not 1 <= x.shape[0] <= GEMV_MAX_B:
         raise ValueError(f"{what}: x must be bf16 [B, K] with 1 <= B <= {GEMV_MAX_B}, got {x.dtype} {x.shape}")
@@ -59,7 +67,7 @@ def gemv(x, w, /, *, norm_w=None, eps: float = 0.0, residual=None, glu: str | No
     f32_out = np.dtype(out_dtype or bfloat16) == np.float32
     y = cp.empty((B, n), np.float32 if f32_out else bfloat16)
     grid, block = ((n + 3) // 4,), (128,)
-    x, w = _contig(x), _contig(w)
+    x, w = _contig(x), _bf16(w, "gemv: the weight")
     if glu is not None:
         if norm_w is None:
             raise ValueError("gemv: the gate/up epilogue runs with the RMSNorm prologue")
@@ -106,6 +114,8 @@ def qkv_rope_kv_write(qkv, bias, q_norm, k_norm, qk_eps, cos_tab, sin_tab, posit
     B = qkv.shape[0]
     q = cp.empty((B, n_q, head_dim), bfloat16)
     num_pages, page_size = pages.shape[2], pages.shape[3]
+    _bf16(qkv, "qkv_rope_kv_write: qkv")
+    _bf16(pages, "qkv_rope_kv_write: the KV cache")
     _kernel("qkv_rope.cu", "qkv_rope_kv_write")(
         (B, n_q + 2 * n_kv), ((head_dim // 2 + 31) // 32 * 32,),
         (_contig(qkv), _ptr(bias), _ptr(q_norm), _ptr(k_norm), _f(qk_eps), _contig(cos_tab), _contig(sin_tab),
