@@ -177,37 +177,70 @@ def flash_decode(q: np.ndarray, pages: np.ndarray, layer: int, tables: np.ndarra
 # sample.cu
 
 
-def kept_probs(logits: np.ndarray, temperature: float, top_k: int, top_p: float) -> np.ndarray:
-    """The distribution `sample_tokens` draws one row from: float64 `[V]`.
+MASS_ONE = 2 ** 40  # the kernel's fixed-point unit of probability mass
 
-    softmax(l / T) over the top-k logits (ties at the k-th value kept); then top-p through
-    the kernel's rule: tau = the probability where the mass counted from the top first
-    reaches top_p; keep p > tau and, of the tokens with p == tau, the first n (by index) with
-    mass(p > tau) + i * tau < top_p for i < n; renormalised. T == 0: one-hot at the argmax.
+
+def order_key(f: np.ndarray) -> np.ndarray:
+    """The kernel's `fkey`: uint32 keys of float32 values with a < b <=> key(a) < key(b)."""
+    u = np.asarray(f, np.float32).view(np.uint32)
+    return np.where(u & np.uint32(0x80000000), ~u, u | np.uint32(0x80000000))
+
+
+def radix_select(keys: np.ndarray, weights: np.ndarray, target: int) -> tuple[int, int]:
+    """The kernel's `radix_select`: the key tau with weight(key > tau) < target <=
+    weight(key >= tau), 8 bits a pass from the top; returns (tau, weight(key > tau)).
+    If the total weight falls short of target, tau is the smallest key."""
+    prefix, mask, above = 0, 0, 0
+    for shift in (24, 16, 8, 0):
+        sel = (keys & np.uint32(mask)) == prefix
+        digits = ((keys[sel] >> np.uint32(shift)) & np.uint32(255)).astype(np.int64)
+        hist = np.bincount(digits, weights=weights[sel], minlength=256).astype(np.int64)[::-1]  # digit 255 first
+        cum = above + np.cumsum(hist)
+        hit = np.nonzero((cum >= target) & (hist > 0))[0]
+        j = int(hit[0]) if hit.size else int(np.nonzero(hist)[0][-1])  # short of target: the lowest digit
+        above = int(cum[j] - hist[j])
+        prefix |= (255 - j) << shift
+        mask |= 255 << shift
+    return prefix, above
+
+
+def kept_probs(logits: np.ndarray, temperature: float, top_k: int, top_p: float) -> np.ndarray:
+    """The distribution `sample_tokens` draws one row from: float64 `[V]`, by the kernel's
+    steps. z = l * (1/T) in float32; top-k: keep key(z) >= the k-th key (ties kept, by counts
+    through `radix_select`); p = softmax of the kept z (float32); top-p: tau = the probability
+    where the mass (40-bit fixed point) counted from the top first reaches top_p; keep p > tau
+    and, of the tokens with p == tau, the first n by index with mass(p > tau) + i * tau < top_p.
+    The kept tokens get softmax(z) in float64 (the Gumbel-max draw's exact law). T == 0: one-hot
+    at the first argmax.
     """
-    lg = np.asarray(logits, np.float64)
+    lg = np.asarray(logits, np.float32)
     V = lg.size
     if temperature <= 0:
         return np.eye(V)[int(np.argmax(lg))]
-    z = lg / temperature
+    z = lg * np.float32(1.0 / np.float32(temperature))  # [V] float32
     kept = np.ones(V, bool)
     if 0 < top_k < V:
-        kept = z >= np.sort(z)[V - top_k]
-    p = np.where(kept, np.exp(z - z.max()), 0.0)
-    p /= p.sum()
+        kkey, _ = radix_select(order_key(z), np.ones(V, np.int64), int(top_k))
+        kept = order_key(z) >= kkey
     if top_p < 1.0:
-        vals, counts = np.unique(p[kept], return_counts=True)  # ascending
-        vals, mass = vals[::-1], (vals * counts)[::-1]  # descending, mass of each value
-        cum = np.cumsum(mass)
-        j = int(np.searchsorted(cum, top_p)) if cum[-1] >= top_p else len(vals) - 1  # first cum >= top_p
-        tau, above = vals[j], cum[j] - mass[j]
-        n_tied = int(np.ceil((top_p - above) / tau)) if tau > 0 else V
-        tied = np.nonzero(kept & (p == tau))[0][:n_tied]
-        kept = (p > tau)
+        e = np.exp(z - z.max(), dtype=np.float32)
+        p = e * np.float32(1.0 / e[kept].sum(dtype=np.float32))  # [V] float32
+        w = np.floor(p.astype(np.float64) * MASS_ONE).astype(np.int64)
+        target = int(np.float64(np.float32(top_p)) * MASS_ONE)
+        pkey, above = radix_select(order_key(p)[kept], w[kept], target)
+        w_tau = int(np.float64(order_key_value(pkey)) * MASS_ONE)
+        n_tied = -(-(target - above) // w_tau) if w_tau else V
+        tied = np.nonzero(kept & (order_key(p) == pkey))[0][:n_tied]
+        kept &= order_key(p) > pkey
         kept[tied] = True
-        p = np.where(kept, p, 0.0)
-        p /= p.sum()
-    return p
+    z64 = np.where(kept, z.astype(np.float64), -np.inf)
+    q = np.exp(z64 - z64.max())
+    return q / q.sum()
+
+
+def order_key_value(key: int) -> np.float32:
+    """The non-negative float32 whose `order_key` is `key`."""
+    return np.array([key & 0x7FFFFFFF], np.uint32).view(np.float32)[0]
 
 
 def sample_tokens(logits: np.ndarray, temperature: np.ndarray, top_k: np.ndarray, top_p: np.ndarray,
