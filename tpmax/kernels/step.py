@@ -19,7 +19,7 @@ import numpy as np
 from ..attention import MHAMaskVariant, local_heads
 from ..comm import Communicator
 from ..config import ModelConfig
-from ..devices import asarray, to_numpy, xp_of
+from ..devices import asarray, on_device_context, to_numpy, xp_of
 from ..distributed import per_device
 from ..kv_cache import BatchSlots
 from ..layers import vocab_parallel_embedding
@@ -56,15 +56,34 @@ def kernels_for(device):
 
 def fused_decode_step(weights: Weights, cfg: ModelConfig, tokens, kv_pages, kv_slots: BatchSlots,
                       comm: Communicator, *, chunk: int = SPLIT_KEYS) -> np.ndarray:
-    """Logits of one decode step (every sequence brings one token), from the twins.
+    """Logits of one decode step (every sequence brings one token), from the decode kernels.
 
     Args:
         tokens: `[B]` ids; kv_pages, kv_slots, comm: as for `tpmax.distributed_transformer`
             (the caller reserves one slot per sequence and commits after).
         chunk: keys per flash-decoding split (no numeric effect beyond rounding).
     Returns:
-        `[B, V]` float32 (the first device's copy), divided by `cfg.logits_scaling`.
+        `[B, V]` float32 on the host (the first device's copy), divided by `cfg.logits_scaling`.
     """
+    return to_numpy(_decode_logits(weights, cfg, tokens, kv_pages, kv_slots, comm, chunk))
+
+
+def fused_decode_sample(weights: Weights, cfg: ModelConfig, tokens, kv_pages, kv_slots: BatchSlots,
+                        comm: Communicator, *, temperature, top_k, top_p, seed, chunk: int = SPLIT_KEYS) -> np.ndarray:
+    """The decode step then `sample_tokens` on the first device: only the B token ids come to
+    the host (`[B]` int32). temperature, top_k, top_p, seed: `[B]` each (see
+    `twins.sample_tokens`); each draw is keyed by (seed, the token's position)."""
+    logits = _decode_logits(weights, cfg, tokens, kv_pages, kv_slots, comm, chunk)  # [B, V] on device 0
+    d = comm.devices[0]
+    params = [asarray(np.asarray(a, t), d) for a, t in ((temperature, np.float32), (top_k, np.int32),
+                                                        (top_p, np.float32), (seed, np.uint64),
+                                                        (kv_slots.positions, np.int64))]
+    with on_device_context(d):
+        return to_numpy(kernels_for(d).sample_tokens(logits, *params))
+
+
+def _decode_logits(weights, cfg, tokens, kv_pages, kv_slots, comm, chunk):
+    """`[B, V]` float32 logits on the first device (see `fused_decode_step`)."""
     tokens = np.asarray(tokens)
     B = len(tokens)
     if not np.array_equal(np.asarray(kv_slots.input_row_offsets), np.arange(B + 1)):
@@ -107,16 +126,7 @@ def fused_decode_step(weights: Weights, cfg: ModelConfig, tokens, kv_pages, kv_s
     logits = per_device(lambda k, x, w, nw: _linear(k, x, w, norm_w=nw, eps=cfg.norm_eps, out_dtype=np.float32,
                                                     out_scale=1.0 / cfg.logits_scaling),
                         ops, xs, weights.lm_head, weights.norm, devices=devs)  # per device [B, V_r]
-    return to_numpy(comm.allgather(logits, axis=-1)[0])  # [B, V]
-
-
-def fused_decode_sample(weights: Weights, cfg: ModelConfig, tokens, kv_pages, kv_slots: BatchSlots,
-                        comm: Communicator, *, temperature, top_k, top_p, seed, chunk: int = SPLIT_KEYS) -> np.ndarray:
-    """`fused_decode_step` then `sample_tokens`: the B token ids (`[B]` int32) a GPU step
-    returns. temperature, top_k, top_p, seed: `[B]` each (see `twins.sample_tokens`)."""
-    logits = fused_decode_step(weights, cfg, tokens, kv_pages, kv_slots, comm, chunk=chunk)
-    return twins.sample_tokens(logits, np.asarray(temperature), np.asarray(top_k), np.asarray(top_p),
-                               np.asarray(seed), np.asarray(kv_slots.positions))
+    return comm.allgather(logits, axis=-1)[0]  # [B, V]
 
 
 def _step_inputs(cfg: ModelConfig, slots: BatchSlots, chunk: int, devices) -> list[_StepInputs]:
