@@ -650,3 +650,40 @@ def test_docs_list_every_kernel():
     text = (Path(__file__).parent.parent / "docs" / "kernels.md").read_text()
     table = set(re.findall(r"^\| `(\w+)` \| (\w+\.cu) \|", text, re.M))
     assert table == {(k, src) for src, ks in nvrtc.KERNELS.items() for k in ks}
+
+
+class _Counting:
+    """A kernel module that counts launches (flash_decode is two kernels: split, combine)."""
+
+    def __init__(self, module, counts):
+        self.module, self.counts = module, counts
+
+    def __getattr__(self, name):
+        fn = getattr(self.module, name)
+
+        def launch(*a, **kw):
+            self.counts[name] = self.counts.get(name, 0) + (2 if name == "flash_decode" else 1)
+            return fn(*a, **kw)
+        return launch
+
+
+@pytest.mark.parametrize("tp, per_layer", [(1, 7), (2, 9), (3, 9)])
+def test_launches_per_layer(monkeypatch, tp, per_layer):
+    """7 kernels a layer at TP 1 (residual fused), 9 plus two all-reduces at TP > 1; then the
+    lm head and the sampler: what docs/kernels.md promises (target: <= 10 a layer)."""
+    from tpmax.kernels import step
+    cfg = tpmax.ModelConfig(arch="llama", vocab_size=19, hidden_size=8, n_layers=3, n_heads=6, n_kv_heads=3,
+                            head_dim=4, ffn_size=6, norm_eps=1e-5)
+    weights, comm, devs = _model(cfg, tp, 0)
+    counts = [{} for _ in devs]
+    proxies = {d: _Counting(twins, c) for d, c in zip(devs, counts)}
+    monkeypatch.setattr(step, "kernels_for", lambda d: proxies[d])
+    cache = new_cache(cfg, devs)
+    for s in (0, 1):
+        cache.add(s)
+    slots = cache.reserve([0, 1], [1, 1])
+    fused_decode_sample(weights, cfg, np.array([1, 2]), cache.pages, slots, comm, temperature=[0, 0], top_k=[0, 0],
+                        top_p=[1, 1], seed=[0, 0])
+    for c in counts:
+        assert sum(c.values()) - c.get("sample_tokens", 0) == cfg.n_layers * per_layer + 1  # + the lm head
+    assert counts[0]["sample_tokens"] == 1
