@@ -7,6 +7,7 @@ Tolerances: float32 twins vs float32 tpmax layers rtol = atol = 1e-5 (scaled by 
 magnitude; only the summation order differs); bfloat16 twins vs a float64 reference 3e-2 of
 the output's magnitude (bf16 has 8 significant bits, inputs and outputs are rounded)."""
 import configparser
+import fnmatch
 import importlib
 import math
 import re
@@ -687,3 +688,11 @@ def test_launches_per_layer(monkeypatch, tp, per_layer):
     for c in counts:
         assert sum(c.values()) - c.get("sample_tokens", 0) == cfg.n_layers * per_layer + 1  # + the lm head
     assert counts[0]["sample_tokens"] == 1
+
+
+def test_kernel_sources_ship_in_the_package():
+    """A wheel (not only an editable install) carries the .cu files gpu_ops compiles."""
+    cfg = configparser.ConfigParser()
+    cfg.read(Path(__file__).parent.parent / "setup.cfg")
+    patterns = cfg["options.package_data"]["tpmax.kernels"].split()
+    assert all(any(fnmatch.fnmatch(src, p) for p in patterns) for src in nvrtc.SOURCES)
