@@ -5,7 +5,8 @@
 #   2. the GPU tests: every kernel against its NumPy twin and every other test marked `gpu`
 #      (pytest -m gpu), then tests/test_gpu_paths.py (HF fixtures vs the CPU reference, gpu:0
 #      and gpu:0,0);
-#   3. bench/gpu_decode.py (decode batch 1/8/64 and prefill on the Llama-3-8B shape).
+#   3. bench/kernel_bench.py (each decode kernel's achieved bandwidth at Llama-3-8B shapes), then
+#      bench/gpu_decode.py (decode batch 1/8/64 and prefill on the Llama-3-8B shape).
 # Every step runs under its own `timeout`; a failed step is recorded and the next one runs.
 # Results (logs, JUnit XML, the benchmark JSON, and device_check.json with each step's exit
 # status and seconds) go to one folder: $OUT if set, else bench/results/device/.
@@ -45,7 +46,7 @@ echo "driver CUDA $CUDA_MAJOR: installing the $EXTRA extra"
 # 1. Install (pip's cache makes a rerun fast).
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
 PY="$VENV/bin/python"
-step install 160 "$PY" -m pip install -q -e ".[$EXTRA]" "pytest>=8" "hypothesis>=6.100" \
+step install 150 "$PY" -m pip install -q -e ".[$EXTRA]" "pytest>=8" "hypothesis>=6.100" \
   nvidia-cuda-nvrtc-cu12 nvidia-cuda-runtime-cu12
 "$PY" -c "import cupy, tpmax; print('cupy', cupy.__version__, 'gpus', tpmax.gpu_count())" >>"$OUT/install.log" 2>&1
 
@@ -54,8 +55,9 @@ step gpu_tests 100 "$PY" -m pytest -q -rs -m gpu tests --junitxml="$OUT/gpu_test
 [ -f tests/test_gpu_paths.py ] && step gpu_paths 60 "$PY" -m pytest -q -rs tests/test_gpu_paths.py \
   --junitxml="$OUT/gpu_paths.xml"
 
-# 3. The decode / prefill benchmark.
-step gpu_decode 120 "$PY" bench/gpu_decode.py --devices gpu:0 --out "$OUT/gpu_decode.json"
+# 3. The decode kernels alone (bandwidth per launch), then the decode / prefill benchmark.
+step kernel_bench 45 "$PY" bench/kernel_bench.py --device gpu:0 --out "$OUT/kernel_bench.json"
+step gpu_decode 100 "$PY" bench/gpu_decode.py --devices gpu:0 --out "$OUT/gpu_decode.json"
 
 # Summary.
 {
