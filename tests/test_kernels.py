@@ -535,7 +535,8 @@ class _FakeCupy(types.ModuleType):
             def __exit__(self, *a):
                 return False
 
-        self.RawModule, self.cuda = RawModule, types.SimpleNamespace(Device=Device)
+        self.RawModule = RawModule
+        self.cuda = types.SimpleNamespace(Device=Device, runtime=types.SimpleNamespace(runtimeGetVersion=lambda: 12090))
         for f in ("empty", "empty_like", "asarray", "ones", "full", "arange"):
             setattr(self, f, getattr(np, f))
         self.asnumpy = np.asarray

@@ -22,9 +22,14 @@ _f, _i = np.float32, np.int32
 
 @functools.cache
 def _module(name: str, device_id: int) -> cp.RawModule:
-    """The compiled `.cu` source `name` on device `device_id` (compiled once per device)."""
+    """The compiled `.cu` source `name` on device `device_id` (compiled once per device).
+
+    The CUDA 12 pip headers (`include_dirs`) are added only under a CUDA 12 runtime; under
+    CUDA 13 CuPy's own header search must find `cuda_bf16.h` / `cuda_fp8.h`."""
+    cuda12 = cp.cuda.runtime.runtimeGetVersion() // 1000 == 12
     with cp.cuda.Device(device_id):
-        return cp.RawModule(code=source(name), options=("--std=c++17", *(f"-I{d}" for d in include_dirs())))
+        return cp.RawModule(code=source(name),
+                            options=("--std=c++17", *(f"-I{d}" for d in (include_dirs() if cuda12 else ()))))
 
 
 def _kernel(name: str, kernel: str):
