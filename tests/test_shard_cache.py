@@ -177,3 +177,16 @@ def test_describe_and_clear(gguf, capsys):
     assert shard_cache.describe().startswith(f"{path.parent}: 1 model(s)")
     assert shard_cache.clear() == size and not shard_cache.root().exists() and path.exists()
     assert shard_cache.summary()["shard_entries"] == 0
+
+
+def test_cli_info_shows_and_clears_the_cache(gguf, capsys):
+    from tpmax.cli import main
+
+    path, _ = gguf
+    load(path, devices="cpu:0,1", progress=False)
+    assert main(["info"]) == 0
+    line = [s for s in capsys.readouterr().out.splitlines() if s.startswith("cache ")]
+    assert line == [f"cache   {shard_cache.describe()}"] and "1 shard cache entry" in line[0]
+    assert main(["info", "--clear-cache"]) == 0
+    out = capsys.readouterr().out
+    assert "cleared" in out and "0 shard cache entries" in out and not shard_cache.entries()
