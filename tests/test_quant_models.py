@@ -9,7 +9,9 @@ import pytest
 import safetensors.numpy as stn
 
 import tpmax
-from tpmax import quant
+from tpmax import quant, quant_read
+from tpmax.quant_config import quant_config_from_hf
+from tpmax.safetensors_file import SafetensorsFile
 from tpmax.comm import communicator
 from tpmax.config import ModelConfig
 from tpmax.loader import HF_LAYER, HF_LAYER_NAMES, HF_NAMES, Model, _table_name
@@ -32,9 +34,9 @@ def spec(tp):
 def open_case(case):
     d = FIX / case
     config = json.loads((d / "config.json").read_text())
-    qc = quant.quant_config_from_hf(config, source=str(d / "config.json"))
+    qc = quant_config_from_hf(config, source=str(d / "config.json"))
     cfg = ModelConfig.from_hf_config(config, source=str(d / "config.json"))
-    return cfg, qc, quant.SafetensorsFile(d / "model.safetensors")
+    return cfg, qc, SafetensorsFile(d / "model.safetensors")
 
 
 def linear_reader(st, prefix):
@@ -57,7 +59,7 @@ def dequantized_source(cfg, qc, st) -> DictSource:
             name = _table_name(key, HF_NAMES, HF_LAYER, HF_LAYER_NAMES, "fixture")
             full[name] = st.get_slice(key)[:].astype(np.float32)
     for prefix, name, _ in linears(cfg):
-        full[name] = quant.read_quantized(linear_reader(st, prefix), qc, (slice(None),), name=prefix).dequantize()
+        full[name] = quant_read.read_quantized(linear_reader(st, prefix), qc, (slice(None),), name=prefix).dequantize()
     return DictSource(full, name=str(st.path))
 
 
@@ -105,7 +107,7 @@ def test_sharded_quantized_linears(case, tp):
         for prefix, name, table in linears(cfg):
             full = src.tensors[name]
             pieces = shard_pieces(table, full.shape, lay)
-            got = quant.concat_out([quant.read_quantized(linear_reader(st, prefix), qc, idx, name=prefix)
+            got = quant.concat_out([quant_read.read_quantized(linear_reader(st, prefix), qc, idx, name=prefix)
                                     for idx in pieces])
             want = np.concatenate([full[idx] for idx in pieces], axis=0)
             np.testing.assert_array_equal(got.dequantize(), want)
@@ -121,9 +123,9 @@ def resident_bytes(case, tp):
         lay = cfg.layout(tp, r)
         q = f = 0
         for prefix, name, table in linears(cfg):
-            shape = quant.quantized_shape(linear_reader(st, prefix), qc, name=prefix)
+            shape = quant_read.quantized_shape(linear_reader(st, prefix), qc, name=prefix)
             for idx in shard_pieces(table, shape, lay):
-                w = quant.read_quantized(linear_reader(st, prefix), qc, idx, name=prefix)
+                w = quant_read.read_quantized(linear_reader(st, prefix), qc, idx, name=prefix)
                 q += w.nbytes
                 f += 4 * w.shape[0] * w.shape[1]
         out.append((q, f))
@@ -185,7 +187,7 @@ def rewrite(tmp_path, case, *, drop=(), replace=None, config=None):
     for f in (FIX / case).iterdir():
         if f.name != "model.safetensors":
             (d / f.name).write_bytes(f.read_bytes())
-    st = quant.SafetensorsFile(FIX / case / "model.safetensors")
+    st = SafetensorsFile(FIX / case / "model.safetensors")
     header = json.loads((FIX / case / "model.safetensors").read_bytes()[8:8 + int.from_bytes(
         (FIX / case / "model.safetensors").read_bytes()[:8], "little")])
     tensors = {}

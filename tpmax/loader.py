@@ -27,9 +27,10 @@ from .devices import Device, as_dtype, bfloat16, devices as parse_devices
 from .errors import LoadError
 from .files import inside, read_json, regular_file
 from .kv_cache import KVCacheParams, PagedKVCache
+from .quant_config import QuantConfig, quant_config_from_hf
+from .quant_read import group_quantized, quantized_shape, read_quantized
+from .safetensors_file import SafetensorsFile
 from .shard_cache import entry as shard_cache_entry, read_header, read_weights, store as store_shards
-from .quant import (QuantConfig, SafetensorsFile, group_quantized, quant_config_from_hf, quantized_shape,
-                    read_quantized)
 from .sharding import LAYER_PARAMS, MODEL_PARAMS, base_name, ceil_div
 from .tokenizer import gguf_metadata
 from .weights import Weights, assemble, device_tensors, n_device_tensors
@@ -74,9 +75,9 @@ class SafetensorsSource:
     """The tensors of a HF directory: one `model.safetensors`, or shards with an index.
 
     With a `QuantConfig`, each quantized linear (its `qweight`/`qzeros`/`scales`/`g_idx`, or
-    `weight`/`weight_scale`, ... — `quant.group_quantized`) is one tensor under the table name
+    `weight`/`weight_scale`, ... — `quant_read.group_quantized`) is one tensor under the table name
     of its `.weight`: `shape` is its logical `[out, in]` and `read` returns the device's piece
-    still quantized (`quant.read_quantized`).
+    still quantized (`quant_read.read_quantized`).
     """
 
     def __init__(self, directory: Path, quant: QuantConfig | None = None):
