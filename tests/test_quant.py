@@ -361,7 +361,8 @@ def test_quant_config_from_hf():
     assert (q.format, q.bits, q.group_size, q.sym, q.desc_act, q.zero_offset) == ("gptq", 4, 128, True, False, 1)
     assert q.suffixes == ("qweight", "qzeros", "scales") and not q.quantizes("lm_head")
     assert q.quantizes("model.layers.0.self_attn.q_proj")
-    q = quant_config.quant_config_from_hf({"quantization_config": dict(GPTQ_HF, checkpoint_format="gptq_v2")}, source="c")
+    q = quant_config.quant_config_from_hf({"quantization_config": dict(GPTQ_HF, checkpoint_format="gptq_v2")},
+                                          source="c")
     assert q.zero_offset == 0
     fp8 = {"quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3", "weight_block_size": [128, 128]}
     q = quant_config.quant_config_from_hf({"quantization_config": fp8}, source="c")

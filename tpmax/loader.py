@@ -332,9 +332,10 @@ def load(path: str | Path | None = None, devices: Sequence[Device] | str | None 
             launcher (`mpirun -n R`), an MPI communicator over which each rank drives its own
             block of `devices` (see `tpmax.mpi`), with the job aborted on any rank's uncaught
             error.
-        cache_shards: for a GGUF file in tpmax's model cache (the default model), cache its
-            dequantized per-device shards beside it (safetensors, keyed by the file, dtype and
-            device split) so the next load skips dequantizing.
+        cache_shards: for a GGUF file in tpmax's model cache (the default model), keep its
+            dequantized per-device shards in the shard cache (`shard_cache.py`: keyed by the
+            file, dtype and device split, checksummed, bounded by $TPMAX_CACHE_MAX_BYTES) so
+            the next load skips dequantizing.
     """
     t0 = time.perf_counter()
     devs = tuple(parse_devices("cpu" if devices is None else devices) if isinstance(devices, (str, type(None)))
@@ -386,7 +387,8 @@ def _load(path: Path, comm: Communicator, dtype: str, *, progress: bool, cache_s
     else:
         raise LoadError(f"{path}: expected a model directory or a .gguf file")
     bar = _Progress(n_device_tensors(cfg), f"loading {path.name} on {len(comm.devices)} device(s)", progress, t0)
-    weights = read_weights(shard_cache, cfg, comm, dt) if shard_cache and src is None else None  # header from the cache
+    # The cached shards, when the header came from the cache too (src is None).
+    weights = read_weights(shard_cache, cfg, comm, dt) if shard_cache and src is None else None
     if weights is None:
         src = src or GGUFSource(path, open_gguf(path))
         layers, top = device_tensors(src, cfg, comm.devices, dtype, ranks=comm.ranks, tp=comm.tp,

@@ -197,7 +197,8 @@ def _compressed_tensors_config(qc: dict, source: str) -> QuantConfig:
             raise ConfigError(f"{source}: pack-quantized group strategy needs a positive group_size, got {gs!r}")
         actorder = w.get("actorder")
         if not isinstance(actorder, (type(None), bool, str)):
-            raise ConfigError(f"{source}: {w_at}.actorder must be null, true, false or a string, got {_short(actorder)}")
+            raise ConfigError(f"{source}: {w_at}.actorder must be null, true, false or a string, "
+                              f"got {_short(actorder)}")
         return QuantConfig("compressed-tensors", "pack-quantized", bits, gs, sym, actorder in ("group", True), 0,
                            strategy, None, ignore)
     raise ConfigError(f"{source}: compressed-tensors format {fmt!r} unsupported; "
