@@ -20,8 +20,7 @@ from tpmax.weights import DictSource, shard_weights
 
 FIX = Path(__file__).parent / "fixtures" / "hf"
 CASES = ["llama_gptq", "llama_gptq_ct", "llama_gptq_act", "llama_gptq8", "llama_fp8", "llama_fp8_tensor",
-         "llama_fp8_block",
-         "llama_int4", "qwen2_gptq"]
+         "llama_fp8_block", "llama_int4", "qwen2_gptq"]
 LINEARS = {"self_attn.q_proj": "q_proj", "self_attn.k_proj": "k_proj", "self_attn.v_proj": "v_proj",
            "self_attn.o_proj": "o_proj", "mlp.gate_proj": "gate_proj", "mlp.up_proj": "up_proj",
            "mlp.down_proj": "down_proj"}
