@@ -190,3 +190,17 @@ def test_cli_info_shows_and_clears_the_cache(gguf, capsys):
     assert main(["info", "--clear-cache"]) == 0
     out = capsys.readouterr().out
     assert "cleared" in out and "0 shard cache entries" in out and not shard_cache.entries()
+
+
+@pytest.mark.filterwarnings("ignore:dtype")
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_dtypes_are_cached_and_checked(gguf, capsys, dtype):
+    path, _ = gguf
+    first = load(path, devices="cpu:0,1", dtype=dtype)
+    assert HIT not in capsys.readouterr().err
+    second = load(path, devices="cpu:0,1", dtype=dtype)
+    assert HIT in capsys.readouterr().err
+    np.testing.assert_array_equal(tpmax.logits(second, SEQ)[0], tpmax.logits(first, SEQ)[0])
+    nan_in_a_tensor(entry_folder())
+    load(path, devices="cpu:0,1", dtype=dtype)
+    assert capsys.readouterr().err.count(DAMAGED) == 1

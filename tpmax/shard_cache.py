@@ -140,7 +140,7 @@ def _tensor_digest(flat: dict[str, np.ndarray]) -> str:
     for name in sorted(flat):
         a = flat[name]
         h.update(json.dumps([name, a.dtype.str, list(a.shape)]).encode())
-        h.update(memoryview(np.ascontiguousarray(a)).cast("B"))
+        h.update(np.ascontiguousarray(a).reshape(-1).view(np.uint8))  # (bfloat16 has no buffer format)
     return h.hexdigest()
 
 
