@@ -5,7 +5,7 @@
     tpmax generate [options] --prompt TEXT [--prompt TEXT ...]
     tpmax generate [options] --file PATH          (one prompt per line; - = stdin)
     tpmax perplexity [options] --file PATH
-    tpmax info [--model PATH [--devices SPEC]]
+    tpmax info [--model PATH [--devices SPEC]] [--clear-cache]
 
 Each subcommand is a pair: `add_<name>_parser(sub)` declares its arguments and sets
 `run=_<name>`; `_<name>(args)` runs it and returns the exit status. To add a subcommand,
@@ -335,6 +335,8 @@ def add_info_parser(sub) -> None:
     i.add_argument("--devices", default="cpu", type=_nonempty, metavar="SPEC", help="devices to load --model on")
     i.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="weight dtype of --model's unquantized tensors")
+    i.add_argument("--clear-cache", action="store_true",
+                   help="delete the GGUF shard cache (rebuilt at the next load; downloaded models stay)")
     add_quiet_arg(i)
     i.set_defaults(run=_info)
 
@@ -342,7 +344,7 @@ def add_info_parser(sub) -> None:
 def _info(args) -> int:
     import numpy as np
 
-    from . import __version__
+    from . import __version__, shard_cache
     from .comm import nccl_available
     from .devices import cupy_version, gpu_count
 
@@ -351,6 +353,9 @@ def _info(args) -> int:
     for k, v in info.items():
         print(f"{k:7s} {v}")
     print("devices cpu:0,1,... (virtual)" + (f", gpu:0..{info['gpus'] - 1}" if info["gpus"] else ""))
+    if args.clear_cache:
+        print(f"cleared {shard_cache.clear() / 2**20:.0f} MiB of shard cache")
+    print(f"cache   {shard_cache.describe()}")
     if args.model:
         from .quant import resident_bytes
 
