@@ -22,7 +22,8 @@ import pytest
 
 import tpmax
 from tpmax import serve
-from tpmax.generate import SamplingParams, encode_chat
+from tpmax.api import encode_chat
+from tpmax.sampling import SamplingParams
 from conftest import make_chat_model_dir
 
 CONTEXT = 16384
@@ -533,13 +534,16 @@ def test_a_failed_generation_answers_500_and_the_others_go_on(model):
             return FailingStream(s)
         return s
 
-    def encode(text, **kw):
-        if "\x01" in text:
-            raise ValueError("the tokenizer refuses this text")
-        return model.tokenizer.encode(text, **kw)
+    def refusing(encode):
+        def refuse(x, **kw):
+            if "\x01" in (x if isinstance(x, str) else "".join(m["content"] for m in x)):
+                raise ValueError("the tokenizer refuses this text")
+            return encode(x, **kw)
+        return refuse
 
-    s = InProcess(dataclasses.replace(model, tokenizer=Wrapped(model.tokenizer, stream=stream, encode=encode)),
-                  cache_tokens=1024)
+    tok = Wrapped(model.tokenizer, stream=stream, encode=refusing(model.tokenizer.encode),
+                  encode_chat=refusing(model.tokenizer.encode_chat))
+    s = InProcess(dataclasses.replace(model, tokenizer=tok), cache_tokens=1024)
     prompts = [f"busy {i}" for i in range(3)]
     try:
         with httpx.Client() as client, contextlib.ExitStack() as stack:

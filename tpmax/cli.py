@@ -5,7 +5,7 @@
     tpmax generate [options] --prompt TEXT [--prompt TEXT ...]
     tpmax generate [options] --file PATH          (one prompt per line; - = stdin)
     tpmax perplexity [options] --file PATH
-    tpmax info [--model PATH [--devices SPEC]]
+    tpmax info [--model PATH [--devices SPEC]] [--clear-cache]
 
 Each subcommand is a pair: `add_<name>_parser(sub)` declares its arguments and sets
 `run=_<name>`; `_<name>(args)` runs it and returns the exit status. To add a subcommand,
@@ -223,7 +223,9 @@ def _first_words(text: str, n: int = 6) -> str:
 
 
 def _generate(args) -> int:
-    from .generate import SamplingParams, Stats, generate
+    from .api import generate
+    from .engine import Stats
+    from .sampling import SamplingParams
 
     prompts = prompts_of(args)
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
@@ -303,7 +305,7 @@ class Progress:
 
 
 def _perplexity(args) -> int:
-    from .generate import perplexity
+    from .api import perplexity
 
     text = read_text(args.file, what="--file")
     model = _load(args)
@@ -333,6 +335,8 @@ def add_info_parser(sub) -> None:
     i.add_argument("--devices", default="cpu", type=_nonempty, metavar="SPEC", help="devices to load --model on")
     i.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="weight dtype of --model's unquantized tensors")
+    i.add_argument("--clear-cache", action="store_true",
+                   help="delete the GGUF shard cache (rebuilt at the next load; downloaded models stay)")
     add_quiet_arg(i)
     i.set_defaults(run=_info)
 
@@ -340,7 +344,7 @@ def add_info_parser(sub) -> None:
 def _info(args) -> int:
     import numpy as np
 
-    from . import __version__
+    from . import __version__, shard_cache
     from .comm import nccl_available
     from .devices import cupy_version, gpu_count
 
@@ -349,6 +353,9 @@ def _info(args) -> int:
     for k, v in info.items():
         print(f"{k:7s} {v}")
     print("devices cpu:0,1,... (virtual)" + (f", gpu:0..{info['gpus'] - 1}" if info["gpus"] else ""))
+    if args.clear_cache:
+        print(f"cleared {shard_cache.clear() / 2**20:.0f} MiB of shard cache")
+    print(f"cache   {shard_cache.describe()}")
     if args.model:
         from .quant import resident_bytes
 
@@ -423,7 +430,7 @@ def main(argv=None) -> int:
     if not args.leader:  # under mpirun only rank 0 prints; the other ranks compute with it
         sys.stdout = open(os.devnull, "w")
         args.quiet = True
-    from .spmd import LeaderError
+    from .executor import LeaderError
 
     try:
         return args.run(args)

@@ -31,9 +31,11 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from . import spmd
-from .generate import Completion, Engine, SamplingParams, encode_chat
+from .api import encode_chat
+from .engine import Completion, Engine
+from .kv_cache import PAGE_SIZE
 from .loader import Model
+from .sampling import SamplingParams
 from .serve_loop import EngineLoop, Job, Metrics, QueueFullError
 from .serve_protocol import (COMPLETIONS_DEFAULT_MAX_TOKENS, APIError, ChatRequest, CompletionRequest, Reply,
                              bad, check_model, failed, parse, sampling_params, sse)
@@ -251,7 +253,7 @@ async def until_disconnect(request, coro, *, on_disconnect: Callable[[], None]):
 
 
 def create_app(model: Model, *, max_batch: int = 16, max_queue: int = 64, cache_tokens: int = 8192,
-               page_size: int = 16, served_name: str | None = None, max_body_bytes: int = MAX_BODY_BYTES,
+               page_size: int = PAGE_SIZE, served_name: str | None = None, max_body_bytes: int = MAX_BODY_BYTES,
                body_timeout: float = BODY_TIMEOUT_S):
     """The Starlette application; the engine thread starts and stops with its lifespan
     (a stop finishes the requests in flight first)."""
@@ -393,15 +395,13 @@ def run_serve(args) -> int:
     sock = listen(args.host, args.port) if getattr(args, "leader", True) else None
     try:
         model = load(args.model, devices=args.devices, dtype=args.dtype, progress=not args.quiet)
-        if not spmd.is_leader(model):  # under MPI: rank 0 serves, this rank runs each step with it
-            # mpirun forwards SIGUSR1 to every rank: rank 0 drains, this one follows until it is done.
+        if not model.executor.leads:  # mpirun forwards SIGUSR1 to every rank: rank 0 drains, this one follows
             signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-            spmd.follow(model)
-            return 0
-        with spmd.session(model):
-            return serve(model, sock, max_batch=args.max_batch, max_queue=args.max_queue,
-                         cache_tokens=args.cache_tokens, served_name=args.served_model_name, quiet=args.quiet,
-                         max_body_bytes=args.max_body_bytes)
+        # Under MPI rank 0 serves; the other ranks run each of its steps and return 0.
+        return model.executor.call(lambda: serve(
+            model, sock, max_batch=args.max_batch, max_queue=args.max_queue, cache_tokens=args.cache_tokens,
+            served_name=args.served_model_name, quiet=args.quiet, max_body_bytes=args.max_body_bytes),
+            receive=lambda *_: 0)
     finally:
         if sock is not None:
             sock.close()

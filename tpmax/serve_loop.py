@@ -11,7 +11,8 @@ import queue
 import threading
 import time
 
-from .generate import Completion, Engine, SamplingParams
+from .engine import Completion, Engine
+from .sampling import SamplingParams
 
 log = logging.getLogger("tpmax.serve")
 

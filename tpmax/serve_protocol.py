@@ -8,7 +8,8 @@ from typing import Any, Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from .generate import Completion, SamplingParams
+from .engine import Completion
+from .sampling import SamplingParams
 from .stops import check_stops
 
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
