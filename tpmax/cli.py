@@ -28,6 +28,7 @@ from pathlib import Path
 
 MAX_INPUT_BYTES = 64 << 20  # the most a --file may hold (64 MiB)
 MAX_SEED = 2**64 - 1
+ABORT_GRACE_S = 5.0  # see main(): how long a rank > 0 lets rank 0 report an error every rank met
 
 
 class CLIError(Exception):
@@ -615,11 +616,15 @@ def main(argv=None) -> int:
         #   another yet: rank 0 reports it, every rank exits 2;
         # - inside a call rank 0 leads, on rank 0: it told the others (they exit 2 quietly);
         # - anything else (loading, a rank breaking while it follows): this rank ends the
-        #   whole job, since the others may be waiting on it.
-        # A rank that ends the job says why first: MPI's abort message follows, and may
-        # come before rank 0 had its say.
+        #   whole job, since the others may be waiting on it. A rank that ends the job says
+        #   why first (MPI's abort message follows). A bad value or checkpoint (ValueError,
+        #   LoadError) at load is met by every rank alike: the other ranks give rank 0
+        #   ABORT_GRACE_S to report it and end the job, so it is said once, not lost when
+        #   another rank's abort kills rank 0 before it printed.
         mpi = _mpi_size() > 1
         aborting = mpi and args.stage != "input" and not getattr(e, "tpmax_followers_told", False)
+        if aborting and not args.leader and args.stage == "load" and isinstance(e, ValueError):
+            time.sleep(ABORT_GRACE_S)
         if args.leader or aborting:
             print(f"tpmax: error: {e}" if args.leader else f"tpmax (rank {rank}): error: {e}", file=sys.stderr)
         if aborting:
