@@ -2,7 +2,7 @@
 
 Layers of the package, bottom to top (dependencies point down):
 devices / errors / files -> sharding -> comm (mpi) -> distributed -> layers / quant /
-kv_cache -> attention -> config -> weights -> transformer -> spmd -> tokenizer / hub ->
+kv_cache -> attention -> config -> weights -> transformer -> executor -> tokenizer / hub ->
 loader -> generate -> serve -> cli.
 
 Importing the package is cheap: each public name is imported from its module on first use
@@ -26,12 +26,14 @@ _EXPORTS = {
     "errors": "ChatTemplateError LoadError",
     "distributed": "ShardableCallable distribute_value forward_sharded_layers per_device take",
     "kv_cache": "KVCacheFullError KVCacheParams PagedKVCache",
+    "quant": "fp8_linear gptq_linear",
     "layers": ("DistributedGemmConfig Llama3Scaling LinearScaling RotaryEmbedding column_parallel_linear linear "
                "mlp rms_norm row_parallel_linear vocab_parallel_embedding"),
     "sharding": "LAYER_SHARDING MODEL_SHARDING head_shard split_bounds split_sizes",
     "transformer": ("ReturnHiddenStates ReturnLogits distributed_logits_postprocess distributed_transformer "
                     "distributed_transformer_block"),
     "weights": "DictSource LayerWeights WeightError Weights random_weights shard_weights",
+    "executor": "Executor PassOptions Step",
     "loader": "Model load",
     "tokenizer": "StreamDecoder Tokenizer",
     "hub": "ModelFetchError default_model_path",

@@ -231,15 +231,9 @@ def print_stats(stats, outs) -> None:
 
 
 def _leading(model, run) -> int:
-    """`run()` on rank 0, as one call the other MPI ranks follow step by step (in one process:
-    just `run()`)."""
-    from . import spmd
-
-    if not spmd.is_leader(model):
-        spmd.follow(model)
-        return 0
-    with spmd.session(model):
-        return run()
+    """`run()` on rank 0, as one call the other MPI ranks follow step by step (they return 0);
+    in one process just `run()`."""
+    return model.executor.call(run, receive=lambda *_: 0)
 
 
 # ------------------------------------------------------------------------------------------
@@ -321,15 +315,16 @@ def _generate(args) -> int:
 
 def _generate_on_leader(args, model, prompts: list[str], params) -> int:
     from .generate import Engine, Stats
+    from .kv_cache import PAGE_SIZE
     from .sharding import ceil_div
 
     ids = [encode(model, p, system=args.system, chat=not args.no_chat) for p in prompts]
     # The KV cache holds the `batch` longest requests at once (prompt + new tokens, within the context).
-    batch, page, ctx = 16, 16, model.cfg.max_seq_len
-    sizes = sorted((ceil_div(len(p) + max(0, min(params.max_new_tokens, ctx - len(p))), page) * page for p in ids),
-                   reverse=True)
+    batch, ctx = 16, model.cfg.max_seq_len
+    sizes = sorted((ceil_div(len(p) + max(0, min(params.max_new_tokens, ctx - len(p))), PAGE_SIZE) * PAGE_SIZE
+                    for p in ids), reverse=True)
     stats = Stats()
-    engine = Engine(model, max_batch=batch, cache_tokens=max(1, sum(sizes[:batch])), page_size=page, stats=stats)
+    engine = Engine(model, max_batch=batch, cache_tokens=max(1, sum(sizes[:batch])), stats=stats)
     single = len(prompts) == 1
 
     def show(ev):  # one answer: each piece as it comes; several: each answer when it is done
@@ -604,7 +599,7 @@ def main(argv=None) -> int:
     if not args.leader:  # under mpirun only rank 0 prints; the other ranks compute with it
         sys.stdout = open(os.devnull, "w")
         args.quiet = True
-    from .spmd import LeaderError
+    from .executor import LeaderError
 
     try:
         return args.run(args)

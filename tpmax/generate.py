@@ -19,12 +19,12 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-from . import spmd
 from .devices import to_numpy
-from .kv_cache import PagedKVCache
+from .executor import Executor, token_ids
+from .kv_cache import PAGE_SIZE
 from .loader import Model
 from .sharding import ceil_div
-from .transformer import ReturnLogits, check_ragged, distributed_transformer
+from .transformer import ReturnLogits
 
 
 def _check_context(model: Model, n: int, what: str) -> None:
@@ -33,7 +33,7 @@ def _check_context(model: Model, n: int, what: str) -> None:
                          f"{model.path})")
 
 
-def logits(model: Model, sequences: Sequence[Sequence[int]], *, page_size: int = 16) -> list[np.ndarray]:
+def logits(model: Model, sequences: Sequence[Sequence[int]], *, page_size: int = PAGE_SIZE) -> list[np.ndarray]:
     """Logits at every position of every sequence, computed as one ragged batch.
 
     Under MPI every rank calls it alike; rank 0 checks the input and leads, the others follow.
@@ -43,53 +43,33 @@ def logits(model: Model, sequences: Sequence[Sequence[int]], *, page_size: int =
     Returns:
         per sequence a float32 NumPy array `[len, vocab]`.
     """
-    if not spmd.is_leader(model):
-        _, out = spmd.follow(model)
+    def receive(_, out):  # ranks > 0: the logits of their own copy of the pass
         return [] if out is None else _split(to_numpy(out[1]), out[2])
-    with spmd.session(model):
-        return _logits(model, sequences, page_size=page_size)
+
+    return model.executor.call(lambda: _logits(model, sequences, page_size=page_size), receive=receive)
 
 
 def _logits(model: Model, sequences, *, page_size: int) -> list[np.ndarray]:
-    seqs = [np.asarray(s, np.int64) for s in sequences]
-    if not seqs:
+    if isinstance(sequences, (str, bytes)) or not hasattr(sequences, "__len__"):
+        raise ValueError(f"sequences must be a list of token-id lists, got {type(sequences).__name__}")
+    if len(sequences) == 0:
         return []
-    for i, s in enumerate(seqs):
-        if s.ndim != 1 or len(s) == 0:
-            raise ValueError(f"sequence {i} must be a non-empty list of token ids")
-        _check_context(model, len(s), f"sequence {i}")
-    cache = model.new_cache(sum(ceil_div(len(s), page_size) * page_size for s in seqs), page_size=page_size)
-    for i in range(len(seqs)):
+    ex = model.executor
+    step = ex.step(list(range(len(sequences))), sequences, return_logits=ReturnLogits.ALL)  # validates the ids
+    for i, n in enumerate(step.n_new):
+        _check_context(model, n, f"sequence {i}")
+    cache = ex.new_cache(sum(ceil_div(n, page_size) * page_size for n in step.n_new), page_size=page_size)
+    for i in step.seq_ids:
         cache.add(i)
-    _, all_logits, offs = forward(model, cache, list(range(len(seqs))), seqs, return_logits=ReturnLogits.ALL)
-    spmd.free_cache(model, cache)
+    try:
+        _, all_logits, offs = ex.run(cache, step)
+    finally:
+        ex.free_cache(cache)
     return _split(to_numpy(all_logits), offs)
 
 
 def _split(all_logits: np.ndarray, offs) -> list[np.ndarray]:
     return [all_logits[offs[i]:offs[i + 1]] for i in range(len(offs) - 1)]
-
-
-def forward(model: Model, cache: PagedKVCache, seq_ids: Sequence, chunks: Sequence[Sequence[int]], **kw) -> tuple:
-    """One ragged step: reserve the chunks' KV slots, run the forward pass, commit.
-
-    `chunks[b]` are the new tokens of sequence `seq_ids[b]`. If the pass fails, the
-    reservation is rolled back (no page stays reserved but uncommitted) and the error raised.
-    Returns the tuple of `distributed_transformer`.
-    """
-    n_new = [len(c) for c in chunks]
-    tokens, offsets = check_ragged(np.concatenate([np.asarray(c, np.int64) for c in chunks]),
-                                   np.cumsum([0] + n_new), model.cfg.vocab_size)  # before anything is broadcast
-    slots = cache.reserve(seq_ids, n_new)
-    try:
-        spmd.announce_step(model, cache, tokens, offsets, slots, kw.get("return_logits", ReturnLogits.LAST_TOKEN),
-                           kw.get("return_n_logits", 1))
-        out = distributed_transformer(model.weights, model.cfg, tokens, offsets, cache.pages, slots, model.comm, **kw)
-    except BaseException:
-        cache.rollback(seq_ids)
-        raise
-    cache.commit(seq_ids, n_new)
-    return out
 
 
 def perplexity(model: Model, ids: Sequence[int], *, context_length: int,
@@ -104,12 +84,8 @@ def perplexity(model: Model, ids: Sequence[int], *, context_length: int,
     Returns:
         (perplexity, scored tokens).
     """
-    if not spmd.is_leader(model):
-        result, _ = spmd.follow(model)
-        return result[0], result[1]
-    with spmd.session(model) as box:
-        box["result"] = _perplexity(model, ids, context_length=context_length, on_progress=on_progress)
-    return box["result"]
+    return model.executor.call(lambda: _perplexity(model, ids, context_length=context_length, on_progress=on_progress),
+                               send=list, receive=lambda r, _: tuple(r))
 
 
 def _perplexity(model: Model, ids, *, context_length: int, on_progress) -> tuple[float, int]:
@@ -118,15 +94,15 @@ def _perplexity(model: Model, ids, *, context_length: int, on_progress) -> tuple
     if context_length > model.cfg.max_seq_len:
         raise ValueError(f"context_length {context_length} is longer than the model's context "
                          f"({model.cfg.max_seq_len} tokens, {model.path})")
-    ids = np.asarray(ids, np.int64)
+    if len(ids) < 2:
+        raise ValueError("need at least 2 tokens to compute perplexity")
+    ids = token_ids(ids, model.cfg.vocab_size, "perplexity text")
     windows = [ids[a:a + context_length] for a in range(0, len(ids), context_length)]
     windows = [w for w in windows if len(w) >= 2]
-    if not windows:
-        raise ValueError("need at least 2 tokens to compute perplexity")
     total = sum(len(w) - 1 for w in windows)
     nll, n = 0.0, 0
     for w in windows:  # one window per forward: memory stays [context_length, vocab]
-        (lg,) = _logits(model, [w], page_size=16)
+        (lg,) = _logits(model, [w], page_size=PAGE_SIZE)
         lg = lg[:-1].astype(np.float64)  # [L-1, V]: predicts w[1:]
         m = lg.max(axis=-1, keepdims=True)
         logz = (m + np.log(np.exp(lg - m).sum(axis=-1, keepdims=True)))[:, 0]
@@ -276,15 +252,16 @@ class Engine:
         cache_tokens: KV cache capacity in tokens (all sequences together).
     """
 
-    def __init__(self, model: Model, *, max_batch: int = 16, cache_tokens: int = 8192, page_size: int = 16,
-                 stats: Stats | None = None):
+    def __init__(self, model: Model, *, max_batch: int = 16, cache_tokens: int = 8192, page_size: int = PAGE_SIZE,
+                 stats: Stats | None = None, executor: Executor | None = None):
         if not _is_int(max_batch) or max_batch < 1:
             raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}")
         if not _is_int(cache_tokens) or cache_tokens < 1:
             raise ValueError(f"cache_tokens must be an integer >= 1, got {cache_tokens!r}")
         self.model = model
         self.max_batch = max_batch
-        self.cache = model.new_cache(cache_tokens, page_size=page_size)
+        self.executor = executor if executor is not None else model.executor
+        self.cache = self.executor.new_cache(cache_tokens, page_size=page_size)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # in admission order: the last is preempted first
         self.stats = stats if stats is not None else Stats()
@@ -311,13 +288,7 @@ class Engine:
             detokenizer: decodes this request's tokens to text (`push(id) -> str`,
                 `flush() -> str`); default a fresh `model.tokenizer.stream()`.
         """
-        prompt = [int(t) for t in prompt]
-        if not prompt:
-            raise ValueError("empty prompt")
-        V = self.model.cfg.vocab_size
-        bad = [t for t in prompt if not 0 <= t < V]
-        if bad:
-            raise ValueError(f"prompt token id {bad[0]} outside the vocabulary [0, {V})")
+        prompt = token_ids(prompt, self.model.cfg.vocab_size, "prompt").tolist()
         if len(prompt) >= self.model.cfg.max_seq_len:
             raise ValueError(f"prompt of {len(prompt)} tokens leaves no room in the model's context "
                              f"({self.model.cfg.max_seq_len} tokens)")
@@ -410,7 +381,8 @@ class Engine:
         """One forward pass, then one sampled token per request. A failing pass ends the
         batch's requests with "error" (the cache rolled back by `forward`)."""
         try:
-            (last,) = forward(self.model, self.cache, [r.id for r in reqs], chunks)
+            step = self.executor.step([r.id for r in reqs], chunks)
+            (last,) = self.executor.run(self.cache, step)
             last = to_numpy(last)  # [B, V]
         except Exception as e:
             msg = f"forward pass failed ({self.model.path}): {type(e).__name__}: {e}"
@@ -506,10 +478,14 @@ def encode_chat(model: Model, messages: Sequence[dict]) -> list[int]:
     return tok.encode(text, add_special_tokens=False if text.startswith(tok.bos_token or "\0") else True)
 
 
-def generate(model: Model, prompts: Iterable[str], params: SamplingParams = SamplingParams(), *, chat: bool = True,
+def generate(model: Model, prompts, params: SamplingParams = SamplingParams(), *, chat: bool = True,
              max_batch: int = 16, on_token: Callable[[Request, int, str], None] | None = None,
              stats: Stats | None = None) -> list[Completion]:
-    """Generate a completion for each text prompt (continuous batching over all of them).
+    """Generate a completion for each prompt (continuous batching over all of them).
+
+    A prompt is a text (through the chat template when the model has one and `chat`), a chat
+    conversation (a list of `{"role", "content"}` dicts) or a list of token ids; `prompts` is
+    one prompt or a list of them, and the result has one completion per prompt.
 
     `on_token(request, token, new_text)` is called for every token as it is produced;
     `stats`, if given, accumulates prefill/decode token counts and times. The KV cache is
@@ -519,23 +495,41 @@ def generate(model: Model, prompts: Iterable[str], params: SamplingParams = Samp
     Under MPI every rank calls it alike: rank 0 encodes, schedules and samples, the others
     run each forward pass with it; every rank returns rank 0's completions.
     """
-    if not spmd.is_leader(model):
-        result, _ = spmd.follow(model)
-        return [Completion(**c) for c in result]
-    with spmd.session(model) as box:
-        outs = _generate(model, prompts, params, chat=chat, max_batch=max_batch, on_token=on_token, stats=stats)
-        box["result"] = [dataclasses.asdict(c) for c in outs]
-    return outs
+    def run():
+        return _generate(model, prompts, params, chat=chat, max_batch=max_batch, on_token=on_token, stats=stats)
+
+    return model.executor.call(run, send=lambda outs: [dataclasses.asdict(c) for c in outs],
+                               receive=lambda result, _: [Completion(**c) for c in result])
+
+
+def encode(model: Model, prompt, *, chat: bool = True) -> list[int]:
+    """Token ids of one prompt: a text, a chat conversation (list of dicts) or token ids."""
+    if isinstance(prompt, str):
+        return encode_prompt(model, prompt, chat=chat)
+    items = list(prompt) if isinstance(prompt, (list, tuple)) else None
+    if items and all(isinstance(m, dict) for m in items):
+        return encode_chat(model, items)
+    if items is not None or isinstance(prompt, np.ndarray):
+        return token_ids(prompt, model.cfg.vocab_size, "prompt").tolist()
+    raise ValueError(f"a prompt is a text, a list of chat messages or a list of token ids; got {type(prompt).__name__}")
+
+
+def _is_one_prompt(prompts) -> bool:
+    """A text, a chat (list of dicts) or token ids (list of ints) is one prompt, not a list of them."""
+    if isinstance(prompts, (str, np.ndarray)):
+        return True
+    items = list(prompts) if isinstance(prompts, (list, tuple)) else []
+    return bool(items) and all(isinstance(x, dict) or (_is_int(x)) for x in items)
 
 
 def _generate(model, prompts, params, *, chat, max_batch, on_token, stats) -> list[Completion]:
-    prompts = [encode_prompt(model, p, chat=chat) for p in prompts]
-    page = 16
+    if _is_one_prompt(prompts):
+        prompts = [prompts]
+    prompts = [encode(model, p, chat=chat) for p in prompts]
     ctx = model.cfg.max_seq_len
-    sizes = sorted((ceil_div(len(p) + max(0, min(params.max_new_tokens, ctx - len(p))), page) * page for p in prompts),
-                   reverse=True)
-    engine = Engine(model, max_batch=max_batch, cache_tokens=max(1, sum(sizes[:max_batch])), page_size=page,
-                    stats=stats)
+    sizes = sorted((ceil_div(len(p) + max(0, min(params.max_new_tokens, ctx - len(p))), PAGE_SIZE) * PAGE_SIZE
+                    for p in prompts), reverse=True)
+    engine = Engine(model, max_batch=max_batch, cache_tokens=max(1, sum(sizes[:max_batch])), stats=stats)
     for p in prompts:
         engine.submit(p, params)
     return engine.run(on_token)
