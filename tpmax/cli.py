@@ -195,7 +195,8 @@ def answer(engine, prompts: list[list[int]], params, on_event) -> tuple[list, bo
     they keep what was produced (finish reason "cancelled").
 
     Returns:
-        (the completions in prompt order, whether Ctrl-C interrupted).
+        (the completions in prompt order, whether Ctrl-C interrupted). A Ctrl-C in the instant
+        between a request's end and its event being read loses that completion: it is missing.
     """
     ids = [engine.submit(p, params) for p in prompts]
     done = {}
@@ -207,7 +208,7 @@ def answer(engine, prompts: list[list[int]], params, on_event) -> tuple[list, bo
                 on_event(ev)
     except KeyboardInterrupt:
         done.update((i, engine.cancel(i)) for i in ids if i not in done)
-        return [done[i] for i in ids], True
+        return [done[i] for i in ids if done[i] is not None], True
     return [done[i] for i in ids], False
 
 
@@ -325,7 +326,7 @@ def _generate_on_leader(args, model, prompts: list[str], params) -> int:
                     for p in ids), reverse=True)
     stats = Stats()
     engine = Engine(model, max_batch=batch, cache_tokens=max(1, sum(sizes[:batch])), stats=stats)
-    single = len(prompts) == 1
+    single = len(prompts) == 1  # below, a completion's id is its prompt's index: a new engine counts from 0
 
     def show(ev):  # one answer: each piece as it comes; several: each answer when it is done
         if single:
@@ -416,19 +417,20 @@ def _chat_on_leader(args, model, params) -> int:
         turn = [*messages, {"role": "user", "content": line}]
         engine.stats = stats = Stats()
         try:
-            (c,), _ = answer(engine, [encode_chat(model, turn)], params,
+            outs, _ = answer(engine, [encode_chat(model, turn)], params,
                              lambda ev: (sys.stdout.write(ev.text), sys.stdout.flush()))
         except ValueError as e:  # this turn cannot be answered (too long for the context, ...)
             print(f"tpmax: error: {e}", file=sys.stderr)
             continue
         print(flush=True)
-        why = stop_notice(c, params, model.cfg.max_seq_len)
-        if why:
-            print(f"[stopped: {why}]", file=sys.stderr)
+        for c in outs:
+            why = stop_notice(c, params, model.cfg.max_seq_len)
+            if why:
+                print(f"[stopped: {why}]", file=sys.stderr)
+            if c.finish_reason != "error":  # an interrupted answer stays, as far as it went
+                messages = [*turn, {"role": "assistant", "content": c.text}]
         if args.stats:
-            print_stats(stats, [c])
-        if c.finish_reason != "error":
-            messages = [*turn, {"role": "assistant", "content": c.text}]
+            print_stats(stats, outs)
 
 
 # ------------------------------------------------------------------------------------------
