@@ -557,12 +557,12 @@ def add_serve_parser(sub) -> None:
 
 
 def _serve(args) -> int:
-    try:
-        import starlette  # noqa: F401
-        import uvicorn  # noqa: F401
-    except ImportError as e:
-        raise CLIError(f"tpmax serve needs the [serve] extra ({e}): in the tpmax checkout, "
-                       f"pip install -e '.[serve]'") from None
+    import importlib.util
+
+    missing = [m for m in ("starlette", "uvicorn") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise CLIError(f"tpmax serve needs the [serve] extra ({' and '.join(missing)} missing): in the tpmax "
+                       f"checkout, pip install -e '.[serve]'")
     from .serve import run_serve
 
     args.stage = "load"
