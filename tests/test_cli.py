@@ -549,25 +549,50 @@ def test_readme_lists_every_stats_key():
 MPIRUN = shutil.which("mpirun", path=str(Path(sys.executable).parent)) or shutil.which("mpirun")
 
 
-@pytest.mark.skipif(MPIRUN is None, reason="needs mpirun: pip install -e '.[mpi]'")
-def test_an_error_every_rank_meets_is_said_once_before_the_abort():
+def mpi_cli(*args, input=None):
+    """`mpirun -n 2 tpmax ARGS` (stdin: `input`, else empty), ended if it runs over 120 s."""
     from tpmax import mpi
 
     env = {k: v for k, v in os.environ.items() if k not in mpi.LAUNCHER_ENV}
     env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OPENBLAS_NUM_THREADS="1")
-    proc = subprocess.Popen([MPIRUN, "-n", "2", "--oversubscribe", sys.executable, "-m", "tpmax.cli", "generate",
-                             "--devices", "cpu:0,1", "--model", "/no/such/model", "-q", "hi"], env=env,
-                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen([MPIRUN, "-n", "2", "--oversubscribe", sys.executable, "-m", "tpmax.cli",
+                             *map(str, args)], env=env, stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        out, err = proc.communicate(timeout=120)
+        out, err = proc.communicate(input, timeout=120)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, 9)
             proc.communicate()
-    assert proc.returncode != 0 and out == ""
-    assert [ln for ln in err.splitlines() if "error:" in ln] == ["tpmax: error: /no/such/model: no such file or "
-                                                                  "directory"], err
+    return types.SimpleNamespace(returncode=proc.returncode, stdout=out, stderr=err)
+
+
+needs_mpirun = pytest.mark.skipif(MPIRUN is None, reason="needs mpirun: pip install -e '.[mpi]'")
+
+
+@needs_mpirun
+def test_an_error_every_rank_meets_is_said_once_before_the_abort():
+    r = mpi_cli("generate", "--devices", "cpu:0,1", "--model", "/no/such/model", "-q", "hi")
+    assert r.returncode != 0 and r.stdout == ""
+    assert [ln for ln in r.stderr.splitlines() if "error:" in ln] == [
+        "tpmax: error: /no/such/model: no such file or directory"], r.stderr
+
+
+@needs_mpirun
+@pytest.mark.parametrize("source", [(), ("--file", "-")])
+def test_under_mpirun_stdin_is_refused_not_waited_for(tiny, source):
+    r = mpi_cli("generate", "--devices", "cpu:0,1", "--model", tiny, "-q", *source, input="w5\n")  # no EOF comes
+    assert r.returncode != 0 and r.stdout == ""
+    assert r.stderr.count("tpmax: error: under mpirun the prompt cannot come from stdin") == 1, r.stderr
+
+
+@needs_mpirun
+def test_chat_under_mpirun_equals_one_process(run, tiny_chat):
+    turns = "w11 w12\nw13\n/exit\n"  # mpirun does not pass on the end of stdin: /exit ends the session
+    r = mpi_cli("chat", "--devices", "cpu:0,1", "--model", tiny_chat, "-q", "--max-new-tokens", "3", input=turns)
+    assert r.returncode == 0, r.stderr[-3000:]
+    one = run("chat", "--devices", "cpu:0,1", "--model", tiny_chat, "-q", "--max-new-tokens", "3", input=turns)
+    assert r.stdout == one.stdout and len(one.stdout.splitlines()) == 2
 
 
 # ------------------------------------------------------------------------------------------

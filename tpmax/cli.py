@@ -261,14 +261,15 @@ def add_generate_parser(sub) -> None:
 
 
 def prompts_of(args) -> list[str]:
-    """The prompts, from exactly one source: the words, --prompt, --file, or else a piped stdin.
-    Under mpirun only rank 0 has stdin: the other ranks get [] for a prompt read from it."""
+    """The prompts, from exactly one source: the words, --prompt, --file, or else a piped stdin
+    (not under mpirun, which does not pass on the end of stdin: reading it would never end)."""
     sources = [name for name, given in (("PROMPT words", args.words), ("--prompt", args.prompt),
                                         ("--file", args.file)) if given]
     if len(sources) > 1:
         raise CLIError(f"give prompts one way only, not {' and '.join(sources)}")
-    if not args.leader and (args.file == "-" or not sources):
-        return []
+    if (args.file == "-" or not sources) and _mpi_size() > 1:
+        raise CLIError("under mpirun the prompt cannot come from stdin (mpirun does not pass on its end): "
+                       "give it as words, with --prompt TEXT, or with --file PATH")
     if args.words:
         prompts = [" ".join(args.words)]
     elif args.prompt:
