@@ -290,13 +290,16 @@ def test_no_replacement_character_at_a_cut_off(run, tmp_path):
 
 
 def test_a_failed_prompt_is_named_and_exits_1(run, tiny, monkeypatch):
-    real = ENGINE._accept
-
-    def accept(engine, req, lg):  # prompt 1 fails in its first step
-        if req.id == 1:
+    class Boom:  # a detokenizer that fails: prompt 1's first token ends it with "error"
+        def push(self, token):
             raise RuntimeError("boom: out of memory")
-        return real(engine, req, lg)
-    monkeypatch.setattr(ENGINE, "_accept", accept)
+
+    real, n = ENGINE.submit, []
+
+    def submit(engine, prompt, params, detokenizer=None):
+        n.append(1)
+        return real(engine, prompt, params, detokenizer=Boom() if len(n) == 2 else detokenizer)
+    monkeypatch.setattr(ENGINE, "submit", submit)
     r = run("generate", "--model", tiny, "-q", "--stats", "--max-new-tokens", "2", "--prompt", "w5",
             "--prompt", "w6 w7 w8 w9 w10 w11 w12 w13", "--prompt", "w9")
     assert sorted(ln[:4] for ln in r.stdout.splitlines()) == ["[0] ", "[1] ", "[2] "]  # the others still print
