@@ -7,7 +7,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import tpmax
-from tpmax.generate import SamplingParams, sample
+from tpmax.sampling import SamplingParams, sample
 from tpmax.loader import load
 from conftest import FIX, make_chat_model_dir
 

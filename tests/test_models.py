@@ -15,7 +15,7 @@ import safetensors.numpy as stn
 from hypothesis import given, settings, strategies as st
 
 import tpmax
-from tpmax.generate import encode_prompt
+from tpmax.api import encode_prompt
 from tpmax.loader import load
 import reference as ref
 

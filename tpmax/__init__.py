@@ -3,7 +3,7 @@
 Layers of the package, bottom to top (dependencies point down):
 devices / errors / files -> sharding -> comm (mpi) -> distributed -> layers / quant /
 kv_cache -> attention -> config -> weights -> transformer -> executor -> tokenizer / hub ->
-loader -> generate -> serve -> cli.
+loader -> sampling / engine -> api -> serve -> cli.
 
 Importing the package is cheap: each public name is imported from its module on first use
 (so `tpmax --version` needs no NumPy).
@@ -37,7 +37,9 @@ _EXPORTS = {
     "loader": "Model load",
     "tokenizer": "StreamDecoder Tokenizer",
     "hub": "ModelFetchError default_model_path",
-    "generate": "Completion Engine Event SamplingParams Stats generate logits perplexity",
+    "sampling": "SamplingParams",
+    "engine": "Completion Engine Event Stats",
+    "api": "generate logits perplexity",
 }
 _HOME = {name: module for module, names in _EXPORTS.items() for name in names.split()}
 __all__ = sorted(_HOME)
@@ -59,8 +61,8 @@ def __dir__() -> list[str]:
 
 
 class _Package(types.ModuleType):
-    """`tpmax.generate` and `tpmax.devices` are functions, named like their modules: importing
-    the module must not rebind the package attribute to it."""
+    """`tpmax.devices` is a function named like its module: importing the module must not
+    rebind the package attribute to it."""
 
     def __setattr__(self, name: str, value) -> None:
         if not (isinstance(value, types.ModuleType) and name in _HOME):

@@ -183,7 +183,7 @@ def add_answer_args(p: argparse.ArgumentParser) -> None:
 
 
 def params_of(args):
-    from .generate import SamplingParams
+    from .sampling import SamplingParams
 
     return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                           top_p=args.top_p, seed=args.seed, stop=tuple(args.stop or ()))
@@ -292,7 +292,7 @@ def prompts_of(args) -> list[str]:
 def encode(model, prompt: str, *, system: str | None, chat: bool) -> list[int]:
     """Token ids of one prompt: through the chat template unless `chat` is off, after the
     `system` message if one is given (which needs the template)."""
-    from .generate import encode_chat, encode_prompt
+    from .api import encode_chat, encode_prompt
 
     if system is None:
         return encode_prompt(model, prompt, chat=chat)
@@ -316,7 +316,7 @@ def _generate(args) -> int:
 
 
 def _generate_on_leader(args, model, prompts: list[str], params) -> int:
-    from .generate import Engine, Stats
+    from .engine import Engine, Stats
     from .kv_cache import PAGE_SIZE
     from .sharding import ceil_div
 
@@ -394,7 +394,8 @@ def _chat(args) -> int:
 
 
 def _chat_on_leader(args, model, params) -> int:
-    from .generate import Engine, Stats, encode_chat
+    from .api import encode_chat
+    from .engine import Engine, Stats
 
     tty = sys.stdin.isatty()
     if tty and not args.quiet:
@@ -478,7 +479,7 @@ class Progress:
 
 
 def _perplexity(args) -> int:
-    from .generate import perplexity
+    from .api import perplexity
 
     text = read_text(args.file, what="--file")
     model = _load(args)

@@ -27,7 +27,9 @@ import uuid
 from pathlib import Path
 from typing import Callable
 
-from .generate import Completion, Engine, SamplingParams, encode_chat
+from .api import encode_chat
+from .engine import Completion, Engine
+from .sampling import SamplingParams
 from .loader import Model
 
 log = logging.getLogger("tpmax.serve")

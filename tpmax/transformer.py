@@ -224,10 +224,16 @@ def distributed_logits_postprocess(h: Sequence[Array], input_row_offsets, return
     def logits_at(rows: np.ndarray | None):
         xs = list(h) if rows is None else per_device(lambda x: x[_idx(x, rows)], h, devices=devs)
         ys = lm_head(forward_sharded_layers(norm_shards, xs, devices=devs), comm)  # per device [n, V]
-        with on_device_context(devs[r]):
-            y = ys[r].astype(np.float32)
-            return y / np.float32(logits_scaling) if logits_scaling != 1.0 else y
+        y = ys[r].astype(np.float32)
+        return y / np.float32(logits_scaling) if logits_scaling != 1.0 else y
 
+    with on_device_context(devs[r]):  # every gather below runs on the device whose copy is returned
+        return _postprocess(h[r], norm_shards[r], offs, last, logits_at, return_logits, return_n_logits,
+                            return_hidden_states)
+
+
+def _postprocess(h, norm, offs, last, logits_at, return_logits, return_n_logits, return_hidden_states) -> tuple:
+    """The rows `distributed_logits_postprocess` returns, from one device's hidden states `h`."""
     out: list = []
     if return_logits == ReturnLogits.ALL:
         all_logits = logits_at(None)
@@ -245,11 +251,11 @@ def distributed_logits_postprocess(h: Sequence[Array], input_row_offsets, return
     else:
         raise ValueError(f"unknown return_logits {return_logits!r}")
     if return_hidden_states == ReturnHiddenStates.LAST:
-        out.append(h[r][_idx(h[r], last)])
+        out.append(h[_idx(h, last)])
     elif return_hidden_states == ReturnHiddenStates.ALL:
-        out.append(h[r])
+        out.append(h)
     elif return_hidden_states == ReturnHiddenStates.ALL_NORMALIZED:
-        out.append(norm_shards[r](h[r]))
+        out.append(norm(h))
     elif return_hidden_states != ReturnHiddenStates.NONE:
         raise ValueError(f"unknown return_hidden_states {return_hidden_states!r}")
     return tuple(out)

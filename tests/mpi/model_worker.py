@@ -17,7 +17,7 @@ from pathlib import Path
 import safetensors.numpy as stn
 
 import tpmax
-from tpmax.generate import encode_prompt
+from tpmax.api import encode_prompt
 from tpmax.executor import LeaderError
 
 FIX = Path(__file__).resolve().parent.parent / "fixtures"
