@@ -568,7 +568,7 @@ def add_serve_parser(sub) -> None:
 def _serve(args) -> int:
     import importlib.util
 
-    missing = [m for m in ("starlette", "uvicorn") if importlib.util.find_spec(m) is None]
+    missing = [m for m in ("starlette", "uvicorn", "pydantic") if importlib.util.find_spec(m) is None]
     if missing:
         raise CLIError(f"tpmax serve needs the [serve] extra ({' and '.join(missing)} missing): in the tpmax "
                        f"checkout, pip install -e '.[serve]'")
