@@ -24,6 +24,7 @@ import tpmax
 from tpmax import serve
 from tpmax.api import encode_chat
 from tpmax.sampling import SamplingParams
+from tpmax.tokenizer import GenerationDefaults
 from conftest import make_chat_model_dir
 
 CONTEXT = 16384
@@ -492,7 +493,7 @@ class Wrapped:
 def test_unset_sampling_options_take_the_models_defaults(model):
     """A request without temperature / top_k samples as the model's generation defaults say
     (here: greedy); one that sets them is obeyed. Before, the server sampled at 1."""
-    for defaults in ({"temperature": 0.0}, {"temperature": 1.0, "top_k": 1}):
+    for defaults in (GenerationDefaults(temperature=0.0), GenerationDefaults(temperature=1.0, top_k=1)):
         s = InProcess(dataclasses.replace(model, tokenizer=Wrapped(model.tokenizer, generation_defaults=defaults)),
                       cache_tokens=512)
         try:

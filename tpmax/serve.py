@@ -100,9 +100,8 @@ class Routes:
         return req
 
     def params(self, req, default_max_tokens: Callable[[], int]) -> SamplingParams:
-        tok = self.model.tokenizer
         return sampling_params(req, default_max_tokens=default_max_tokens, eos=self.model.eos_token_ids,
-                               model_defaults=getattr(tok, "generation_defaults", None))
+                               model_defaults=getattr(self.model.tokenizer, "generation_defaults", None))
 
     async def chat_completions(self, request):
         req = await self.read(request, ChatRequest)

@@ -169,25 +169,19 @@ def check_model(req: _Request, name: str) -> None:
 # Sampling parameters.
 
 
-def _model_default(defaults, name: str):
-    if defaults is None:
-        return None
-    return defaults.get(name) if isinstance(defaults, dict) else getattr(defaults, name, None)
-
-
 def sampling_params(req: _Request, *, default_max_tokens: Callable[[], int], eos: tuple[int, ...],
                     model_defaults=None) -> SamplingParams:
     """SamplingParams from a request. Unset temperature / top_p / top_k take the model's own
-    defaults (`model_defaults`: a dict or object with those names, e.g. from its
-    generation_config.json), then OpenAI's (temperature 1, top_p 1, no top-k). Every range
-    is checked by `SamplingParams`; its ValueError becomes a 400 naming the request's param."""
+    defaults (`model_defaults`, the tokenizer's `GenerationDefaults`: None where the model's
+    files say nothing), then OpenAI's (temperature 1, top_p 1, no top-k). Every range is
+    checked by `SamplingParams`; its ValueError becomes a 400 naming the request's param."""
     max_name = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
 
     def pick(name: str, openai_default):
         v = getattr(req, name)
         if v is None:
-            v = _model_default(model_defaults, name)
+            v = getattr(model_defaults, name, None)
         return openai_default if v is None else v
 
     top_k = pick("top_k", 0)
