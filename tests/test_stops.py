@@ -4,6 +4,7 @@ import time
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from tpmax.sampling import SamplingParams
 from tpmax.stops import MAX_STOP_CHARS, MAX_STOPS, check_stops, split_held
 
 
@@ -58,7 +59,16 @@ def test_a_long_stop_string_is_linear():
 
 def test_bounds():
     check_stops(["x" * MAX_STOP_CHARS] * MAX_STOPS)
-    with pytest.raises(ValueError, match="at most 16 stop strings"):
+    with pytest.raises(ValueError, match="at most 16 are allowed"):
         check_stops(["x"] * (MAX_STOPS + 1))
     with pytest.raises(ValueError, match="at most 256 characters"):
         check_stops(["x" * (MAX_STOP_CHARS + 1)])
+
+
+def test_sampling_params_bound_stop_strings_and_temperature():
+    """The bounds hold wherever sampling parameters are made (server, CLI, API)."""
+    with pytest.raises(ValueError, match="^stop strings: at most 16"):
+        SamplingParams(stop=["x"] * (MAX_STOPS + 1))
+    with pytest.raises(ValueError, match="^temperature must be 0 \\(greedy\\) or at least"):
+        SamplingParams(temperature=1e-310)
+    assert SamplingParams(temperature=1e-4, stop=("x" * MAX_STOP_CHARS,) * MAX_STOPS).temperature == 1e-4

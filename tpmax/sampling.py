@@ -9,6 +9,11 @@ import math
 
 import numpy as np
 
+from .stops import check_stops
+
+# A positive temperature below this overflows softmax(l / T) (1e-310 gave NaN probabilities).
+MIN_TEMPERATURE = 1e-4
+
 
 def is_int(x) -> bool:
     return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
@@ -37,8 +42,8 @@ class SamplingParams:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float, np.floating, np.integer)) or not math.isfinite(v):
                 raise ValueError(f"{name} must be a finite number, got {v!r}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.temperature < 0 or 0 < self.temperature < MIN_TEMPERATURE:
+            raise ValueError(f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE}, got {self.temperature}")
         if not is_int(self.top_k) or self.top_k < 0:
             raise ValueError(f"top_k must be an integer >= 0, got {self.top_k!r}")
         if not 0 < self.top_p <= 1:
@@ -49,6 +54,7 @@ class SamplingParams:
         for s in stop:
             if not isinstance(s, str) or not s:
                 raise ValueError(f"stop strings must be non-empty strings, got {s!r}")
+        check_stops(stop)
         object.__setattr__(self, "stop", stop)
         if self.stop_token_ids is not None:
             if not all(is_int(t) for t in self.stop_token_ids):

@@ -10,13 +10,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .engine import Completion
 from .sampling import SamplingParams
-from .stops import check_stops
 
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
-# A positive temperature below this divides float32 logits past float64's range (1e-310
-# gave NaN probabilities); 0 is greedy.
-MIN_TEMPERATURE = 1e-4
 # Accepted when unset, 0, false or empty; anything else would be silently ignored: a 400.
 UNSUPPORTED = ("logprobs", "top_logprobs", "echo", "suffix", "tools", "functions", "logit_bias", "presence_penalty",
                "frequency_penalty")
@@ -198,13 +194,6 @@ def sampling_params(req: _Request, *, default_max_tokens: Callable[[], int], eos
         msg = str(e)
         param = names.get(msg.split(" ", 1)[0])
         raise bad(param, f"'{param}': {msg}" if param else msg) from None
-    if 0 < p.temperature < MIN_TEMPERATURE:
-        raise bad("temperature", f"'temperature' must be 0 (greedy) or at least {MIN_TEMPERATURE}, "
-                                 f"got {p.temperature}")
-    try:
-        check_stops(p.stop)
-    except ValueError as e:
-        raise bad("stop", f"'stop': {e}") from None
     return p
 
 

@@ -19,10 +19,10 @@ def check_stops(stop: Sequence[str]) -> None:
     """Raise ValueError unless `stop` holds at most MAX_STOPS strings of at most
     MAX_STOP_CHARS characters each."""
     if len(stop) > MAX_STOPS:
-        raise ValueError(f"at most {MAX_STOPS} stop strings are allowed, got {len(stop)}")
+        raise ValueError(f"stop strings: at most {MAX_STOPS} are allowed, got {len(stop)}")
     for s in stop:
         if len(s) > MAX_STOP_CHARS:
-            raise ValueError(f"a stop string may have at most {MAX_STOP_CHARS} characters, got {len(s)}")
+            raise ValueError(f"stop strings: at most {MAX_STOP_CHARS} characters each, got one of {len(s)}")
 
 
 @functools.lru_cache(maxsize=1024)
