@@ -20,7 +20,7 @@ from tpmax.loader import load
 import reference as ref
 
 FIX = Path(__file__).parent / "fixtures"
-HF_CASES = ["llama", "llama_tied", "mistral", "qwen2", "qwen3", "granite", "llama_sharded"]
+HF_CASES = ["llama", "llama_tied", "mistral", "qwen2", "qwen3", "granite", "llama_sharded", "llama_linear"]
 
 
 def spec(tp):
@@ -41,6 +41,15 @@ def test_hf_checkpoints_match_transformers(case, tp):
     for got, (_, want) in zip(out, pairs):
         assert got.dtype == np.float32 and got.shape == want.shape
         assert np.abs(got - want).max() <= 1e-4
+
+
+def test_linear_rope_scaling_is_what_transformers_applies():
+    """The llama_linear fixture's logits need its linear scaling: without it they differ."""
+    model = load(FIX / "hf" / "llama_linear", devices="cpu:0,1", progress=False)
+    assert model.cfg.rope_scaling == tpmax.LinearScaling(4.0)
+    unscaled = dataclasses.replace(model, cfg=dataclasses.replace(model.cfg, rope_scaling=None))
+    (ids, want), = hf_reference("llama_linear")[2:]
+    assert np.abs(tpmax.logits(unscaled, [ids])[0] - want).max() > 0.05
 
 
 def test_transformers_4x_config_spelling(tmp_path):
