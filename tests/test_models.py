@@ -4,6 +4,7 @@ reference, the real SmolLM2 GGUF against transformers' greedy answer and perplex
 malformed-input case."""
 import dataclasses
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -408,31 +409,79 @@ def test_huge_layer_count_fails_before_allocating(tmp_path):
         load(d, progress=False)
 
 
-# Config values: every key a config may carry, and values of every wrong type and range.
-CONFIG_KEYS = ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-               "head_dim", "intermediate_size", "rms_norm_eps", "max_position_embeddings", "tie_word_embeddings",
-               "attention_bias", "mlp_bias", "hidden_act", "rope_theta", "rope_parameters", "rope_scaling"]
-BAD_VALUES = st.sampled_from(["false", "true", "12", 0, -1, 0.0, -1e-5, 1e30, 10**12, float("nan"), float("inf"),
-                              None, [], {}, [1, 2], {"rope_type": "llama3", "factor": -2.0},
-                              {"rope_type": "linear", "factor": 0}, {"rope_type": "llama3"}, True, 3.5])
+# Config values: every key a config may carry, and values of every type and range. The
+# expected outcome is written from what each key means (Hugging Face's config semantics).
+BASE_5X = json.loads((FIX / "hf" / "llama" / "config.json").read_text())  # rope_parameters
+BASE_4X = {k: v for k, v in BASE_5X.items() if k != "rope_parameters"}  # rope_theta + rope_scaling
+BASE_4X["rope_theta"] = BASE_5X["rope_parameters"]["rope_theta"]
+BASE_4X["rope_scaling"] = {k: v for k, v in BASE_5X["rope_parameters"].items() if k != "rope_theta"}
+INT_KEYS = {"vocab_size": "vocab_size", "hidden_size": "hidden_size", "num_hidden_layers": "n_layers",
+            "num_attention_heads": "n_heads", "num_key_value_heads": "n_kv_heads", "head_dim": "head_dim",
+            "intermediate_size": "ffn_size", "max_position_embeddings": "max_seq_len"}
+OPTIONAL_INTS = {"num_key_value_heads": 6, "head_dim": 8, "max_position_embeddings": 4096}  # defaults here
+CONFIG_KEYS = list(INT_KEYS) + ["rms_norm_eps", "tie_word_embeddings", "attention_bias", "mlp_bias", "hidden_act",
+                                "rope_theta", "rope_parameters", "rope_scaling"]
+LINEAR2 = {"rope_type": "linear", "factor": 2.0}
+VALUES = ["false", "true", "12", "gelu_pytorch_tanh", 0, -1, 4, 0.0, -1e-5, 2.5, 1e30, 10**12,
+                          float("nan"), float("inf"), None, [], {}, [1, 2], {"rope_type": "llama3", "factor": -2.0},
+                          {"rope_type": "linear", "factor": 0}, {"rope_type": "llama3"}, LINEAR2, True, False, 3.5]
 
 
-@settings(max_examples=150, deadline=None)
-@given(st.sampled_from(CONFIG_KEYS), BAD_VALUES)
-def test_config_values_are_type_and_range_checked(key, value):
-    base = json.loads((FIX / "hf" / "llama" / "config.json").read_text())
-    c = {**base, key: value}
-    try:
-        cfg = tpmax.ModelConfig.from_hf_config(c, source="cfg.json")
-    except tpmax.ConfigError as e:
-        assert str(e).startswith("cfg.json: ")  # names the file
-        return
-    # Accepted: then every field is a sane value of its type (nothing coerced silently).
-    for f in ("vocab_size", "hidden_size", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_size"):
-        v = getattr(cfg, f)
-        assert isinstance(v, int) and not isinstance(v, bool) and v > 0
-    assert isinstance(cfg.tie_embeddings, bool) and cfg.norm_eps > 0 and cfg.rope_theta > 0
-    assert not isinstance(value, str) or key in ("rope_theta", "rope_scaling")  # superseded by rope_parameters
+def expected_fields(key, value):
+    """The ModelConfig fields `{key: value}` must change in the base config, or None when
+    the value must be refused."""
+    is_int = isinstance(value, int) and not isinstance(value, bool)
+    is_num = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if key in INT_KEYS:
+        if value is None:
+            value = OPTIONAL_INTS.get(key)
+        elif not (is_int and 0 < value <= (4096 if key == "num_hidden_layers" else 2**32)):
+            return None
+        if value is None:  # a required key
+            return None
+        heads = {"n_heads": 6, "n_kv_heads": 2, INT_KEYS[key]: value}
+        return {INT_KEYS[key]: value} if heads["n_heads"] % heads["n_kv_heads"] == 0 else None
+    if key in ("rms_norm_eps", "rope_theta"):
+        field, default = {"rms_norm_eps": ("norm_eps", 1e-6), "rope_theta": ("rope_theta", 10000.0)}[key]
+        return {field: default} if value is None else {field: float(value)} if is_num and value > 0 else None
+    if key in ("tie_word_embeddings", "attention_bias", "mlp_bias"):
+        if value is not None and not isinstance(value, bool):
+            return None
+        if key == "tie_word_embeddings":
+            return {"tie_embeddings": bool(value)}
+        return None if value else {}  # llama has no o_proj / MLP bias
+    if key == "hidden_act":
+        return {"activation": {None: "silu", "gelu_pytorch_tanh": "gelu_tanh"}[value]} if value in (
+            None, "gelu_pytorch_tanh") else None
+    # rope_parameters (5.x: theta inside, 10000 when absent) or rope_scaling (4.x: theta beside it)
+    theta = {} if key == "rope_scaling" else {"rope_theta": 10000.0}
+    if value is None or value == {}:
+        return {**theta, "rope_scaling": None}
+    return {**theta, "rope_scaling": tpmax.LinearScaling(2.0)} if value == LINEAR2 else None
+
+
+@pytest.mark.parametrize("key", CONFIG_KEYS)
+def test_config_values_are_type_and_range_checked(key):
+    base = BASE_4X if key in ("rope_theta", "rope_scaling") else BASE_5X
+    base_cfg = tpmax.ModelConfig.from_hf_config(base)
+    for value in VALUES:
+        want = expected_fields(key, value)
+        try:
+            cfg = tpmax.ModelConfig.from_hf_config({**base, key: value}, source="cfg.json")
+        except tpmax.ConfigError as e:
+            assert want is None, (value, e)
+            assert str(e).startswith("cfg.json: ")  # names the file
+            continue
+        assert want is not None, (value, cfg)
+        assert cfg == dataclasses.replace(base_cfg, **want), value  # that field, as given; nothing else changed
+
+
+def test_config_property_covers_both_rope_spellings():
+    """The base configs differ where the property needs them to: 5.x reads only
+    rope_parameters, 4.x only rope_theta + rope_scaling, and both say the same."""
+    new, old = (tpmax.ModelConfig.from_hf_config(c) for c in (BASE_5X, BASE_4X))
+    assert new == old and new.rope_scaling is not None
+    assert "rope_theta" not in BASE_5X and "rope_parameters" not in BASE_4X
 
 
 def test_string_false_is_not_true(tmp_path):
