@@ -13,7 +13,6 @@ import gguf
 import numpy as np
 import pytest
 import safetensors.numpy as stn
-from hypothesis import given, settings, strategies as st
 
 import tpmax
 from tpmax.generate import encode_prompt
