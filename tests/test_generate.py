@@ -1,14 +1,16 @@
 """Sampling, continuous batching (admission, preemption, isolation of faults), stop
 conditions, streaming, and the CLI."""
 import dataclasses
+import json
 import math
+import shutil
 
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import tpmax
-from tpmax.generate import SamplingParams, sample
+from tpmax.generate import SamplingParams, encode_prompt, sample
 from tpmax.loader import load
 from conftest import FIX, make_chat_model_dir
 
@@ -62,6 +64,42 @@ def test_stop_token_and_eos(tiny):
     engine.submit(prompt, SamplingParams(max_new_tokens=10, stop_token_ids=(first[2],)))
     (c,) = engine.run()
     assert c.tokens == first and c.finish_reason == "stop"
+
+
+def rewrite_json(path, fn):
+    c = json.loads(path.read_text())
+    fn(c)
+    path.write_text(json.dumps(c))
+
+
+@pytest.mark.parametrize("where", ["generation_config", "config", "chat"])
+def test_default_params_stop_at_the_models_eos(tmp_path, where):
+    """No stop_token_ids given: generation ends at the EOS id the model directory names
+    (generation_config.json's list, config.json's id when that is absent, or through
+    `tpmax.generate` with a tokenizer), finish reason "stop", the EOS its last token."""
+    d = tmp_path / "m"
+    if where == "chat":
+        make_chat_model_dir(d)
+    else:
+        shutil.copytree(FIX / "hf" / "llama", d)
+    model = load(d, devices="cpu:0,1", progress=False)
+    prompt = encode_prompt(model, "hi") if where == "chat" else [1, 2, 3]
+    greedy = greedy_ref(model, prompt, 4)
+    eos, other = greedy[2], 7
+    assert {eos, other, 2}.isdisjoint(greedy[:2])  # the EOS comes third, no other stop id before
+    if where == "config":
+        (d / "generation_config.json").unlink()
+        rewrite_json(d / "config.json", lambda c: c.update(eos_token_id=eos))
+    else:  # config.json keeps its eos_token_id 2
+        rewrite_json(d / "generation_config.json", lambda c: c.update(eos_token_id=[other, eos]))
+    model = load(d, devices="cpu:0,1", progress=False)
+    if where == "chat":
+        (c,) = tpmax.generate(model, ["hi"])
+    else:
+        engine = tpmax.Engine(model, cache_tokens=128)  # room for the default max_new_tokens
+        engine.submit(prompt)
+        (c,) = engine.run()
+    assert (c.tokens, c.finish_reason) == (greedy[:3], "stop")
 
 
 def mixed_requests(model, n, seed):

@@ -79,8 +79,9 @@ GGUF_NAMES = {"attn_norm": "attn_norm", "q_proj": "attn_q", "k_proj": "attn_k", 
               "down_proj": "ffn_down"}
 
 
-def write_gguf(path, cfg, full, qtype, *, tied=False, skip=(), extra_meta=None):
-    """Write `full` (table names, HF layout) as a llama GGUF; returns the dequantized weights."""
+def write_gguf(path, cfg, full, qtype, *, tied=False, skip=(), meta=None):
+    """Write `full` (table names, HF layout) as a llama GGUF, `meta(writer)` adding metadata;
+    returns the dequantized weights."""
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_block_count(cfg.n_layers)
     w.add_embedding_length(cfg.hidden_size)
@@ -91,8 +92,8 @@ def write_gguf(path, cfg, full, qtype, *, tied=False, skip=(), extra_meta=None):
     w.add_layer_norm_rms_eps(cfg.norm_eps)
     w.add_context_length(cfg.max_seq_len)
     w.add_vocab_size(cfg.vocab_size)
-    for k, v in (extra_meta or {}).items():
-        w.add_string(k, v)
+    if meta is not None:
+        meta(w)
     deq = {}
     qt = gguf.GGMLQuantizationType[qtype]
     for name, a in full.items():
@@ -153,6 +154,45 @@ def test_gguf_tied_output(tmp_path):
     np.testing.assert_allclose(tpmax.logits(model, [seq])[0],
                                ref.forward(deq, dataclasses.replace(GGUF_CFG, tie_embeddings=True), seq)[0],
                                rtol=1e-4, atol=1e-4)
+
+
+def byte_tokenizer(eos, eot=None):
+    """GGUF metadata of a byte-level tokenizer of 260 tokens (<unk> <s> </s>, the bytes, "ab")."""
+    from tokenizers import pre_tokenizers
+
+    def meta(w):
+        tokens = ["<unk>", "<s>", "</s>"] + sorted(pre_tokenizers.ByteLevel.alphabet()) + ["ab"]
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre("gpt2")
+        w.add_token_list(tokens)
+        w.add_token_merges(["a b"])
+        w.add_token_types([3] * 3 + [1] * (len(tokens) - 3))
+        w.add_bos_token_id(1)
+        w.add_eos_token_id(eos)
+        if eot is not None:
+            w.add_eot_token_id(eot)
+    return meta
+
+
+@pytest.mark.parametrize("key", ["eos", "eot"])
+def test_gguf_eos_stops_generation_by_default(tmp_path, key):
+    """No stop_token_ids given: generation ends at the GGUF's tokenizer.ggml.eos_token_id (or
+    its end-of-turn id), finish reason "stop"."""
+    cfg = dataclasses.replace(GGUF_CFG, vocab_size=260)
+    full = tpmax.random_weights(cfg, seed=6, std=0.2)
+    path, prompt = tmp_path / "m.gguf", [1, 40, 41]
+    write_gguf(path, cfg, full, "F32", meta=byte_tokenizer(eos=2))
+    model = load(path, devices="cpu:0,1", progress=False)
+    greedy = []
+    for _ in range(4):
+        greedy.append(int(tpmax.logits(model, [prompt + greedy])[0][-1].argmax()))
+    assert {greedy[2], 2}.isdisjoint(greedy[:2])  # the stop id comes third
+    eos = dict(eos=greedy[2]) if key == "eos" else dict(eos=2, eot=greedy[2])
+    write_gguf(path, cfg, full, "F32", meta=byte_tokenizer(**eos))
+    engine = tpmax.Engine(load(path, devices="cpu:0,1", progress=False), cache_tokens=64)
+    engine.submit(prompt)  # default sampling parameters
+    (c,) = engine.run()
+    assert (c.tokens, c.finish_reason) == (greedy[:3], "stop")
 
 
 # ------------------------------------------------------------------------------------------
