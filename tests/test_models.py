@@ -237,6 +237,8 @@ BAD_HF = {
     "unsupported rope": (lambda d: edit_config(d, lambda c: c["rope_parameters"].update(rope_type="yarn")),
                          "unsupported rope scaling type 'yarn'"),
     "no weights": (lambda d: (d / "model.safetensors").unlink(), "no model\\*.safetensors weights"),
+    "pickle only": (lambda d: (d / "model.safetensors").rename(d / "pytorch_model.bin"),
+                    r"no model\*.safetensors weights \(pickled .bin checkpoints are not loaded\)"),
     "no config": (lambda d: (d / "config.json").unlink(), "no config.json"),
 }
 
@@ -256,6 +258,15 @@ def test_sharded_index_lists_missing_file(tmp_path):
     next(d.glob("model-00002-*.safetensors")).unlink()
     with pytest.raises(tpmax.LoadError, match="listed in the index but missing"):
         load(d, progress=False)
+
+
+def test_shards_without_an_index_load(tmp_path):
+    d = hf_copy(tmp_path, "llama_sharded")
+    (d / "model.safetensors.index.json").unlink()  # the model*.safetensors files are read instead
+    model = load(d, devices="cpu:0,1", progress=False)
+    for got, (_, want) in zip(tpmax.logits(model, [ids for ids, _ in hf_reference("llama_sharded")]),
+                              hf_reference("llama_sharded")):
+        assert np.abs(got - want).max() <= 1e-4
 
 
 def test_heads_that_cannot_be_split(tmp_path):
