@@ -61,21 +61,20 @@ def tpmax_decode(model, prompts: np.ndarray, steps: int, warmup: int) -> tuple[c
 
     Returns (step timing, batch row 0's generated tokens, prefill seconds).
     """
-    from tpmax.generate import forward
-
     B, P = prompts.shape
-    cache = model.new_cache(B * (P + warmup + steps + 16))
+    ex = model.executor
+    cache = ex.new_cache(B * (P + warmup + steps + 16))
     seqs = list(range(B))
     for s in seqs:
         cache.add(s)
     t0 = time.perf_counter()
-    (last,) = forward(model, cache, seqs, prompts)  # reserve, forward, commit
+    (last,) = ex.run(cache, ex.step(seqs, prompts))  # reserve, forward, commit
     prefill_s = time.perf_counter() - t0
     nxt = np.asarray(last).argmax(-1)  # [B]
     out, times = [int(nxt[0])], []
     for _ in range(warmup + steps):
         t0 = time.perf_counter()
-        (last,) = forward(model, cache, seqs, nxt[:, None])
+        (last,) = ex.run(cache, ex.step(seqs, nxt[:, None]))
         nxt = np.asarray(last).argmax(-1)
         times.append(time.perf_counter() - t0)
         out.append(int(nxt[0]))

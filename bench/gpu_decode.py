@@ -115,10 +115,10 @@ def new_cache(cfg, devices, dtype, n_seqs: int, tokens_per_seq: int, page_size: 
     """A paged KV cache with room for `n_seqs` sequences of `tokens_per_seq` tokens each
     (sequences do not share pages, so each is rounded up to whole pages)."""
     import tpmax
+    from tpmax.executor import new_kv_cache
 
-    params = tpmax.KVCacheParams(str(tpmax.as_dtype(dtype)), cfg.n_kv_heads, cfg.head_dim, page_size, cfg.n_layers,
-                                 tuple(devices), n_heads=cfg.n_heads)
-    return tpmax.PagedKVCache(params, n_seqs * -(-tokens_per_seq // page_size))
+    per_seq = -(-tokens_per_seq // page_size) * page_size
+    return new_kv_cache(cfg, devices, str(tpmax.as_dtype(dtype)), n_seqs * per_seq, page_size=page_size)
 
 
 # ------------------------------------------------------------------------------------------
@@ -126,18 +126,12 @@ def new_cache(cfg, devices, dtype, n_seqs: int, tokens_per_seq: int, page_size: 
 
 
 def forward(weights, cfg, tokens, offsets, cache, seq_ids, comm):
-    """One forward pass of a ragged batch: reserve its KV slots, compute, commit (roll back on
-    failure). Last-token logits `[B, V]` on device 0. The only call of the forward API here."""
+    """One forward pass of a ragged batch through tpmax's executor (reserve its KV slots,
+    compute, commit; roll back on failure). Last-token logits `[B, V]` on device 0."""
     import tpmax
 
-    n_new = np.diff(np.asarray(offsets)).tolist()
-    slots = cache.reserve(seq_ids, n_new)
-    try:
-        (last,) = tpmax.distributed_transformer(weights, cfg, tokens, offsets, cache.pages, slots, comm)
-    except BaseException:
-        cache.rollback(seq_ids)
-        raise
-    cache.commit(seq_ids, n_new)
+    ex = tpmax.Executor(weights, cfg, comm, cache.params.dtype)
+    (last,) = ex.run(cache, ex.step(seq_ids, np.split(np.asarray(tokens), np.asarray(offsets)[1:-1])))
     return last
 
 

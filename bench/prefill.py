@@ -33,14 +33,13 @@ def figures(backend: str, T: int, t: common.Timing, *, cfg, roof: dict, **extra)
 
 
 def tpmax_prefill(model, ids: np.ndarray, *, warmup: int, repeats: int) -> common.Timing:
-    from tpmax.generate import forward
-
     T = len(ids)
-    cache = model.new_cache(T + 16)
+    ex = model.executor
+    cache = ex.new_cache(T + 16)
 
     def once():
         cache.add(0)
-        (last,) = forward(model, cache, [0], [ids])
+        (last,) = ex.run(cache, ex.step([0], [ids]))
         int(np.asarray(last).argmax())
         cache.release(0)
 

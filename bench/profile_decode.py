@@ -23,7 +23,6 @@ import decode  # noqa: E402
 
 def main(argv=None) -> int:
     import tpmax
-    from tpmax.generate import forward
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--devices", default="cpu:0,1")
@@ -36,18 +35,19 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     model = tpmax.load(common.model_path(args.model), devices=args.devices, progress=False)
     B, P = args.batch, args.prompt
-    cache = model.new_cache(B * (P + args.steps + 20))
+    ex = model.executor
+    cache = ex.new_cache(B * (P + args.steps + 20))
     seqs = list(range(B))
     for s in seqs:
         cache.add(s)
     prompts = decode.prompts_for(B, P, model.cfg.vocab_size)
-    (last,) = forward(model, cache, seqs, prompts)
+    (last,) = ex.run(cache, ex.step(seqs, prompts))
     nxt = np.asarray(last).argmax(-1)
 
     def steps(n):
         nonlocal nxt
         for _ in range(n):
-            (lg,) = forward(model, cache, seqs, nxt[:, None])
+            (lg,) = ex.run(cache, ex.step(seqs, nxt[:, None]))
             nxt = np.asarray(lg).argmax(-1)
 
     steps(3)  # warm-up

@@ -6,7 +6,7 @@ measured in one run, with each rank's decode step profiled (BLAS, collectives, t
 This machine is memory-bandwidth bound with few cores, so TP here measures the cost of the
 TP structure (split matmuls, collectives, per-device Python), not added hardware. The MPI
 case runs this script under `mpirun -n 2` (`--mpi-worker`): rank 0 times and profiles,
-rank 1 follows it step by step (`tpmax.spmd`).
+rank 1 follows it step by step (`tpmax.executor`).
 
     python bench/tp_scaling.py [--steps 24] [--repeats 3] [--model PATH] [--out DIR]
 """
@@ -101,17 +101,16 @@ def mpi_ranks(path: Path, spec: str, n: int, args) -> dict | None:
 def mpi_worker(args) -> int:
     """One rank of the MPI case: rank 0 measures, the others follow it."""
     import tpmax
-    from tpmax import spmd
 
     model = tpmax.load(args.model, devices=args.devices, dtype="float32", progress=False)
-    if not spmd.is_leader(model):
-        spmd.follow(model)
-        return 0
-    with spmd.session(model):
+
+    def lead():
         row = {"setup": f"{args.devices} ({model.comm.mpi.Get_size()} MPI ranks)", "tp": model.comm.tp,
                **measure(model, args)}
         row["profile"] = profile_decode(model, args)
-    Path(args.mpi_worker).write_text(json.dumps(row))
+        Path(args.mpi_worker).write_text(json.dumps(row))
+
+    model.executor.call(lead)
     return 0
 
 

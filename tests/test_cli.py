@@ -109,7 +109,7 @@ def test_stop_reason_is_reported(tiny):
 ERROR_RUN = """
 import sys, types
 import tpmax
-g = sys.modules["tpmax.generate"]  # the module (the package's `generate` is the function)
+g = sys.modules["tpmax.api"]
 real = g.generate
 def generate(model, prompts, *a, **kw):
     outs = real(model, prompts, *a, **kw)

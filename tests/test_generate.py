@@ -10,7 +10,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import tpmax
-from tpmax.generate import SamplingParams, encode_prompt, sample
+from tpmax.api import encode_prompt
+from tpmax.sampling import SamplingParams, sample
 from tpmax.loader import load
 from conftest import FIX, make_chat_model_dir
 

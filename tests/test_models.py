@@ -15,7 +15,7 @@ import pytest
 import safetensors.numpy as stn
 
 import tpmax
-from tpmax.generate import encode_prompt
+from tpmax.api import encode_prompt
 from tpmax.loader import load
 import reference as ref
 
@@ -352,7 +352,7 @@ def test_half_precision_weights(dtype, tol):
     with pytest.warns(UserWarning, match=f"{dtype} on CPU runs slower than float32"):
         model = load(FIX / "hf" / "llama", devices="cpu:0,1", dtype=dtype, progress=False)
     assert model.weights.layers[0].w13[1].dtype == tpmax.as_dtype(dtype)
-    assert model.new_cache(16).pages[0].dtype == tpmax.as_dtype(dtype)
+    assert model.executor.new_cache(16).pages[0].dtype == tpmax.as_dtype(dtype)
     for ids, want in hf_reference("llama"):
         (got,) = tpmax.logits(model, [ids])
         assert got.dtype == np.float32

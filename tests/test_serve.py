@@ -15,7 +15,8 @@ import openai
 import pytest
 
 import tpmax
-from tpmax.generate import SamplingParams, encode_chat
+from tpmax.api import encode_chat
+from tpmax.sampling import SamplingParams
 from conftest import make_chat_model_dir
 
 CONTEXT = 16384

@@ -2,8 +2,8 @@
 
 Layers of the package, bottom to top (dependencies point down):
 devices / errors / files -> sharding -> comm (mpi) -> distributed -> layers / quant /
-kv_cache -> attention -> config -> weights -> transformer -> spmd -> tokenizer / hub ->
-loader -> generate -> serve -> cli.
+kv_cache -> attention -> config -> weights -> transformer -> executor -> tokenizer / hub ->
+loader -> sampling / engine -> api -> serve -> cli.
 """
 from .attention import (AttentionConfig, AttentionWeights, MHAMaskVariant, materialize_kv_from_hidden,
                         tensor_parallel_attention_with_rope)
@@ -14,16 +14,20 @@ from .devices import (Device, as_dtype, asarray, bfloat16, device_of, devices, g
 from .errors import ChatTemplateError, LoadError
 from .distributed import ShardableCallable, distribute_value, forward_sharded_layers, per_device, take
 from .kv_cache import KVCacheFullError, KVCacheParams, PagedKVCache
+from .quant import fp8_linear, gptq_linear
 from .layers import (DistributedGemmConfig, Llama3Scaling, LinearScaling, RotaryEmbedding, column_parallel_linear,
                      linear, mlp, rms_norm, row_parallel_linear, vocab_parallel_embedding)
 from .sharding import LAYER_SHARDING, MODEL_SHARDING, head_shard, split_bounds, split_sizes
 from .transformer import (ReturnHiddenStates, ReturnLogits, distributed_logits_postprocess,
                           distributed_transformer, distributed_transformer_block)
 from .weights import DictSource, LayerWeights, WeightError, Weights, random_weights, shard_weights
+from .executor import Executor, PassOptions, Step
 from .loader import Model, load
 from .tokenizer import StreamDecoder, Tokenizer
 from .hub import ModelFetchError, default_model_path
-from .generate import Completion, Engine, Event, SamplingParams, Stats, generate, logits, perplexity
+from .sampling import SamplingParams
+from .engine import Completion, Engine, Event, Stats
+from .api import generate, logits, perplexity
 
 __version__ = "0.1.0"
 
@@ -39,6 +43,7 @@ __all__ = [
     "DistributedGemmConfig",
     "Engine",
     "Event",
+    "Executor",
     "InProcessCommunicator",
     "KVCacheFullError",
     "KVCacheParams",
@@ -54,12 +59,14 @@ __all__ = [
     "ModelFetchError",
     "NcclCommunicator",
     "PagedKVCache",
+    "PassOptions",
     "ReturnHiddenStates",
     "ReturnLogits",
     "RotaryEmbedding",
     "SamplingParams",
     "ShardableCallable",
     "Stats",
+    "Step",
     "StreamDecoder",
     "Tokenizer",
     "WeightError",
@@ -77,8 +84,10 @@ __all__ = [
     "distributed_transformer",
     "distributed_transformer_block",
     "forward_sharded_layers",
+    "fp8_linear",
     "generate",
     "gpu_count",
+    "gptq_linear",
     "head_shard",
     "linear",
     "load",

@@ -36,7 +36,8 @@ class AttentionConfig:
 
     `scale` defaults to `1/sqrt(head_dim)`; `qk_norm_eps` is None without qk-norm;
     `sliding_window` is the window of `SLIDING_WINDOW_CAUSAL_MASK` (a token sees itself and
-    the previous `window - 1` tokens); `interleaved` is the RoPE layout.
+    the previous `window - 1` tokens); `clip_qkv` clamps the q/k/v projection *weights* to
+    `[-clip_qkv, clip_qkv]` (MAX's `clip_qkv`). The RoPE layout is the `RotaryEmbedding`'s.
     """
 
     n_heads: int
@@ -46,12 +47,14 @@ class AttentionConfig:
     mask: MHAMaskVariant = MHAMaskVariant.CAUSAL_MASK
     sliding_window: int | None = None
     qk_norm_eps: float | None = None
-    interleaved: bool = False
+    clip_qkv: float | None = None
 
     def __post_init__(self):
         check_heads(self.n_heads, self.n_kv_heads)
         if self.mask == MHAMaskVariant.SLIDING_WINDOW_CAUSAL_MASK and not (self.sliding_window or 0) > 0:
             raise ValueError("SLIDING_WINDOW_CAUSAL_MASK needs a positive sliding_window")
+        if self.clip_qkv is not None and not self.clip_qkv > 0:
+            raise ValueError(f"clip_qkv must be positive (or None), got {self.clip_qkv}")
 
     @property
     def softmax_scale(self) -> float:
@@ -139,7 +142,7 @@ def attention_inputs(cfg: AttentionConfig, rope: RotaryEmbedding, slots: BatchSl
     `block`: queries per prefill block (scores of at most `[heads, block, L]` at a time).
     """
     cos, sin = rope.cos_sin(slots.positions)  # [T, hd/2] each
-    host_rope = RopeTables.build(cos, sin, interleaved=cfg.interleaved)
+    host_rope = RopeTables.build(cos, sin, interleaved=rope.interleaved)
     offs = [int(o) for o in slots.input_row_offsets]
     starts = [int(s) for s in slots.start]
     lengths = [int(s + e - a) for s, a, e in zip(starts, offs[:-1], offs[1:])]
@@ -203,7 +206,7 @@ def qkv_rope(x: Array, w: AttentionWeights, heads: HeadShard, cfg: AttentionConf
              rope: RopeTables) -> tuple[Array, Array, Array]:
     """Project and rotate: x `[T, D]` -> q `[T, n_q, hd]`, k, v `[T, n_kv, hd]`."""
     T, hd, nq, nkv = x.shape[0], cfg.head_dim, heads.n_q, heads.n_kv
-    qkv = linear(x, w.wqkv, w.bqkv).reshape(T, nq + 2 * nkv, hd)  # [T, n_q + 2 n_kv, hd]
+    qkv = linear(x, w.wqkv, w.bqkv, clip_weight=cfg.clip_qkv).reshape(T, nq + 2 * nkv, hd)  # [T, n_q+2n_kv, hd]
     qk, v = qkv[:, :nq + nkv], qkv[:, nq + nkv:]
     if cfg.qk_norm_eps is not None:
         qk = xp_of(x).concatenate([rms_norm(qk[:, :nq], w.q_norm, eps=cfg.qk_norm_eps),

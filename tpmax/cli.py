@@ -223,7 +223,9 @@ def _first_words(text: str, n: int = 6) -> str:
 
 
 def _generate(args) -> int:
-    from .generate import SamplingParams, Stats, generate
+    from .api import generate
+    from .engine import Stats
+    from .sampling import SamplingParams
 
     prompts = prompts_of(args)
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
@@ -303,7 +305,7 @@ class Progress:
 
 
 def _perplexity(args) -> int:
-    from .generate import perplexity
+    from .api import perplexity
 
     text = read_text(args.file, what="--file")
     model = _load(args)
@@ -421,7 +423,7 @@ def main(argv=None) -> int:
     if not args.leader:  # under mpirun only rank 0 prints; the other ranks compute with it
         sys.stdout = open(os.devnull, "w")
         args.quiet = True
-    from .spmd import LeaderError
+    from .executor import LeaderError
 
     try:
         return args.run(args)

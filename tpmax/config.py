@@ -84,8 +84,7 @@ class ModelConfig:
             n_heads=self.n_heads, n_kv_heads=self.n_kv_heads, head_dim=self.head_dim,
             scale=self.attention_scale,
             mask=MHAMaskVariant.SLIDING_WINDOW_CAUSAL_MASK if window else MHAMaskVariant.CAUSAL_MASK,
-            sliding_window=window, qk_norm_eps=self.norm_eps if self.qk_norm else None,
-            interleaved=self.rope_interleaved)
+            sliding_window=window, qk_norm_eps=self.norm_eps if self.qk_norm else None)
 
     @functools.cache
     def rope(self) -> RotaryEmbedding:

@@ -20,6 +20,8 @@ import numpy as np
 from .devices import Array, Device, as_dtype, on_device_context
 from .sharding import ceil_div, head_shard
 
+PAGE_SIZE = 16  # tokens per KV page unless a caller asks otherwise
+
 
 class KVCacheFullError(RuntimeError):
     """Raised for the sequence whose request found too few free pages; nothing else changed."""

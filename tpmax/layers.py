@@ -10,8 +10,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 from concurrent.futures import ThreadPoolExecutor
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -316,6 +317,16 @@ class DistributedGemmConfig:
 
     enable_matmul_allreduce: bool = False
     chunks: int = 4
+
+    @staticmethod
+    def generate(environ: Mapping[str, str] | None = None) -> DistributedGemmConfig:
+        """MAX's default: enabled, unless `LLAMA_ENABLE_DIST_GEMM_KERNELS` (in `environ`,
+        default `os.environ`) says otherwise. tpmax reads "0", "false", "no", "off" and ""
+        as off (MAX turns only "" off: `bool("0")` is True there)."""
+        value = (os.environ if environ is None else environ).get("LLAMA_ENABLE_DIST_GEMM_KERNELS")
+        if value is None:
+            return DistributedGemmConfig(True)
+        return DistributedGemmConfig(value.strip().lower() not in ("", "0", "false", "no", "off"))
 
 
 def mlp_local(x: Array, w13: Array, w2: Array, /, *, act: str = "silu",

@@ -11,6 +11,7 @@ cached as safetensors next to the cached model, so a second load skips the dequa
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -28,7 +29,7 @@ from .config import ModelConfig
 from .devices import Device, as_dtype, asarray, bfloat16, devices as parse_devices
 from .errors import LoadError
 from .files import inside, read_json, regular_file
-from .kv_cache import KVCacheParams, PagedKVCache
+from .executor import Executor, executor_for
 from .quant import (QuantConfig, SafetensorsFile, group_quantized, quant_config_from_hf, quantized_shape,
                     read_quantized)
 from .sharding import LAYER_PARAMS, MODEL_PARAMS, base_name, ceil_div
@@ -293,26 +294,11 @@ class Model:
                 f"devices={','.join(map(str, self.devices))}, tp={self.comm.tp}, dtype={self.dtype}, "
                 f"quantization={self.quant.describe() if self.quant else 'none'}, path={self.path!r})")
 
-    def new_cache(self, num_tokens: int, *, page_size: int = 16, announce: bool = True) -> PagedKVCache:
-        """A paged KV cache with room for `num_tokens` tokens in all (rounded up to pages).
-
-        Across MPI ranks, rank 0's new cache is announced to the other ranks, which make
-        theirs (`announce=False` is how they do it).
-        """
-        group = _group_devices(self.comm)
-        params = KVCacheParams(self.dtype, self.cfg.n_kv_heads, self.cfg.head_dim, page_size, self.cfg.n_layers,
-                               group, n_heads=self.cfg.n_heads)
-        cache = PagedKVCache(params, max(1, ceil_div(num_tokens, page_size)), ranks=self.comm.ranks)
-        if announce:
-            from .spmd import announce_cache
-            announce_cache(self, cache)
-        return cache
-
-
-def _group_devices(comm: Communicator) -> tuple[Device, ...]:
-    """Every device of the group, in group order (this process's own where it holds them)."""
-    group = getattr(comm, "all_devices", None)
-    return tuple(group) if group is not None else tuple(comm.devices)
+    @functools.cached_property
+    def executor(self) -> Executor:
+        """What runs this model's forward steps: in this process, or as rank 0 / a follower
+        of an MPI job (`tpmax.executor`)."""
+        return executor_for(self.weights, self.cfg, self.comm, self.dtype)
 
 
 def load(path: str | Path | None = None, devices: Sequence[Device] | str | None = None, dtype: str = "float32", *,

@@ -27,8 +27,9 @@ import uuid
 from pathlib import Path
 from typing import Callable
 
-from . import spmd
-from .generate import Completion, Engine, SamplingParams, encode_chat
+from .api import encode_chat
+from .engine import Completion, Engine
+from .sampling import SamplingParams
 from .loader import Model
 
 log = logging.getLogger("tpmax.serve")
@@ -620,11 +621,8 @@ def run_serve(args) -> int:
     if args.max_batch < 1 or args.max_queue < 0 or args.cache_tokens < 1:
         raise ValueError("--max-batch and --cache-tokens must be >= 1, --max-queue >= 0")
     model = load(args.model, devices=args.devices, dtype=args.dtype, progress=not args.quiet)
-    if not spmd.is_leader(model):  # under MPI: rank 0 serves, this rank runs each step with it
-        spmd.follow(model)
-        return 0
-    with spmd.session(model):
-        return _serve(model, args)
+    # Under MPI rank 0 serves; the other ranks run each of its steps and return 0.
+    return model.executor.call(lambda: _serve(model, args), receive=lambda *_: 0)
 
 
 def _serve(model: Model, args) -> int:

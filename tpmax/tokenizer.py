@@ -1,39 +1,28 @@
-"""Tokenizers and chat templates: a `Tokenizer` built from a Hugging Face directory or from GGUF
-metadata (over the `tokenizers` library), the one place EOS ids and GGUF metadata are decoded,
-chat-template rendering in a jinja2 sandbox with limits on time and output size, and a
-`StreamDecoder` that turns generated ids into text piece by piece. Every problem with the files
-raises `LoadError` (or its `ChatTemplateError`), naming the file."""
+"""Tokenizers: a `Tokenizer` built from a Hugging Face directory or from GGUF metadata (over the
+`tokenizers` library), the one place EOS ids, sampling defaults and GGUF metadata are decoded,
+chat prompts encoded so that message text never becomes a special token, and a
+`StreamDecoder` that turns generated ids into text piece by piece. Chat templates render in
+`chat_template`'s sandbox. Every problem with the files raises `LoadError` (or its
+`ChatTemplateError`), naming the file."""
 
 from __future__ import annotations
 
-import contextvars
-import json
+import bisect
+import math
 import os
 import re
-import string
-import time
-import types
-from collections.abc import Iterator, Sized
 from dataclasses import dataclass, field
-from datetime import datetime
-from functools import cached_property, update_wrapper
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-import jinja2
-import jinja2.ext
-from jinja2 import nodes
-from jinja2.compiler import CodeGenerator
-from jinja2.sandbox import ImmutableSandboxedEnvironment
-from jinja2.utils import Namespace
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as _Backend
 
-from .errors import ChatTemplateError, LoadError
+from . import chat_template
+from .chat_template import CHAT_TEMPLATE_MAX_CHARS, CHAT_TEMPLATE_SECONDS
+from .errors import ChatTemplateError, LoadError  # noqa: F401 (ChatTemplateError: re-exported)
 from .files import parse_json, read_json, read_text
-
-CHAT_TEMPLATE_SECONDS = 2.0  # default limits of one chat-template rendering
-CHAT_TEMPLATE_MAX_CHARS = 1_000_000
 
 # ---------------------------------------------------------------------------------------------
 # GGUF pre-tokenizers: `tokenizer.ggml.pre` -> the split regexes llama.cpp applies, in order
@@ -70,6 +59,40 @@ _GGUF_CONTROL, _GGUF_USER_DEFINED = 3, 4  # `tokenizer.ggml.token_type` values
 
 
 
+@dataclass(frozen=True)
+class GenerationDefaults:
+    """The sampling settings a model's files recommend; None where they say nothing.
+
+    From `generation_config.json` (`do_sample: false` = greedy, temperature 0) or GGUF
+    `general.sampling.temp` / `top_k` / `top_p`. temperature 0 = greedy; top_k 0 = off.
+    """
+
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+
+
+def _generation_defaults(values: Mapping[str, Any], keys: tuple[str, str, str], where: str) -> GenerationDefaults:
+    """`GenerationDefaults` from `values[key]` for the (temperature, top_k, top_p) `keys`, each
+    checked; LoadError `{where}{key} ...` for a wrong type or range."""
+    found = {}
+    for name, key in zip(("temperature", "top_k", "top_p"), keys):
+        v = values.get(key)
+        if v is None:
+            continue
+        number = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        ok = {
+            "temperature": number and v >= 0,
+            "top_k": number and isinstance(v, int) and v >= 0,
+            "top_p": number and 0 < v <= 1,
+        }[name]
+        if not ok:
+            want = {"temperature": "a number >= 0", "top_k": "an integer >= 0", "top_p": "a number in (0, 1]"}[name]
+            raise LoadError(f"{where}{key} must be {want}, got {v!r:.80}")
+        found[name] = float(v) if name != "top_k" else v
+    return GenerationDefaults(**found)
+
+
 # ---------------------------------------------------------------------------------------------
 # Tokenizer
 # ---------------------------------------------------------------------------------------------
@@ -92,6 +115,7 @@ class Tokenizer:
     eos_token: str | None = None
     template_vars: Mapping[str, str] = field(default_factory=dict)  # extra names for templates
     chat_template_source: str = "chat template"  # where the template came from, for errors
+    generation_defaults: GenerationDefaults = GenerationDefaults()  # the model's sampling defaults
 
     # -- construction --------------------------------------------------------------------------
 
@@ -133,6 +157,15 @@ class Tokenizer:
         if add_bos is None:
             add_bos = bos_id is not None and backend.encode("a").ids[:1] == [bos_id]
 
+        generation_file = path / "generation_config.json"
+        do_sample = generation.get("do_sample")
+        if not isinstance(do_sample, (bool, type(None))):
+            raise LoadError(f"{generation_file}: do_sample must be true or false, got {do_sample!r:.80}")
+        keys = ("temperature", "top_k", "top_p")
+        defaults = _generation_defaults(generation, keys, f"{generation_file}: ")
+        if do_sample is False:  # greedy, whatever else the file says (as transformers does)
+            defaults = GenerationDefaults(temperature=0.0)
+
         template_file = path / "chat_template.jinja"
         if template_file.is_file():
             template, source = read_text(template_file), str(template_file)
@@ -149,6 +182,7 @@ class Tokenizer:
             eos_token=eos_token,
             template_vars=_named_tokens(config, ("unk_token", "pad_token"), config_file),
             chat_template_source=source,
+            generation_defaults=defaults,
         )
 
     @classmethod
@@ -253,6 +287,9 @@ class Tokenizer:
                 if (text := text_of(key)) is not None
             },
             chat_template_source=f"{source}: GGUF metadata tokenizer.chat_template",
+            generation_defaults=_generation_defaults(
+                metadata, ("general.sampling.temp", "general.sampling.top_k", "general.sampling.top_p"), f"{source}: GGUF "
+            ),
         )
 
     def __repr__(self) -> str:
@@ -273,16 +310,20 @@ class Tokenizer:
         """Token ids of `text`.
 
         Args:
-          text: the text; special-token strings in it (`<|im_start|>`) become their ids.
+          text: the text; special-token strings in it (`<|im_start|>`) become their ids (for
+            chat messages use `encode_chat`, which keeps them plain).
           add_special_tokens: prepend BOS if the model adds one and `text` does not already
             start with it (a chat template may have written it).
         Returns:
-          list of ids.
+          list of ids. Raises ValueError for a lone surrogate (text that is not valid Unicode).
         """
-        ids = self.backend.encode(text, add_special_tokens=False).ids
+        _check_unicode(text, "the text")
+        return self._with_bos(self.backend.encode(text, add_special_tokens=False).ids, add_special_tokens)
+
+    def _with_bos(self, ids: list[int], add: bool) -> list[int]:
         bos = self.bos_token_id
-        if add_special_tokens and self.add_bos_token and bos is not None and ids[:1] != [bos]:
-            ids = [bos, *ids]
+        if add and self.add_bos_token and bos is not None and ids[:1] != [bos]:
+            return [bos, *ids]
         return ids
 
     def decode(self, ids: Iterable[int], *, skip_special_tokens: bool = False) -> str:
@@ -312,16 +353,8 @@ class Tokenizer:
         return bool(self.chat_template)
 
     @cached_property
-    def _compiled_template(self) -> jinja2.Template:
-        if len(self.chat_template) > _MAX_TEMPLATE_CHARS:
-            raise ChatTemplateError(
-                f"{self.chat_template_source}: {len(self.chat_template)} characters, more than the "
-                f"limit of {_MAX_TEMPLATE_CHARS} for a chat template"
-            )
-        try:
-            return _template_environment().from_string(self.chat_template)
-        except Exception as err:  # TemplateSyntaxError, or a refused constant at compile time
-            raise ChatTemplateError(f"{self.chat_template_source}: {_reason(err)}") from None
+    def _compiled_template(self) -> Any:
+        return chat_template.compile_template(self.chat_template, source=self.chat_template_source)
 
     def apply_chat_template(
         self,
@@ -341,13 +374,14 @@ class Tokenizer:
           max_chars: limit on the prompt's length and on every value the template builds.
           **template_vars: extra template variables (`tools=[...]`, ...).
         Returns:
-          the prompt text; encode it with `encode` (BOS is not doubled). Raises ChatTemplateError
-          (naming the template's source) when the template does not compile, raises an error
-          itself (`raise_exception`), does something the sandbox refuses, or passes a limit.
+          the prompt text. To get its ids use `encode_chat`, which keeps special-token text in
+          messages plain. Raises ChatTemplateError (naming the template's source) when the
+          template does not compile, raises an error itself (`raise_exception`), does something
+          the sandbox refuses, or passes a limit; ValueError for a lone surrogate.
         """
         if not self.has_chat_template:
             raise ValueError("this tokenizer has no chat template")
-        return _render_chat_template(
+        text = chat_template.render(
             self._compiled_template,
             dict(
                 messages=list(messages),
@@ -359,6 +393,138 @@ class Tokenizer:
             source=self.chat_template_source,
             max_seconds=max_seconds,
             max_chars=max_chars,
+        )
+        _check_unicode(text, "the chat prompt")
+        return text
+
+    def encode_chat(
+        self, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = True, **kwargs: Any
+    ) -> list[int]:
+        """Token ids of a conversation through the chat template, ready for the answer.
+
+        Special tokens the template writes (`<|im_start|>`) become their ids; text that comes
+        from the messages never does: `<|im_end|>` typed by a user is encoded as plain text
+        (Hugging Face's `split_special_tokens` for message content), so a message cannot forge
+        a turn. The ids equal `encode(apply_chat_template(...))` when no message contains
+        special-token text.
+
+        How: every special-token text in the messages' strings is replaced by a placeholder
+        before rendering, put back after; the backend's encoding is kept except in the stretches
+        between two template-written special tokens that hold such a text, which are encoded
+        again with special-token matching off.
+
+        Args:
+          messages, add_generation_prompt, **kwargs: as for `apply_chat_template`.
+        Returns:
+          list of ids, BOS first if the model adds one. Raises as `apply_chat_template`.
+        """
+        (masked, variables), originals = _mask_special_text((messages, kwargs), self._special_pattern)
+        rendered = self.apply_chat_template(masked, add_generation_prompt=add_generation_prompt, **variables)
+        pieces, forged, pos, last = [], [], 0, 0  # forged: [start, end) of message special text
+        for m in _PLACEHOLDER.finditer(rendered):
+            if int(m[1]) >= len(originals):  # the template's own text, not a placeholder
+                continue
+            original = originals[int(m[1])]
+            pieces += [rendered[last : m.start()], original]
+            pos += m.start() - last
+            if original != _MARK:
+                forged.append((pos, pos + len(original)))
+            pos += len(original)
+            last = m.end()
+        text = "".join([*pieces, rendered[last:]])
+        ids = self._encode_keeping_plain(text, forged) if forged else self.backend.encode(text, add_special_tokens=False).ids
+        return self._with_bos(ids, True)
+
+    @cached_property
+    def _special_ids(self) -> frozenset[int]:
+        return frozenset(i for i, t in self.backend.get_added_tokens_decoder().items() if t.special)
+
+    @cached_property
+    def _special_pattern(self) -> re.Pattern:
+        """Matches every special-token text (longest first) and the placeholder mark."""
+        texts = {t.content for t in self.backend.get_added_tokens_decoder().values() if t.special}
+        return re.compile("|".join(map(re.escape, sorted(texts | {_MARK}, key=len, reverse=True))))
+
+    @cached_property
+    def _plain_backend(self) -> _Backend:
+        """A copy of the backend that reads special-token text as plain text."""
+        plain = _Backend.from_str(self.backend.to_str())
+        plain.encode_special_tokens = True
+        return plain
+
+    def _encode_keeping_plain(self, text: str, forged: list[tuple[int, int]]) -> list[int]:
+        """Ids of `text`, where special tokens overlapping a `forged` span (sorted, disjoint)
+        are plain text: each stretch between two other special tokens that holds one is
+        encoded again without special-token matching."""
+        starts = [a for a, _ in forged]
+
+        def is_forged(start: int, end: int) -> bool:
+            k = bisect.bisect_right(starts, start)
+            return (k > 0 and forged[k - 1][1] > start) or (k < len(forged) and forged[k][0] < end)
+
+        enc = self.backend.encode(text, add_special_tokens=False)
+        ids: list[int] = []
+        stretch: list[int] = []
+        dirty, begin = False, 0
+
+        def close(end: int) -> None:
+            ids.extend(self._plain_backend.encode(text[begin:end], add_special_tokens=False).ids if dirty else stretch)
+
+        for i, (start, end) in zip(enc.ids, enc.offsets):
+            if i in self._special_ids and not is_forged(start, end):
+                close(start)
+                ids.append(i)
+                stretch, dirty, begin = [], False, end
+            else:
+                stretch.append(i)
+                dirty = dirty or i in self._special_ids
+        close(len(text))
+        return ids
+
+# ---------------------------------------------------------------------------------------------
+# Chat messages: special-token text kept plain
+# ---------------------------------------------------------------------------------------------
+
+_MARK = "\ue000"  # private-use characters around a placeholder's number
+_PLACEHOLDER = re.compile("\ue000([0-9]{1,9})\ue001")
+_MAX_MESSAGE_DEPTH = 64
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _mask_special_text(value: Any, pattern: re.Pattern) -> tuple[Any, list[str]]:
+    """A copy of `value` (messages: dicts, lists, strings) with every `pattern` match in its
+    strings replaced by a placeholder `\ue000<k>\ue001`; returns it and the list of matches
+    (`originals[k]`). The mark character itself is masked too, so no placeholder comes from
+    the messages."""
+    originals: list[str] = []
+
+    def text(s: str) -> str:
+        def placeholder(m: re.Match) -> str:
+            originals.append(m[0])
+            return f"\ue000{len(originals) - 1}\ue001"
+
+        return pattern.sub(placeholder, s)
+
+    def walk(v: Any, depth: int) -> Any:
+        if depth > _MAX_MESSAGE_DEPTH:
+            raise ValueError(f"chat messages nested deeper than {_MAX_MESSAGE_DEPTH} levels")
+        if isinstance(v, str):
+            return text(v)
+        if isinstance(v, Mapping):
+            return {walk(k, depth + 1): walk(x, depth + 1) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [walk(x, depth + 1) for x in v]
+        return v
+
+    return walk(value, 0), originals
+
+
+def _check_unicode(text: str, what: str) -> None:
+    """ValueError for a lone surrogate (a str that is not valid Unicode cannot be encoded)."""
+    bad = _SURROGATE.search(text)
+    if bad:
+        raise ValueError(
+            f"{what} contains a lone surrogate {bad[0]!r} at character {bad.start()}; send valid Unicode text"
         )
 
 
@@ -441,33 +607,26 @@ def _reader_name(reader: Any) -> str:
 
 
 def _decode_gguf_field(f: Any) -> object:
-    """One `gguf.ReaderField` as Python; ValueError / UnicodeDecodeError when it cannot be."""
-    import numpy as np
+    """One `gguf.ReaderField` as Python through `ReaderField.contents()`; ValueError /
+    UnicodeDecodeError when it cannot be."""
     from gguf import GGUFValueType
 
     kinds = list(f.types)
     if not kinds:
         raise ValueError("the field has no value type")
-    if kinds[0] != GGUFValueType.ARRAY:
-        part = f.parts[f.data[0]]
-        return _gguf_string(part) if kinds[0] == GGUFValueType.STRING else part.tolist()[0]
-    if len(kinds) == 1:
-        return []  # an empty array (its element type is not recorded)
     if len(kinds) > 2:
         raise ValueError("nested arrays are not supported")
-    if kinds[1] == GGUFValueType.STRING:
-        out = []
-        for n, i in enumerate(f.data):
-            try:
-                out.append(_gguf_string(f.parts[i]))
-            except UnicodeDecodeError as err:
-                raise ValueError(f"element {n} is not UTF-8 ({err.reason} at byte {err.start})") from None
-        return out
-    return np.concatenate([f.parts[i] for i in f.data]).tolist() if f.data else []
-
-
-def _gguf_string(part: Any) -> str:
-    return part.tobytes().decode("utf-8")
+    try:
+        return f.contents()
+    except UnicodeDecodeError:
+        if kinds[0] != GGUFValueType.ARRAY:
+            raise
+    for n in range(len(f.data)):  # name the element that is not UTF-8
+        try:
+            f.contents(n)
+        except UnicodeDecodeError as err:
+            raise ValueError(f"element {n} is not UTF-8 ({err.reason} at byte {err.start})") from None
+    raise AssertionError("unreachable: an element failed to decode above")
 
 
 class _GGUFKeys:
@@ -515,540 +674,49 @@ def _gguf_merges(merges: Sequence[str], vocab: Mapping[str, int], source: str) -
 
 
 # ---------------------------------------------------------------------------------------------
-# Chat templates: a jinja2 sandbox with limits
-#
-# Templates come with model files, so they are untrusted code. The sandbox already refuses
-# private attributes and mutation; on top of it, one rendering gets a deadline and a size limit
-# L (`max_chars`):
-#   - time: every `{% for %}` item, call (macros, `loop()`, methods) and filter checks the deadline,
-#     so no loop or recursion runs past it (templates have no other way to repeat work);
-#   - size: no operation may build a value whose rendered size passes L. The checks come before
-#     the work for everything that can multiply a size in one step (`*`, `**`, `+`, `%`,
-#     `str.format` widths, padding, `replace`, `join`, `indent`, `tojson(indent=...)`, ...), and
-#     list/tuple/dict literals, `~` concatenation, call arguments and results, filter arguments
-#     and results and every `{{ ... }}` are measured against L; the output stops at L.
-# Every failure surfaces as one ChatTemplateError naming the template's source.
-# ---------------------------------------------------------------------------------------------
-
-
-class _TemplateLimit(Exception):
-    """A limit of the rendering was hit; the message says which."""
-
-
-@dataclass
-class _Budget:
-    """The limits of one rendering (one per render call, found through `_BUDGET`)."""
-
-    deadline: float  # time.monotonic() value
-    max_chars: int
-    max_seconds: float
-    emitted: int = 0  # characters of all {{ ... }} values so far, in macros and blocks too
-
-    def tick(self) -> None:
-        if time.monotonic() > self.deadline:
-            raise _TemplateLimit(f"rendering took longer than {self.max_seconds:g} s")
-
-    def check(self, value: Any, what: str) -> Any:
-        """`value`, after checking that rendering it would stay within the size limit."""
-        if _size(value, self) > self.max_chars:
-            raise _TemplateLimit(f"{what} is larger than the limit of {self.max_chars} characters")
-        return value
-
-    def check_bound(self, bound: int, what: str) -> None:
-        if bound > self.max_chars:
-            raise _TemplateLimit(
-                f"{what} would make about {bound} characters, more than the limit of {self.max_chars}"
-            )
-
-
-_BUDGET: contextvars.ContextVar[_Budget] = contextvars.ContextVar("tpmax_chat_template_budget")
-_MAX_INT_BITS = 1 << 16  # integers the template computes stay below 2**65536
-_MAX_LIST_SUM = 10_000  # `sum` over lists copies quadratically; at most this many items
-_MAX_WRAP_WORK = 10**9  # bytes textwrap may copy to break one long word
-_EMIT_FACTOR = 8  # macro and block output is emitted again by its caller: allow L * this in all
-_MAX_TEMPLATE_CHARS = 1 << 20  # longer chat templates are refused before compiling
-
-
-def _budget() -> _Budget:
-    budget = _BUDGET.get(None)
-    if budget is None:  # rendered outside _render_chat_template (e.g. a test): default limits
-        return _Budget(time.monotonic() + CHAT_TEMPLATE_SECONDS, CHAT_TEMPLATE_MAX_CHARS, CHAT_TEMPLATE_SECONDS)
-    return budget
-
-
-def _rendered_size(value: Any, limit: int, *, indent: int = 0) -> int:
-    """About how many characters `str(value)` / JSON of `value` takes; stops counting past `limit`.
-
-    Containers are walked and counted in full (a list holding the same list twice counts it
-    twice), each distinct container once per depth, so a deep tower of shared lists costs its
-    height, not its expanded size. `indent` adds that many characters per nesting level to
-    every element (for `tojson(indent=...)` / `pprint`).
-    """
-    memo: dict[tuple[int, int], int] = {}  # (id, depth) -> size of a finished container
-    open_ids: set[int] = set()  # containers being walked (a namespace may hold itself)
-    work: list[list] = []  # [container, depth, its children iterator, size so far]
-
-    def leaf(v: Any, depth: int) -> int | None:
-        own = 2 + indent * depth
-        if isinstance(v, (str, bytes, bytearray)):
-            return own + len(v)
-        if isinstance(v, int):
-            return own + v.bit_length() // 3 + 1
-        if (id(v), depth) in memo:
-            return memo[id(v), depth]
-        if id(v) in open_ids or not isinstance(v, (Mapping, list, tuple, set, frozenset, Namespace)):
-            return own + 24  # numbers, undefined, macros, loop objects: short reprs
-        return None
-
-    def children(v: Any) -> tuple[Iterator, int]:
-        if isinstance(v, Namespace):
-            v = v._Namespace__attrs
-        if isinstance(v, Mapping):
-            return (x for kv in v.items() for x in kv), 2 * len(v)
-        return iter(v), len(v)
-
-    def push(v: Any, depth: int) -> int | None:
-        """Start walking `v`, or return its size at once."""
-        size = leaf(v, depth)
-        if size is None:
-            items, extra = children(v)
-            work.append([v, depth, items, 2 + indent * depth + extra])
-            open_ids.add(id(v))
-        return size
-
-    total = push(value, 0)
-    while work and total is None:
-        top = work[-1]
-        child = next(top[2], _END)
-        size = None if child is _END else push(child, top[1] + 1)
-        if child is _END:
-            work.pop()
-            open_ids.discard(id(top[0]))
-            memo[id(top[0]), top[1]] = size = top[3]
-            if not work:
-                total = size
-                break
-        if size is not None:
-            work[-1][3] += size
-            if work[-1][3] > limit:
-                return work[-1][3]
-    return total
-
-
-_END = object()
-
-
-def _size(value: Any, budget: _Budget) -> int:
-    """The length of a string, else `_rendered_size` (which counts quotes and brackets)."""
-    kind = type(value)
-    if kind is str or kind is bytes:
-        return len(value)
-    if kind is int:
-        return value.bit_length() // 3 + 1
-    if kind is float or kind is bool or value is None:
-        return 24
-    return _rendered_size(value, budget.max_chars)
-
-
-def _materialize(value: Any, budget: _Budget) -> Any:
-    """A one-shot iterator (a `map` or `select` result) as a list, counted against the limit."""
-    if not isinstance(value, Iterator):
-        return value
-    out, total = [], 0
-    for item in value:
-        out.append(item)
-        total += 2 + _size(item, budget)
-        budget.check_bound(total, "the items of an iterator")
-        budget.tick()
-    return out
-
-
-_PERCENT_SPEC = re.compile(r"%(?:\([^)]*\))?[#0\- +]*(\*|\d*)(?:\.(\*|\d*))?[hlL]?(.)", re.S)
-
-
-def _percent_bound(fmt: str, args: Any, budget: _Budget) -> int:
-    """Upper bound of `fmt % args`; refuses `*` widths and widths past the limit."""
-    specs = widths = 0
-    for width, precision, conv in _PERCENT_SPEC.findall(fmt):
-        if conv == "%":
-            continue
-        if "*" in (width, precision):
-            raise _TemplateLimit("'%' formatting with a '*' width is not allowed in chat templates")
-        for n in (width, precision):
-            budget.check_bound(int(n or 0), "a '%' format width")
-        specs += 1
-        widths += int(width or 0) + int(precision or 0)
-    return len(fmt) + widths + specs * _size(args, budget)
-
-
-def _format_bound(fmt: str, args: Sequence[Any], kwargs: Mapping[str, Any], budget: _Budget) -> int:
-    """Upper bound of `fmt.format(*args, **kwargs)`; refuses nested specs and huge widths."""
-    fields, widths = 0, 0
-    for _, name, spec, _ in string.Formatter().parse(fmt):
-        if name is None:
-            continue
-        fields += 1
-        if spec and "{" in spec:
-            raise _TemplateLimit("nested format specs are not allowed in chat templates")
-        for n in re.findall(r"\d+", spec or ""):
-            budget.check_bound(int(n), "a str.format width")
-            widths += int(n)
-    return len(fmt) + widths + fields * (_size(list(args), budget) + _size(dict(kwargs), budget))
-
-
-def _replace_bound(s: Any, old: Any, new: Any, count: Any) -> int:
-    """Upper bound of the length of `s.replace(old, new, count)` (0 for arguments it rejects)."""
-    if not (isinstance(s, (str, bytes)) and type(old) is type(s) and type(new) is type(s)):
-        return 0
-    hits = s.count(old) if old else len(s) + 1
-    if isinstance(count, int) and count >= 0:
-        hits = min(hits, count)
-    return len(s) + hits * max(0, len(new) - len(old))
-
-
-def _str_method_bound(method: Any, args: tuple, kwargs: dict, budget: _Budget) -> int | None:
-    """Upper bound of a str/bytes method's result where it can multiply sizes; None if it cannot."""
-    s, name = method.__self__, method.__name__
-    arg = lambda i, key, default=None: args[i] if len(args) > i else kwargs.get(key, default)  # noqa: E731
-    if name == "replace":
-        return _replace_bound(s, arg(0, "old"), arg(1, "new"), arg(2, "count", -1))
-    if name == "join":
-        items = arg(0, "iterable", ())
-        return _size(items, budget) + len(items) * len(s) if isinstance(items, Sized) else None
-    if name == "expandtabs":
-        return len(s) + s.count("\t" if isinstance(s, str) else b"\t") * int(arg(0, "tabsize", 8))
-    if name == "translate":
-        table = arg(0, "table", None)
-        longest = max((_size(v, budget) for v in table.values()), default=1) if isinstance(table, Mapping) else 1
-        return len(s) * max(1, longest)
-    return None
-
-
-def _filter_bound(name: str, value: Any, args: tuple, kwargs: dict, budget: _Budget) -> int | None:
-    """Upper bound of the size of filter `name`'s result, for the filters that multiply sizes."""
-    arg = lambda i, key, default=None: args[i] if len(args) > i else kwargs.get(key, default)  # noqa: E731
-    text = lambda v: len(v) if isinstance(v, str) else _size(v, budget)  # noqa: E731
-    if name == "center":
-        return text(value) + _int_arg(arg(0, "width", 80))
-    if name == "indent":
-        width = arg(0, "width", 4)
-        per_line = len(width) if isinstance(width, str) else _int_arg(width)
-        return text(value) + (str(value).count("\n") + 1) * per_line
-    if name == "wordwrap":
-        wrap, width = str(arg(2, "wrapstring", None) or "\n"), _int_arg(arg(0, "width", 79))
-        s = str(value)
-        longest = max(map(len, s.split()), default=0)
-        if longest * longest // max(width, 1) > _MAX_WRAP_WORK:  # textwrap cuts long words in O(n^2)
-            raise _TemplateLimit(f"wordwrap of a {longest}-character word to width {width} is too slow")
-        lines = len(s.split()) + s.count("\n") + len(s) // max(width, 1) + 1
-        return len(s) + lines * len(wrap)
-    if name == "join":
-        sep = arg(0, "d", "")
-        return _size(value, budget) + (len(value) if isinstance(value, Sized) else 0) * text(sep)
-    if name == "replace":
-        return _replace_bound(str(value), str(arg(0, "old")), str(arg(1, "new")), arg(2, "count", None))
-    if name == "format":
-        return _percent_bound(str(value), [*args, kwargs], budget)
-    if name == "tojson":
-        indent = arg(1, "indent", None)
-        per_level = len(indent) if isinstance(indent, str) else _int_arg(indent or 0)
-        budget.check_bound(per_level, "a tojson indent")
-        return _rendered_size(value, budget.max_chars, indent=per_level)
-    if name == "pprint":
-        return _rendered_size(value, budget.max_chars, indent=2)
-    if name in ("batch", "slice"):
-        count = _int_arg(arg(0, "linecount" if name == "batch" else "slices", 1))
-        return _size(value, budget) + count * (2 + _size(arg(1, "fill_with", None), budget))
-    if name == "sum":
-        items = value if isinstance(value, Sized) else ()
-        start = arg(1, "start", 0)
-        if not isinstance(start, (int, float)) and len(items) > _MAX_LIST_SUM:
-            raise _TemplateLimit(f"sum over more than {_MAX_LIST_SUM} non-numbers")
-        return _size(value, budget) + _size(start, budget)
-    return None
-
-
-def _int_arg(value: Any) -> int:
-    return abs(value) if isinstance(value, int) else 0
-
-
-def _guard_filter(name: str, func: Callable, *, is_test: bool = False) -> Callable:
-    """`func` (a jinja2 filter or test) with its arguments, its result's size and time checked."""
-    skip = 1 if hasattr(func, "jinja_pass_arg") else 0  # environment / context passed first
-
-    def guarded(*args: Any, **kwargs: Any) -> Any:
-        budget = _budget()
-        budget.tick()
-        head, value, rest = args[:skip], args[skip], args[skip + 1 :]
-        if not is_test:  # a test must not consume an iterator the template uses afterwards
-            value = _materialize(value, budget)
-        what = f"the input of |{name}" if not is_test else f"the input of the test {name!r}"
-        for v in (value, *rest, *kwargs.values()):
-            budget.check(v, what)
-        if not is_test:
-            bound = _filter_bound(name, value, rest, kwargs, budget)
-            if bound is not None:
-                budget.check_bound(bound, f"|{name}")
-        result = func(*head, value, *rest, **kwargs)
-        return result if is_test else budget.check(result, f"the result of |{name}")
-
-    return update_wrapper(guarded, func)
-
-
-_BINOP = {"*": lambda a, b: a * b, "**": lambda a, b: a**b, "+": lambda a, b: a + b, "%": lambda a, b: a % b}
-
-
-class _LimitedSandbox(ImmutableSandboxedEnvironment):
-    """The immutable sandbox with every size-multiplying step checked against `_Budget`."""
-
-    intercepted_binops = frozenset(_BINOP)
-
-    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
-        budget = _budget()
-        budget.tick()
-        seq = (str, bytes, list, tuple)
-        if operator == "*" and isinstance(left, int) and isinstance(right, seq):
-            left, right = right, left
-        if operator == "*" and isinstance(left, seq) and isinstance(right, int):
-            budget.check_bound(_size(left, budget) * max(right, 0), "'*' repetition")
-        elif operator == "*" and isinstance(left, int) and isinstance(right, int):
-            if left.bit_length() + right.bit_length() > _MAX_INT_BITS:
-                raise _TemplateLimit(f"'*' of integers past {_MAX_INT_BITS} bits")
-        elif operator == "**" and isinstance(left, int) and isinstance(right, int):
-            if abs(left) > 1 and right > 0 and (left.bit_length() - 1) * right > _MAX_INT_BITS:
-                raise _TemplateLimit(f"'**' of integers past {_MAX_INT_BITS} bits")
-        elif operator == "+" and isinstance(left, seq) and isinstance(right, seq):
-            budget.check_bound(_size(left, budget) + _size(right, budget), "'+'")
-        elif operator == "%" and isinstance(left, (str, bytes)):
-            fmt = left if isinstance(left, str) else left.decode("latin-1")
-            budget.check_bound(_percent_bound(fmt, right, budget), "'%' formatting")
-        return _BINOP[operator](left, right)
-
-    def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805
-        budget = _budget()
-        budget.tick()
-        name = getattr(__obj, "__name__", type(__obj).__name__)
-        for v in (*args, *kwargs.values()):
-            budget.check(v, f"an argument of {name}()")
-        wrapped = getattr(__obj, "__wrapped__", None)  # the sandbox's str.format / format_map
-        if isinstance(getattr(wrapped, "__self__", None), str) and name in ("format", "format_map"):
-            mapping = args[0] if name == "format_map" and args else kwargs
-            positional = () if name == "format_map" else args
-            budget.check_bound(_format_bound(wrapped.__self__, positional, mapping, budget), "str.format")
-        elif isinstance(__obj, (types.BuiltinMethodType, types.MethodWrapperType)):
-            args = tuple(_materialize(a, budget) for a in args)
-            for v in (*args, *kwargs.values()):
-                if isinstance(v, int) and abs(v) > budget.max_chars:
-                    raise _TemplateLimit(f"{name}() with the argument {v} (limit {budget.max_chars})")
-            if isinstance(getattr(__obj, "__self__", None), (str, bytes)):
-                bound = _str_method_bound(__obj, args, kwargs, budget)
-                if bound is not None:
-                    budget.check_bound(bound, f"{name}()")
-        result = super().call(__context, __obj, *args, **kwargs)
-        return budget.check(result, f"the result of {name}()")
-
-
-class _GuardedCodeGenerator(CodeGenerator):
-    """Compiles list/tuple/dict literals and `~` to calls that check their size first, and the
-    iterable of every `{% for %}` to one that checks the deadline at each item."""
-
-    def visit_Template(self, node: Any, frame: Any = None) -> None:
-        for loop in node.find_all(nodes.For):  # before the filters in use are collected
-            if not (isinstance(loop.iter, nodes.Filter) and loop.iter.name == _CHECKED_ITER):
-                loop.iter = nodes.Filter(loop.iter, _CHECKED_ITER, [], [], None, None, lineno=loop.lineno)
-        super().visit_Template(node, frame)
-
-    def _checked(self, visit: Callable, node: Any, frame: Any) -> None:
-        self.write("environment.checked_literal(")
-        visit(node, frame)
-        self.write(")")
-
-    def visit_List(self, node: Any, frame: Any) -> None:
-        self._checked(super().visit_List, node, frame)
-
-    def visit_Dict(self, node: Any, frame: Any) -> None:
-        self._checked(super().visit_Dict, node, frame)
-
-    def visit_Tuple(self, node: Any, frame: Any) -> None:
-        if node.ctx != "load":  # an assignment target: `{% for a, b in ... %}`
-            super().visit_Tuple(node, frame)
-        else:
-            self._checked(super().visit_Tuple, node, frame)
-
-    def visit_Concat(self, node: Any, frame: Any) -> None:
-        if frame.eval_ctx.volatile:  # the join jinja2 would use, as in CodeGenerator.visit_Concat
-            join = "(markup_join if context.eval_ctx.volatile else str_join)"
-        else:
-            join = "markup_join" if frame.eval_ctx.autoescape else "str_join"
-        self.write("environment.checked_concat((")
-        for arg in node.nodes:
-            self.visit(arg, frame)
-            self.write(", ")
-        self.write(f"), {join})")
-
-
-_CHECKED_ITER = "tpmax_checked_iter"  # the filter every loop's iterable goes through
-
-
-def _checked_iter(iterable: Iterable) -> Iterator:
-    """The items of a `{% for %}` loop, the deadline checked before each."""
-    budget = _budget()
-    for item in iterable:
-        budget.tick()
-        yield item
-
-
-def _checked_literal(value: Any) -> Any:
-    return _budget().check(value, "a list, tuple or dict")
-
-
-def _checked_concat(values: tuple, join: Callable[[tuple], str]) -> str:
-    budget = _budget()
-    budget.check_bound(sum(_size(v, budget) for v in values), "'~' concatenation")
-    return join(values)
-
-
-def _finalize(value: Any) -> Any:
-    """Every `{{ ... }}` value, before it becomes text: at most L alone, 8 L all together."""
-    budget = _budget()
-    size = _size(value, budget)
-    budget.check_bound(size, "a {{ ... }} value")
-    budget.emitted += size
-    if budget.emitted > _EMIT_FACTOR * budget.max_chars:
-        raise _TemplateLimit(
-            f"the {{{{ ... }}}} values (in macros and blocks too) add up to more than "
-            f"{_EMIT_FACTOR} x {budget.max_chars} characters"
-        )
-    return value
-
-
-def _template_environment() -> _LimitedSandbox:
-    """The sandbox chat templates are compiled in (Hugging Face's settings, limits added)."""
-    env = _LimitedSandbox(
-        trim_blocks=True,
-        lstrip_blocks=True,
-        extensions=[jinja2.ext.loopcontrols],
-        finalize=_finalize,
-        optimized=False,  # no constant folding: every filter runs at render time, under limits
-    )
-    env.code_generator_class = _GuardedCodeGenerator
-    env.checked_literal = _checked_literal
-    env.checked_concat = _checked_concat
-    env.filters["tojson"] = _tojson
-    for name in ("urlize",):  # unbounded output, never used by chat templates
-        env.filters.pop(name, None)
-    env.filters = {name: _guard_filter(name, f) for name, f in env.filters.items()}
-    env.tests = {name: _guard_filter(name, f, is_test=True) for name, f in env.tests.items()}
-    env.filters[_CHECKED_ITER] = _checked_iter
-    env.globals.pop("lipsum", None)  # random text of any length
-    env.globals["raise_exception"] = _raise_exception
-    env.globals["strftime_now"] = _strftime_now
-    return env
-
-
-def _render_chat_template(
-    template: jinja2.Template,
-    variables: Mapping[str, Any],
-    *,
-    source: str,
-    max_seconds: float = CHAT_TEMPLATE_SECONDS,
-    max_chars: int = CHAT_TEMPLATE_MAX_CHARS,
-) -> str:
-    """Render a template compiled by `_template_environment` within the limits (the body of
-    `Tokenizer.apply_chat_template`).
-
-    Args:
-      template: the compiled template.
-      variables: its variables (`messages`, `bos_token`, ...).
-      source: where the template came from, for the error message.
-      max_seconds: wall-clock limit.
-      max_chars: limit on the output's length and on every value the template builds.
-    Returns:
-      the rendered text. Raises ChatTemplateError for anything that goes wrong.
-    """
-    budget = _Budget(time.monotonic() + max_seconds, max_chars, max_seconds)
-    token = _BUDGET.set(budget)
-    try:
-        pieces, n = [], 0
-        for piece in template.generate(**variables):
-            n += len(piece)
-            if n > max_chars:
-                raise _TemplateLimit(f"the output is longer than the limit of {max_chars} characters")
-            budget.tick()
-            pieces.append(piece)
-        return "".join(pieces)
-    except Exception as err:  # the template is untrusted code: any failure is the template's
-        raise ChatTemplateError(f"{source}: {_reason(err)}") from None
-    finally:
-        _BUDGET.reset(token)
-
-
-def _reason(err: BaseException) -> str:
-    if isinstance(err, _TemplateLimit):
-        return f"limit exceeded: {err}"
-    if isinstance(err, _TemplateRaised):
-        return f"the template raised an error: {err}"
-    if isinstance(err, jinja2.TemplateSyntaxError):
-        return f"syntax error on line {err.lineno}: {err.message}"
-    if isinstance(err, jinja2.exceptions.SecurityError):
-        return f"refused by the sandbox: {err}"
-    return f"{type(err).__name__}: {err}"
-
-
-class _TemplateRaised(jinja2.exceptions.TemplateError):
-    """What a template's `raise_exception(message)` raises."""
-
-
-def _raise_exception(message: str):
-    raise _TemplateRaised(message)
-
-
-def _strftime_now(fmt: str) -> str:
-    if not isinstance(fmt, str) or len(fmt) > 256:
-        raise _TemplateLimit("strftime_now takes a format string of at most 256 characters")
-    return datetime.now().strftime(fmt)
-
-
-# ---------------------------------------------------------------------------------------------
 # Streaming detokenizer
 # ---------------------------------------------------------------------------------------------
 
 
 class StreamDecoder:
-    """Incremental detokenizer: `push` ids one at a time, get back the text they complete.
+    """Incremental detokenizer over `tokenizers.decoders.DecodeStream`: `push` ids one at a
+    time, get back the text they complete.
 
-    Text is held back while the decoded tail ends in U+FFFD (a UTF-8 character split across
-    tokens), so no broken character is ever emitted; `"".join(pieces) + flush() ==
-    tokenizer.decode(all_ids)`. Each step decodes only the ids since the last emitted piece plus
-    the piece before it (for decoders whose output depends on the preceding token).
+    A character split across tokens is held back until it is complete, so no piece holds a
+    broken one. `flush` (at the end of an answer) returns what is held back, without the
+    incomplete character an answer cut off mid-character ends in: `"".join(pieces) + flush()
+    == tokenizer.decode(all_ids).rstrip("\ufffd")`, and no U+FFFD is shown for a cut.
     """
 
     def __init__(self, tokenizer: Tokenizer, *, skip_special_tokens: bool = False):
         self._tokenizer = tokenizer
         self._skip = skip_special_tokens
-        self._ids: list[int] = []
-        self._prefix = 0  # ids[prefix:read] were emitted last time; they give context
-        self._read = 0  # ids[:read] are emitted
+        self._reset()
 
-    def _new_text(self) -> str:
-        decode = lambda ids: self._tokenizer.decode(ids, skip_special_tokens=self._skip)  # noqa: E731
-        done = decode(self._ids[self._prefix : self._read])
-        return decode(self._ids[self._prefix :])[len(done) :]
+    def _reset(self) -> None:
+        self._stream = decoders.DecodeStream(skip_special_tokens=self._skip)
+        self._context: list[int] = []  # the ids of the last piece (the stream's context)
+        self._held: list[int] = []  # the ids pushed since
 
     def push(self, token_id: int) -> str:
-        """Add one id; return the newly completed text ('' while a character is incomplete)."""
-        self._ids.append(int(token_id))
-        text = self._new_text()
-        if not text or text.endswith("\ufffd"):
+        """Add one id; return the newly completed text ('' while a character is incomplete).
+        Raises ValueError for an id out of range."""
+        token_id = int(token_id)
+        if not 0 <= token_id < self._tokenizer.vocab_size:
+            raise ValueError(f"token id {token_id} out of range for vocabulary size {self._tokenizer.vocab_size}")
+        self._held.append(token_id)
+        piece = self._stream.step(self._tokenizer.backend, token_id)
+        if piece is None:
             return ""
-        self._prefix, self._read = self._read, len(self._ids)
-        return text
+        self._context, self._held = self._held, []
+        return piece
 
     def flush(self) -> str:
-        """Return whatever is held back (incomplete characters as U+FFFD) and reset the hold."""
-        text = self._new_text()
-        self._prefix, self._read = self._read, len(self._ids)
-        return text
+        """The held-back text, an incomplete last character dropped; the decoder starts afresh."""
+        decode = lambda ids: self._tokenizer.decode(ids, skip_special_tokens=self._skip)  # noqa: E731
+        text = decode(self._context + self._held)[len(decode(self._context)) :]
+        self._reset()
+        return text.rstrip("\ufffd")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1117,7 +785,3 @@ def _unique_ints(values: Iterable[Any]) -> tuple[int, ...]:
             out.append(v)
     return tuple(out)
 
-
-def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
-    # Like Hugging Face: no HTML escaping, unlike jinja's built-in filter.
-    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)

@@ -107,9 +107,9 @@ def distributed_transformer(weights: Weights, cfg: ModelConfig, tokens, input_ro
                             kv_pages: Sequence[Array], kv_slots: BatchSlots, comm: Communicator, *,
                             return_logits: ReturnLogits = ReturnLogits.LAST_TOKEN, return_n_logits: int = 1,
                             return_hidden_states: ReturnHiddenStates = ReturnHiddenStates.NONE,
-                            subgraph_layer_groups: Sequence[Sequence[int]] | None = None,
-                            gemm_config: DistributedGemmConfig | None = None, threads: bool = False,
-                            attention_block: int = ATTENTION_BLOCK) -> tuple:
+                            use_subgraphs: bool = False, subgraph_layer_groups: Sequence[Sequence[int]] | None = None,
+                            logits_scaling: float | None = None, gemm_config: DistributedGemmConfig | None = None,
+                            threads: bool = False, attention_block: int = ATTENTION_BLOCK) -> tuple:
     """MAX's `DistributedTransformer` forward pass over one ragged batch.
 
     Embedding (vocab-parallel, all-reduce) -> layers -> final norm -> lm head (column
@@ -122,8 +122,10 @@ def distributed_transformer(weights: Weights, cfg: ModelConfig, tokens, input_ro
         tokens: `[T]` token ids; input_row_offsets: `[B+1]` (or one copy per device).
         kv_pages: per device the cache pages (`PagedKVCache.pages`); kv_slots: the batch's
             reserved slots (cache lengths, page tables, where each new token goes).
-        subgraph_layer_groups: layer groups (a GPU capture unit; no numeric effect); must list
-            every layer once, in order.
+        use_subgraphs, subgraph_layer_groups: as in MAX, groups of layers that share one
+            compiled step (on GPUs, the unit of graph capture); no numeric effect. Layers always
+            run in order; a group lists layers in any order, each layer in at most one group.
+        logits_scaling: divide the logits by this; None = the model's (`cfg.logits_scaling`).
         threads: run each device's work on its own thread (BLAS limited to cores / devices).
             Off by default: on a 2-core machine, threads for virtual CPU devices measured slower
             than running them in turn with every core for BLAS (decode 15 vs 21 tok/s at TP 2).
@@ -138,7 +140,7 @@ def distributed_transformer(weights: Weights, cfg: ModelConfig, tokens, input_ro
                          f"not {offs.tolist()}")
     if len(kv_pages) != len(comm.devices):
         raise ValueError(f"{len(kv_pages)} KV page arrays for {len(comm.devices)} devices")
-    groups = _layer_groups(subgraph_layer_groups, cfg.n_layers)
+    _check_layer_groups(subgraph_layer_groups, cfg.n_layers)
     devices = comm.devices
     xs = vocab_parallel_embedding(tokens, weights.embed, comm, vocab_size=cfg.vocab_size)  # per device [T, D]
     if cfg.embedding_multiplier != 1.0:
@@ -146,14 +148,14 @@ def distributed_transformer(weights: Weights, cfg: ModelConfig, tokens, input_ro
     inputs = attention_inputs(cfg.attention(), cfg.rope(), kv_slots, devices,
                               block=attention_block)  # once per pass, for every layer
     with blas_threads_for(devices) if threads else contextlib.nullcontext():
-        for group in groups:
-            for i in group:
-                xs = distributed_transformer_block(xs, weights.layers[i], i, cfg, inputs=inputs, kv_pages=kv_pages,
-                                                   comm=comm, gemm_config=gemm_config, threads=threads)
+        for i, lw in enumerate(weights.layers):
+            xs = distributed_transformer_block(xs, lw, i, cfg, inputs=inputs, kv_pages=kv_pages, comm=comm,
+                                               gemm_config=gemm_config, threads=threads)
     norm_shards = [functools.partial(_final_norm, w=w, eps=cfg.norm_eps) for w in weights.norm]
     lm_head = functools.partial(_lm_head, weights.lm_head)
+    scaling = cfg.logits_scaling if logits_scaling is None else logits_scaling
     return distributed_logits_postprocess(xs, offs, return_n_logits, norm_shards, lm_head, comm, return_logits,
-                                          0, return_hidden_states, cfg.logits_scaling)
+                                          0, return_hidden_states, scaling)
 
 
 def _final_norm(x, *, w, eps):
@@ -164,14 +166,18 @@ def _lm_head(tables, xs, comm):
     return column_parallel_linear(xs, tables, None, comm)
 
 
-def _layer_groups(groups, n_layers):
+def _check_layer_groups(groups, n_layers: int) -> None:
+    """MAX's grouping rule: non-empty groups of valid layer indices, no layer in two groups."""
     if groups is None:
-        return [range(n_layers)]
-    flat = [i for g in groups for i in g]
-    if flat != list(range(n_layers)):
-        raise ValueError(f"subgraph_layer_groups must list layers 0..{n_layers - 1} once each, in order; "
-                         f"got {[list(g) for g in groups]}")
-    return groups
+        return
+    seen: set[int] = set()
+    for g in groups:
+        g = list(g)
+        if not g or any(not isinstance(i, (int, np.integer)) or not 0 <= i < n_layers or i in seen for i in g) \
+                or len(set(g)) != len(g):
+            raise ValueError(f"subgraph_layer_groups must be non-empty groups of layers in 0..{n_layers - 1}, "
+                             f"each layer in at most one group; got {[list(x) for x in groups]}")
+        seen.update(int(i) for i in g)
 
 
 # ------------------------------------------------------------------------------------------
@@ -218,10 +224,16 @@ def distributed_logits_postprocess(h: Sequence[Array], input_row_offsets, return
     def logits_at(rows: np.ndarray | None):
         xs = list(h) if rows is None else per_device(lambda x: x[_idx(x, rows)], h, devices=devs)
         ys = lm_head(forward_sharded_layers(norm_shards, xs, devices=devs), comm)  # per device [n, V]
-        with on_device_context(devs[r]):
-            y = ys[r].astype(np.float32)
-            return y / np.float32(logits_scaling) if logits_scaling != 1.0 else y
+        y = ys[r].astype(np.float32)
+        return y / np.float32(logits_scaling) if logits_scaling != 1.0 else y
 
+    with on_device_context(devs[r]):  # every gather below runs on the device whose copy is returned
+        return _postprocess(h[r], norm_shards[r], offs, last, logits_at, return_logits, return_n_logits,
+                            return_hidden_states)
+
+
+def _postprocess(h, norm, offs, last, logits_at, return_logits, return_n_logits, return_hidden_states) -> tuple:
+    """The rows `distributed_logits_postprocess` returns, from one device's hidden states `h`."""
     out: list = []
     if return_logits == ReturnLogits.ALL:
         all_logits = logits_at(None)
@@ -239,11 +251,11 @@ def distributed_logits_postprocess(h: Sequence[Array], input_row_offsets, return
     else:
         raise ValueError(f"unknown return_logits {return_logits!r}")
     if return_hidden_states == ReturnHiddenStates.LAST:
-        out.append(h[r][_idx(h[r], last)])
+        out.append(h[_idx(h, last)])
     elif return_hidden_states == ReturnHiddenStates.ALL:
-        out.append(h[r])
+        out.append(h)
     elif return_hidden_states == ReturnHiddenStates.ALL_NORMALIZED:
-        out.append(norm_shards[r](h[r]))
+        out.append(norm(h))
     elif return_hidden_states != ReturnHiddenStates.NONE:
         raise ValueError(f"unknown return_hidden_states {return_hidden_states!r}")
     return tuple(out)

@@ -17,8 +17,8 @@ from pathlib import Path
 import safetensors.numpy as stn
 
 import tpmax
-from tpmax.generate import encode_prompt
-from tpmax.spmd import LeaderError
+from tpmax.api import encode_prompt
+from tpmax.executor import LeaderError
 
 FIX = Path(__file__).resolve().parent.parent / "fixtures"
 HF_CASES = ["llama", "llama_tied", "mistral", "qwen2", "qwen3", "granite", "llama_sharded"]
