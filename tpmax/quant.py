@@ -1,6 +1,8 @@
 """Quantized linears kept quantized on the device: GPTQ / compressed-tensors integer weights
-(`GPTQWeight`) and FP8 e4m3 weights (`FP8Weight`), the readers that build one device's piece
-of them from a checkpoint, and the parsing of HF `quantization_config`.
+(`GPTQWeight`) and FP8 e4m3 weights (`FP8Weight`), their fusion along `out` (`concat_out`),
+and the MAX-seed functions over them (`gptq_linear`, `fp8_linear`, ...). How a checkpoint
+declares its quantization is `quant_config.py`; reading one device's piece of a checkpoint,
+still packed, is `quant_read.py`.
 
 Every quantized weight is plain frozen data with a logical shape `[out, in]`, its resident
 `nbytes`, a reference `dequantize()` and `matmul_t(x) = x @ W.T`, computed a block of output
@@ -11,13 +13,11 @@ and decoded through a 256-entry table, since CuPy has no float8 dtype.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from .devices import Array, Device, asarray, float8_e4m3fn, xp_of
-from .errors import ConfigError, LoadError
-from .sharding import ceil_div, split_bounds
 
 # Output features dequantized per step of `matmul_t`: the float32 block is at most this many
 # bytes (or one row when a single row is larger).
@@ -360,283 +360,6 @@ def concat_out(parts: Sequence) -> object:
     return ConcatOut(tuple(flat))
 
 
-# ------------------------------------------------------------------------------------------
-# quantization_config -> QuantConfig.
-
-
-@dataclasses.dataclass(frozen=True)
-class QuantConfig:
-    """How a checkpoint's linears are quantized.
-
-    method: "gptq", "compressed-tensors" or "fp8"; format: "gptq", "pack-quantized",
-    "float-quantized" or "fp8-block"; bits; group_size (-1: one group over `in`);
-    sym; desc_act (g_idx permuted); zero_offset: added to stored GPTQ zeros (1 for the v1
-    format); strategy: "tensor", "channel", "group" or "block"; block: `(bo, bi)`;
-    ignore: module names (or "re:" patterns) left unquantized.
-    """
-
-    method: str
-    format: str
-    bits: int
-    group_size: int = -1
-    sym: bool = True
-    desc_act: bool = False
-    zero_offset: int = 0
-    strategy: str = "group"
-    block: tuple[int, int] | None = None
-    ignore: tuple[str, ...] = ()
-
-    @property
-    def suffixes(self) -> tuple[str, ...]:
-        """The tensors each quantized linear stores beside its name (required ones)."""
-        if self.format == "gptq":
-            return ("qweight", "qzeros", "scales")
-        if self.format == "pack-quantized":
-            return ("weight_packed", "weight_scale", "weight_shape") + (() if self.sym else ("weight_zero_point",))
-        if self.format == "fp8-block":
-            return ("weight", "weight_scale_inv")
-        return ("weight", "weight_scale")
-
-    @property
-    def optional_suffixes(self) -> tuple[str, ...]:
-        return {"gptq": ("g_idx",), "pack-quantized": ("weight_g_idx",)}.get(self.format, ())
-
-    def describe(self) -> str:
-        """One line for `tpmax info`."""
-        if self.format == "gptq":
-            return (f"gptq {self.bits}-bit, group {self.group_size}, {'sym' if self.sym else 'asym'}"
-                    + (", desc_act" if self.desc_act else ""))
-        if self.format == "pack-quantized":
-            return f"compressed-tensors pack-quantized int{self.bits}, {self.strategy}" + (
-                f" {self.group_size}" if self.strategy == "group" else "") + (", asym" if not self.sym else "")
-        if self.format == "fp8-block":
-            return f"fp8 e4m3, block {self.block[0]}x{self.block[1]} scales"
-        return f"compressed-tensors float-quantized fp8 e4m3, per-{self.strategy} scale"
-
-    def quantizes(self, module: str) -> bool:
-        """Whether the linear `module` (HF name without `.weight`) is quantized."""
-        import re
-
-        for pat in self.ignore:
-            if pat.startswith("re:"):
-                if re.match(pat[3:], module):
-                    return False
-            elif module == pat or module.endswith("." + pat) or pat.endswith("." + module):
-                return False
-        return True
-
-
-def quant_config_from_hf(config: dict, *, source: str) -> QuantConfig | None:
-    """The `quantization_config` of a HF config.json as a `QuantConfig` (None: not quantized).
-
-    Raises:
-        ConfigError: an unsupported quant_method, format, bit width or option, naming `source`.
-    """
-    qc = config.get("quantization_config")
-    if qc is None:
-        return None
-    if not isinstance(qc, dict):
-        raise ConfigError(f"{source}: quantization_config must be an object")
-    method = qc.get("quant_method")
-    if method == "gptq":
-        return _gptq_config(qc, source)
-    if method == "compressed-tensors":
-        return _compressed_tensors_config(qc, source)
-    if method == "fp8":
-        return _fp8_block_config(qc, source)
-    raise ConfigError(f"{source}: unsupported quant_method {method!r}; supported: gptq, compressed-tensors, fp8")
-
-
-def _gptq_config(qc: dict, source: str) -> QuantConfig:
-    bits = qc.get("bits")
-    if bits not in PACKED_BITS:
-        raise ConfigError(f"{source}: GPTQ bits={bits!r} unsupported; supported: {', '.join(map(str, PACKED_BITS))}")
-    group = qc.get("group_size", 128)
-    if not isinstance(group, int) or (group <= 0 and group != -1):
-        raise ConfigError(f"{source}: GPTQ group_size={group!r} must be a positive int or -1")
-    fmt = qc.get("checkpoint_format", qc.get("format", "gptq"))
-    if fmt not in ("gptq", "gptq_v2"):
-        raise ConfigError(f"{source}: GPTQ checkpoint_format {fmt!r} unsupported; supported: gptq, gptq_v2")
-    if qc.get("dynamic"):
-        raise ConfigError(f"{source}: GPTQ per-module overrides (dynamic) are unsupported")
-    ignore = tuple(qc.get("modules_to_not_convert") or ()) + (() if qc.get("lm_head") else ("lm_head",))
-    return QuantConfig("gptq", "gptq", bits, group, bool(qc.get("sym", True)), bool(qc.get("desc_act", False)),
-                       1 if fmt == "gptq" else 0, "group" if group != -1 else "channel", None, ignore)
-
-
-def _compressed_tensors_config(qc: dict, source: str) -> QuantConfig:
-    groups = qc.get("config_groups") or {}
-    if len(groups) != 1:
-        raise ConfigError(f"{source}: compressed-tensors with {len(groups)} config_groups unsupported (need exactly 1)")
-    (gname, group), = groups.items()
-    fmt = group.get("format") or qc.get("format")
-    w = group.get("weights") or {}
-    if group.get("input_activations") or group.get("output_activations"):
-        raise ConfigError(f"{source}: compressed-tensors activation quantization ({gname}) unsupported; "
-                          "only weight-only schemes load")
-    targets = group.get("targets") or []
-    if targets and "Linear" not in targets:
-        raise ConfigError(f"{source}: compressed-tensors targets {targets} unsupported (need 'Linear')")
-    typ, bits, strategy = w.get("type"), w.get("num_bits"), w.get("strategy")
-    ignore = tuple(qc.get("ignore") or ())
-    if fmt == "float-quantized":
-        if typ != "float" or bits != 8:
-            raise ConfigError(f"{source}: float-quantized weights type={typ!r} num_bits={bits!r} unsupported "
-                              "(need float 8 = e4m3)")
-        if strategy not in ("tensor", "channel", "block"):
-            raise ConfigError(f"{source}: float-quantized strategy {strategy!r} unsupported; "
-                              "supported: tensor, channel, block")
-        if not w.get("symmetric", True):
-            raise ConfigError(f"{source}: asymmetric FP8 weights unsupported")
-        block = tuple(w.get("block_structure") or ()) or None
-        if strategy == "block" and (not block or len(block) != 2):
-            raise ConfigError(f"{source}: block strategy needs block_structure [rows, cols]")
-        return QuantConfig("compressed-tensors", "float-quantized", 8, -1, True, False, 0, strategy, block, ignore)
-    if fmt == "pack-quantized":
-        if typ != "int" or bits not in (4, 8):
-            raise ConfigError(f"{source}: pack-quantized weights type={typ!r} num_bits={bits!r} unsupported "
-                              "(need int 4 or 8)")
-        if strategy not in ("channel", "group"):
-            raise ConfigError(f"{source}: pack-quantized strategy {strategy!r} unsupported; supported: channel, group")
-        gs = w.get("group_size") if strategy == "group" else -1
-        if strategy == "group" and (not isinstance(gs, int) or gs <= 0):
-            raise ConfigError(f"{source}: pack-quantized group strategy needs a positive group_size, got {gs!r}")
-        actorder = w.get("actorder")
-        return QuantConfig("compressed-tensors", "pack-quantized", bits, gs, bool(w.get("symmetric", True)),
-                           actorder in ("group", True), 0, strategy, None, ignore)
-    raise ConfigError(f"{source}: compressed-tensors format {fmt!r} unsupported; "
-                      "supported: float-quantized, pack-quantized")
-
-
-def _fp8_block_config(qc: dict, source: str) -> QuantConfig:
-    if qc.get("fmt", "e4m3") != "e4m3":
-        raise ConfigError(f"{source}: fp8 fmt {qc.get('fmt')!r} unsupported (need e4m3)")
-    if qc.get("activation_scheme", "dynamic") != "dynamic":
-        raise ConfigError(f"{source}: fp8 activation_scheme {qc.get('activation_scheme')!r} unsupported "
-                          "(need dynamic: weights only)")
-    block = qc.get("weight_block_size")
-    if not (isinstance(block, (list, tuple)) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)):
-        raise ConfigError(f"{source}: fp8 needs weight_block_size [rows, cols], got {block!r}")
-    return QuantConfig("fp8", "fp8-block", 8, -1, True, False, 0, "block", tuple(block),
-                       tuple(qc.get("modules_to_not_convert") or ()) or ("lm_head",))
-
-
-# ------------------------------------------------------------------------------------------
-# Readers: one device's piece of a quantized linear, reading only what the piece needs.
-# `reader(suffix)` returns a safetensors-slice-like object (`get_shape()`, `[slices]`) or None /
-# raises KeyError when the checkpoint lacks that tensor. `index` is one sharding piece in
-# logical `[out, in]` coordinates: `(rows,)` or `(rows, cols)` of slices.
-
-Reader = Callable[[str], object]
-
-
-def _range(s: slice, n: int) -> tuple[int, int]:
-    a, b, step = s.indices(n)
-    if step != 1:
-        raise ValueError(f"sharding pieces must be contiguous, got {s}")
-    return a, max(a, b)
-
-
-def _piece(index: tuple, shape: tuple[int, int]) -> tuple[int, int, int, int]:
-    rows = index[0] if len(index) > 0 else slice(None)
-    cols = index[1] if len(index) > 1 else slice(None)
-    return _range(rows, shape[0]) + _range(cols, shape[1])
-
-
-class _Tensors:
-    """The stored tensors of one linear, with errors naming them (and `source`, the file)."""
-
-    def __init__(self, reader: Reader, name: str, source: str | None = None):
-        self.reader, self.name, self.source = reader, name, source
-
-    def get(self, suffix: str, *, required: bool = True):
-        try:
-            t = self.reader(suffix)
-        except KeyError:
-            t = None
-        if t is None and required:
-            self.fail(suffix, "is missing")
-        return t
-
-    def shape(self, suffix: str) -> tuple[int, ...]:
-        return tuple(int(n) for n in self.get(suffix).get_shape())
-
-    def read(self, suffix: str, index: tuple, dtypes: tuple) -> np.ndarray:
-        a = np.asarray(self.get(suffix)[index])
-        if a.dtype not in [np.dtype(d) for d in dtypes]:
-            self.fail(suffix, f"has dtype {a.dtype}, expected " + " or ".join(str(np.dtype(d)) for d in dtypes))
-        return a
-
-    def fail(self, suffix: str, msg: str):
-        raise LoadError((f"{self.source}: " if self.source else "") + f"tensor {self.name}.{suffix} {msg}")
-
-
-def quantized_shape(reader: Reader, qc: QuantConfig, *, name: str, source: str | None = None) -> tuple[int, int]:
-    """The logical `[out, in]` of a stored quantized linear (validating its tensors' shapes)."""
-    t = _Tensors(reader, name, source)
-    if qc.format == "gptq":
-        return _gptq_layout(t, qc)[:2]
-    if qc.format == "pack-quantized":
-        return _ct_int_layout(t, qc)[:2]
-    return _fp8_layout(t, qc)[:2]
-
-
-def read_quantized(reader: Reader, qc: QuantConfig, index: tuple, *, name: str, source: str | None = None,
-                   repack: bool = True):
-    """One device's piece `index` of the quantized linear `name`, as a `GPTQWeight` / `FP8Weight`.
-
-    Args:
-        repack: allow input-feature pieces that do not start/end on a packing word or group
-            boundary (they are unpacked and repacked; touched groups are read by every device
-            that touches them). With False such a piece is a LoadError.
-    Raises:
-        LoadError: missing tensors, wrong packed shapes or dtypes, naming the tensor (and
-            `source`, the checkpoint, when given).
-    """
-    t = _Tensors(reader, name, source)
-    if qc.format == "gptq":
-        return _read_gptq(t, qc, index, repack)
-    if qc.format == "pack-quantized":
-        return _read_ct_int(t, qc, index, repack)
-    return _read_fp8(t, qc, index)
-
-
-def _n_groups(n_in: int, group: int) -> int:
-    return 1 if group == -1 else ceil_div(n_in, group)
-
-
-def _gptq_layout(t: _Tensors, qc: QuantConfig):
-    pf = 32 // qc.bits
-    qw = t.shape("qweight")
-    if len(qw) != 2:
-        t.fail("qweight", f"has shape {qw}, expected [in/{pf}, out]")
-    n_in, n_out = qw[0] * pf, qw[1]
-    if t.get("g_idx", required=False) is not None and t.shape("g_idx") != (n_in,):
-        t.fail("qweight", f"has shape {qw} ({n_in} input features, {pf} per int32 row) but {t.name}.g_idx "
-                          f"has {t.shape('g_idx')[0]} entries")
-    groups = _n_groups(n_in, qc.group_size)
-    if t.shape("scales") != (groups, n_out):
-        t.fail("scales", f"has shape {t.shape('scales')}, expected {(groups, n_out)} for qweight {qw} "
-                         f"(group_size {qc.group_size})")
-    if n_out % pf or t.shape("qzeros") != (groups, n_out // pf):
-        t.fail("qzeros", f"has shape {t.shape('qzeros')}, expected {(groups, n_out / pf)} "
-                         f"({qc.bits}-bit zeros packed {pf} per int32 along out)")
-    if t.get("g_idx", required=False) is not None and t.shape("g_idx") != (n_in,):
-        t.fail("g_idx", f"has shape {t.shape('g_idx')}, expected ({n_in},)")
-    if qc.desc_act and t.get("g_idx", required=False) is None:
-        t.fail("g_idx", "is missing (desc_act checkpoints need it)")
-    return n_out, n_in, groups
-
-
-def _read_g_idx(t: _Tensors, suffix: str, a: int, b: int, group: int, groups: int) -> np.ndarray:
-    """Global groups of input features `[a, b)` (int64; the caller stores them local and small)."""
-    if t.get(suffix, required=False) is None:
-        return np.arange(a, b) // group if group != -1 else np.zeros(b - a, np.int64)
-    g = t.read(suffix, (slice(a, b),), (np.int32, np.int64)).astype(np.int64)
-    if g.size and (g.min() < 0 or g.max() >= groups):
-        t.fail(suffix, f"has group indices outside [0, {groups})")
-    return g
-
 
 def uniform_group_size(g_idx: np.ndarray) -> int:
     """g when host array `g_idx == arange(len) // g` with g dividing its length, else 0."""
@@ -650,173 +373,6 @@ def uniform_group_size(g_idx: np.ndarray) -> int:
     return g if np.array_equal(g_idx, np.arange(n) // g) else 0
 
 
-def _local_groups(g_idx: np.ndarray) -> tuple[int, int, np.ndarray]:
-    """`(g0, g1, g_idx - g0)`: the range of groups a piece touches and its local g_idx."""
-    if not g_idx.size:
-        return 0, 0, g_idx.astype(np.int16)
-    g0, g1 = int(g_idx.min()), int(g_idx.max()) + 1
-    return g0, g1, (g_idx - g0).astype(np.int16 if g1 - g0 <= 32767 else np.int32)
-
-
-def _check_cut(t: _Tensors, suffix: str, ia: int, ib: int, n_in: int, pf: int, group: int, repack: bool):
-    if repack:
-        return
-    for edge in (ia, ib):
-        if edge not in (0, n_in) and (edge % pf or (group != -1 and edge % group)):
-            t.fail(suffix, f"input split at {edge} cuts a {pf}-value word or a {group}-wide group "
-                           "and repacking is off")
-
-
-def _read_gptq(t: _Tensors, qc: QuantConfig, index: tuple, repack: bool) -> GPTQWeight:
-    n_out, n_in, groups = _gptq_layout(t, qc)
-    pf, bits = 32 // qc.bits, qc.bits
-    oa, ob, ia, ib = _piece(index, (n_out, n_in))
-    _check_cut(t, "qweight", ia, ib, n_in, pf, qc.group_size, repack)
-    g0, g1, g_idx = _local_groups(_read_g_idx(t, "g_idx", ia, ib, qc.group_size, groups))  # [ib-ia]
-    # Packed rows covering [ia, ib); repack only when the piece does not start on a word.
-    w0, w1 = ia // pf, ceil_div(ib, pf)
-    qweight = t.read("qweight", (slice(w0, w1), slice(oa, ob)), (np.int32, np.uint32)).view(np.int32)
-    if ia % pf:
-        q = unpack_int32(qweight, bits, axis=0)[ia - w0 * pf: ib - w0 * pf]
-        qweight = pack_int32(q, bits, axis=0)
-    scales = t.read("scales", (slice(g0, g1), slice(oa, ob)), (np.float16, np.float32))
-    # Zeros: packed along out; read the words covering [oa, ob) and unpack.
-    z0, z1 = oa // pf, ceil_div(ob, pf)
-    qzeros = t.read("qzeros", (slice(g0, g1), slice(z0, z1)), (np.int32, np.uint32)).view(np.int32)
-    # v1 stores real zero - 1, so a stored all-ones value reads as 2^bits (uint16 for 8 bits).
-    zeros = unpack_int32(qzeros, bits, axis=1)[:, oa - z0 * pf: ob - z0 * pf].astype(np.int32) + qc.zero_offset
-    zeros = zeros.astype(np.uint8 if not zeros.size or zeros.max() <= 255 else np.uint16)
-    _check_finite(t, "scales", scales)
-    return GPTQWeight(qweight, scales, zeros, g_idx, bits, ib - ia, uniform_group_size(g_idx))
-
-
-def _ct_int_layout(t: _Tensors, qc: QuantConfig):
-    pf = 32 // qc.bits
-    shape = t.read("weight_shape", (slice(None),), (np.int32, np.int64))
-    if shape.shape != (2,):
-        t.fail("weight_shape", f"has {shape.tolist()}, expected [out, in]")
-    n_out, n_in = (int(v) for v in shape)
-    if t.shape("weight_packed") != (n_out, ceil_div(n_in, pf)):
-        t.fail("weight_packed", f"has shape {t.shape('weight_packed')}, expected {(n_out, ceil_div(n_in, pf))} "
-                                f"for weight_shape {[n_out, n_in]} ({qc.bits}-bit, {pf} per int32)")
-    groups = _n_groups(n_in, qc.group_size)
-    if t.shape("weight_scale") != (n_out, groups):
-        t.fail("weight_scale", f"has shape {t.shape('weight_scale')}, expected {(n_out, groups)}")
-    if not qc.sym and t.shape("weight_zero_point") != (ceil_div(n_out, pf), groups):
-        t.fail("weight_zero_point", f"has shape {t.shape('weight_zero_point')}, "
-                                    f"expected {(ceil_div(n_out, pf), groups)}")
-    return n_out, n_in, groups
-
-
-def _read_ct_int(t: _Tensors, qc: QuantConfig, index: tuple, repack: bool) -> GPTQWeight:
-    """compressed-tensors pack-quantized: weight_packed int32 `[out, in/pf]` (signed values
-    stored +2^(bits-1)), weight_scale `[out, groups]`, weight_zero_point int32 `[out/pf, groups]`
-    packed along out (signed). Converted to the GPTQ layout: zero = zero_point + 2^(bits-1)."""
-    n_out, n_in, groups = _ct_int_layout(t, qc)
-    pf, bits, half = 32 // qc.bits, qc.bits, 1 << (qc.bits - 1)
-    oa, ob, ia, ib = _piece(index, (n_out, n_in))
-    _check_cut(t, "weight_packed", ia, ib, n_in, pf, qc.group_size, repack)
-    g0, g1, g_idx = _local_groups(_read_g_idx(t, "weight_g_idx", ia, ib, qc.group_size, groups))
-    w0, w1 = ia // pf, ceil_div(ib, pf)
-    packed = t.read("weight_packed", (slice(oa, ob), slice(w0, w1)), (np.int32,))
-    q = unpack_int32(packed, bits, axis=1)[:, ia - w0 * pf: ib - w0 * pf]  # [out', in'] unsigned
-    scales = t.read("weight_scale", (slice(oa, ob), slice(g0, g1)), (np.float16, np.float32, _bf16()))
-    _check_finite(t, "weight_scale", scales)
-    scales = scales.T.astype(np.float16 if scales.dtype == np.float16 else np.float32)  # [groups', out']
-    if qc.sym:
-        zeros = np.full(scales.shape, half, np.uint8)
-    else:
-        z0, z1 = oa // pf, ceil_div(ob, pf)
-        zp = t.read("weight_zero_point", (slice(z0, z1), slice(g0, g1)), (np.int32,))
-        zp = unpack_int32(zp, bits, axis=0)[oa - z0 * pf: ob - z0 * pf]  # [out', groups'] stored +half
-        zeros = zp.T.astype(np.uint8)  # (signed zp + half) = the unsigned zero
-    return GPTQWeight(pack_int32(q.T, bits, axis=0), np.ascontiguousarray(scales), np.ascontiguousarray(zeros),
-                      g_idx, bits, ib - ia, uniform_group_size(g_idx))
-
-
-def _bf16():
-    from .devices import bfloat16
-    return bfloat16
-
-
-def _fp8_layout(t: _Tensors, qc: QuantConfig):
-    w = t.shape("weight")
-    if len(w) != 2:
-        t.fail("weight", f"has shape {w}, expected [out, in]")
-    n_out, n_in = w
-    sfx = "weight_scale_inv" if qc.format == "fp8-block" else "weight_scale"
-    s = t.shape(sfx)
-    if qc.strategy == "block":
-        bo, bi = qc.block
-        want = [(ceil_div(n_out, bo), ceil_div(n_in, bi))]
-    elif qc.strategy == "channel":
-        want = [(n_out, 1), (n_out,)]
-    else:
-        want = [(), (1,)]
-    if s not in want:
-        t.fail(sfx, f"has shape {s}, expected {want[0]} ({qc.strategy} scales of a {[n_out, n_in]} weight)")
-    return n_out, n_in, sfx
-
-
-def _read_fp8(t: _Tensors, qc: QuantConfig, index: tuple) -> FP8Weight:
-    n_out, n_in, sfx = _fp8_layout(t, qc)
-    oa, ob, ia, ib = _piece(index, (n_out, n_in))
-    raw = t.read("weight", (slice(oa, ob), slice(ia, ib)), (float8_e4m3fn, np.uint8))
-    w = raw.view(np.uint8)
-    if ((w & 0x7F) == 0x7F).any():
-        t.fail("weight", "contains NaN (e4m3 bit pattern 0x7f/0xff)")
-    dt = (np.float32, np.float16, _bf16())
-    if qc.strategy == "block":
-        bo, bi = qc.block
-        scale = t.read(sfx, (slice(oa // bo, (ob - 1) // bo + 1), slice(ia // bi, (ib - 1) // bi + 1)), dt)
-        _check_finite(t, sfx, scale)
-        return FP8Weight(w, scale.astype(np.float32), (bo, bi), (oa % bo, ia % bi))
-    if qc.strategy == "channel":
-        full = t.shape(sfx)
-        scale = t.read(sfx, (slice(oa, ob),) + ((slice(None),) if len(full) == 2 else ()), dt)
-        _check_finite(t, sfx, scale)
-        return FP8Weight(w, scale.astype(np.float32).reshape(-1))
-    scale = t.read(sfx, (slice(None),) * len(t.shape(sfx)), dt) if t.shape(sfx) else np.asarray(t.get(sfx)[()])
-    _check_finite(t, sfx, scale)
-    return FP8Weight(w, scale.astype(np.float32).reshape(()))
-
-
-def _check_finite(t: _Tensors, sfx: str, a: np.ndarray):
-    if not np.isfinite(a).all():
-        t.fail(sfx, "contains NaN or inf")
-
-
-def marker_suffix(qc: QuantConfig) -> str:
-    """The tensor whose presence makes a linear quantized (its float twin lacks it)."""
-    return {"gptq": "qweight", "pack-quantized": "weight_packed", "fp8-block": "weight_scale_inv"}.get(
-        qc.format, "weight_scale")
-
-
-def group_quantized(keys, qc: QuantConfig, *, source: str, is_fp8=lambda key: False) -> dict[str, dict[str, str]]:
-    """The quantized linears among checkpoint `keys`: `{module: {suffix: key}}`.
-
-    A module is quantized when its marker tensor (`marker_suffix`) is present, or, for FP8
-    formats, when its `weight` is stored as F8_E4M3 (`is_fp8(key)`); then every required
-    suffix must be present.
-    Raises:
-        LoadError: a quantized linear missing a required tensor, naming it.
-    """
-    keys = set(keys)
-    wanted = qc.suffixes + qc.optional_suffixes
-    fp8 = qc.format in ("float-quantized", "fp8-block")
-    modules = {k[: -len(marker_suffix(qc)) - 1] for k in keys if k.endswith("." + marker_suffix(qc))}
-    if fp8:
-        modules |= {k[: -len(".weight")] for k in keys if k.endswith(".weight") and is_fp8(k)}
-    if qc.format == "gptq":  # any GPTQ tensor marks the module (a missing qweight is then an error)
-        modules |= {k.rsplit(".", 1)[0] for k in keys if k.rsplit(".", 1)[-1] in ("qzeros", "scales", "g_idx")}
-    out = {}
-    for m in sorted(modules):
-        have = {sfx: f"{m}.{sfx}" for sfx in wanted if f"{m}.{sfx}" in keys}
-        for sfx in qc.suffixes:
-            if sfx not in have:
-                raise LoadError(f"{source}: tensor {m}.{sfx} is missing ({qc.describe()} linear)")
-        out[m] = have
-    return out
 
 
 def resident_bytes(weights) -> list[tuple[int, int]]:
@@ -855,118 +411,78 @@ def resident_bytes(weights) -> list[tuple[int, int]]:
 
 
 # ------------------------------------------------------------------------------------------
-# safetensors tensors NumPy's safetensors binding cannot read (F8_E4M3, BF16): the file is
-# memory-mapped and a slice reads only the pages it touches.
-
-_ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32,
-              "I16": np.int16, "I8": np.int8, "U8": np.uint8, "U16": np.uint16, "U32": np.uint32,
-              "U64": np.uint64, "BOOL": np.bool_}
-
-
-def _st_dtype(name: str):
-    import ml_dtypes
-
-    extra = {"BF16": ml_dtypes.bfloat16, "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2}
-    return np.dtype(_ST_DTYPES.get(name) or extra[name])
-
-
-class SafetensorsFile:
-    """A safetensors file read through its header and a memory map (every dtype, incl. F8_E4M3).
-
-    `get_slice(key)` answers like safetensors' own: `get_shape()` and `[slices]` -> NumPy copy.
-    """
-
-    def __init__(self, path):
-        import json
-
-        self.path = str(path)
-        try:
-            with open(self.path, "rb") as f:
-                n = int.from_bytes(f.read(8), "little")
-                header = json.loads(f.read(n))
-            self._mm = np.memmap(self.path, np.uint8, "r")
-            self._base = 8 + n
-            self._meta = {k: v for k, v in header.items() if k != "__metadata__"}
-        except Exception as e:
-            raise LoadError(f"{self.path}: not a valid safetensors file ({e})") from None
-
-    def keys(self):
-        return list(self._meta)
-
-    def get_slice(self, key: str) -> "_MappedTensor":
-        m = self._meta[key]
-        try:
-            dt = _st_dtype(m["dtype"])
-        except KeyError:
-            raise LoadError(f"{self.path}: tensor {key} has unsupported dtype {m['dtype']}") from None
-        a, b = m["data_offsets"]
-        shape = tuple(m["shape"])
-        if b - a != dt.itemsize * int(np.prod(shape, dtype=np.int64)) or self._base + b > self._mm.size:
-            raise LoadError(f"{self.path}: tensor {key} has a data range that does not fit its shape or the file")
-        return _MappedTensor(self._mm[self._base + a: self._base + b].view(dt).reshape(shape))
-
-
-class _MappedTensor:
-    def __init__(self, view: np.ndarray):
-        self._view = view
-
-    def get_shape(self):
-        return list(self._view.shape)
-
-    def get_dtype(self) -> str:
-        return str(self._view.dtype)
-
-    def __getitem__(self, index):
-        return np.array(self._view[index])
-
-
-# ------------------------------------------------------------------------------------------
 # The MAX-seed functions (parity API), expressed over the types above.
 
 
-def gptq_dequantize(qweight: Array, scales: Array, g_idx: Array | None = None, /, *,
-                    group_size: int | None = None) -> Array:
-    """The float32 weight `[out, in]` of a symmetric 4-bit GPTQ linear (zero point 8).
+def gptq_zeros(qzeros: Array, bits: int, zero_offset: int, a: int, b: int) -> Array:
+    """Zero points `[groups, b - a]` of output features `[a, b)` from GPTQ's `qzeros` `[groups,
+    words]`, packed 32/bits per int32 along `out` starting at feature 0 of word 0. uint8 (uint16
+    where a v1 8-bit zero reads 256); `zero_offset` 1 for v1 checkpoints (they store zero - 1)."""
+    zeros = unpack_int32(qzeros, bits, axis=1)[:, a:b].astype(np.int32) + zero_offset
+    return zeros.astype(np.uint8 if not zeros.size or int(zeros.max()) <= 255 else np.uint16)
+
+
+def gptq_weight(qweight: Array, scales: Array, g_idx: Array | None = None, /, *, qzeros: Array | None = None,
+                bits: int = 4, group_size: int | None = None, zero_offset: int = 1) -> GPTQWeight:
+    """A GPTQ linear in the HF / AutoGPTQ stored layout, as a `GPTQWeight` on qweight's device.
+
+    W[o, i] = (q[i, o] - zero[g_idx[i], o]) * scales[g_idx[i], o].
 
     Args:
-        qweight: int32 `[in/8, out]`; scales: `[n_groups, out]`; g_idx: int `[in]` or None
-        (then `group_size` gives `g_idx = arange(in) // group_size`).
+        qweight: int32 `[in * bits / 32, out]`, 32/bits values per word along `in` (value j of a
+            word in bits `[j*bits, (j+1)*bits)`).
+        scales: float16/float32 `[groups, out]`.
+        g_idx: int `[in]`, each input feature's group, in any order (desc_act / act-order); None:
+            `arange(in) // group_size` (`group_size` -1: one group).
+        qzeros: int32 `[groups, ceil(out * bits / 32)]`, packed the same way along `out`; None:
+            symmetric, every zero point 2^(bits-1).
+        bits: 2, 4 or 8.
+        zero_offset: added to the stored zeros: 1 for `checkpoint_format` "gptq" (v1 stores
+            zero - 1), 0 for "gptq_v2".
+    Raises:
+        ValueError: a bit width, shape or group index that does not fit.
     """
-    return _gptq_sym4(qweight, scales, g_idx, group_size).dequantize()
-
-
-def _gptq_sym4(qweight, scales, g_idx, group_size) -> GPTQWeight:
-    xp = xp_of(qweight)
-    n_in = qweight.shape[0] * 8
+    if bits not in PACKED_BITS:
+        raise ValueError(f"GPTQ bits={bits!r} unsupported; supported: {', '.join(map(str, PACKED_BITS))}")
+    xp, pf = xp_of(qweight), 32 // bits
+    if qweight.ndim != 2 or qweight.dtype != np.int32:
+        raise ValueError(f"qweight must be 2-D int32 [in/{pf}, out], got {qweight.dtype} {tuple(qweight.shape)}")
+    n_in, n_out = int(qweight.shape[0]) * pf, int(qweight.shape[1])
+    groups = int(scales.shape[0]) if scales.ndim == 2 else -1
+    if scales.ndim != 2 or scales.shape[1] != n_out:
+        raise ValueError(f"scales has shape {tuple(scales.shape)}, expected [groups, {n_out}]")
     if g_idx is None:
-        if not group_size:
-            raise ValueError("gptq_dequantize needs g_idx or group_size")
-        g_idx = xp.arange(n_in) // group_size
+        if group_size is None or group_size == 0 or group_size < -1:
+            raise ValueError("gptq_weight needs g_idx or group_size (a positive int, or -1 for one group)")
+        g_idx = xp.arange(n_in) // (n_in if group_size == -1 else group_size)
     if len(g_idx) != n_in:
         raise ValueError(f"g_idx has {len(g_idx)} entries for {n_in} input features")
-    zeros = xp.full(scales.shape, 8, np.uint8)
     host = g_idx if isinstance(g_idx, np.ndarray) else g_idx.get()
-    return GPTQWeight(qweight, scales, zeros, xp.asarray(g_idx).astype(np.int32), 4, n_in, uniform_group_size(host))
+    if n_in and (int(host.min()) < 0 or int(host.max()) >= groups):
+        raise ValueError(f"g_idx holds groups outside [0, {groups}) of scales {tuple(scales.shape)}")
+    if qzeros is None:
+        zeros = xp.full(scales.shape, 1 << (bits - 1), np.uint8 if bits < 8 else np.uint16)
+    elif tuple(qzeros.shape) != (groups, -(-n_out // pf)) or qzeros.dtype != np.int32:
+        raise ValueError(f"qzeros has {qzeros.dtype} {tuple(qzeros.shape)}, expected int32 "
+                         f"{(groups, -(-n_out // pf))} ({bits}-bit zeros packed {pf} per int32 along out)")
+    else:
+        zeros = gptq_zeros(qzeros, bits, zero_offset, 0, n_out)
+    return GPTQWeight(qweight, scales, zeros, xp.asarray(g_idx).astype(np.int32), bits, n_in,
+                      uniform_group_size(host))
+
+
+def gptq_dequantize(qweight: Array, scales: Array, g_idx: Array | None = None, /, **layout) -> Array:
+    """The float32 weight `[out, in]` of a GPTQ linear; arguments as `gptq_weight`."""
+    return gptq_weight(qweight, scales, g_idx, **layout).dequantize()
 
 
 def gptq_linear(x: Array, qweight: Array, scales: Array, g_idx: Array | None = None, bias: Array | None = None,
-                /, *, group_size: int | None = None) -> Array:
-    """`x @ dequantize(W).T + b` for x `[T, in]` -> `[T, out]` (float32)."""
-    y = _gptq_sym4(qweight, scales, g_idx, group_size).matmul_t(x.astype(np.float32, copy=False))
+                /, **layout) -> Array:
+    """MAX's GPTQLinear as a function: `x @ W.T + b` for x `[..., in]` -> `[..., out]` float32,
+    W the GPTQ linear `gptq_weight(qweight, scales, g_idx, **layout)` describes (2/4/8-bit,
+    symmetric or with `qzeros`, ordered groups or a desc_act `g_idx`), kept packed."""
+    y = gptq_weight(qweight, scales, g_idx, **layout).matmul_t(x.astype(np.float32, copy=False))
     return y if bias is None else y + bias.astype(np.float32)
-
-
-def gptq_pack(q: np.ndarray) -> np.ndarray:
-    """Pack 4-bit values `q [in, out]` (0..15) into GPTQ's int32 `[in/8, out]`."""
-    if q.shape[0] % 8:
-        raise ValueError(f"GPTQ needs in_features divisible by 8, got {q.shape[0]}")
-    return pack_int32(q, 4, axis=0)
-
-
-def gptq_shard_rowwise(qweight, scales, tp: int, rank: int):
-    """Device `rank`'s output features of a GPTQ linear (the column-parallel split)."""
-    a, b = split_bounds(qweight.shape[1], tp)[rank]
-    return qweight[:, a:b], scales[:, a:b]
 
 
 def fp8_dequantize(w: Array, scale: Array, /) -> Array:
@@ -993,10 +509,3 @@ def fp8_linear(x: Array, w: Array, scale: Array, bias: Array | None = None, /) -
     """`x @ (w * scale).T + b` -> `[T, out]` float32."""
     y = _fp8_weight(w, scale).matmul_t(x.astype(np.float32, copy=False))
     return y if bias is None else y + bias.astype(np.float32)
-
-
-def fp8_quantize(w: np.ndarray, *, rowwise: bool) -> tuple[np.ndarray, np.ndarray]:
-    """e4m3 weight and scale (per row or per tensor) such that `w ~= q * scale`."""
-    amax = np.abs(w).max(axis=1, keepdims=True) if rowwise else np.abs(w).max()
-    scale = (np.maximum(amax, 1e-12) / 448.0).astype(np.float32)  # 448 = e4m3 max
-    return (w / scale).astype(float8_e4m3fn), scale.reshape(-1) if rowwise else scale.reshape(())

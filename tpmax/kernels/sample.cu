@@ -1,5 +1,5 @@
 // Sampling on the device: one token id per row of float32 logits, drawn from the distribution
-// of tpmax.generate.sample: greedy when temperature == 0, else softmax(l / T) restricted to
+// of tpmax.sampling.sample: greedy when temperature == 0, else softmax(l / T) restricted to
 // the top-k logits (ties at the k-th value kept), then to the smallest prefix of the sorted
 // probabilities whose mass before each token is < top_p (ties in index order), renormalised.
 // Twin: tpmax.kernels.twins.sample_tokens (same thresholds, same tie rule).

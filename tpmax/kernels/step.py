@@ -106,7 +106,7 @@ def _decode_logits(weights, cfg, tokens, kv_pages, kv_slots, comm, chunk):
             qkv = _linear(k, x, aw.wqkv, norm_w=norm_w, eps=cfg.norm_eps)  # [B, (n_q + 2 n_kv) * hd]
             q = k.qkv_rope_kv_write(qkv, aw.bqkv, aw.q_norm, aw.k_norm, acfg.qk_norm_eps or 0.0, inp.cos_tab,
                                     inp.sin_tab, inp.positions, inp.page, inp.slot, pages, i, n_q=h.n_q, n_kv=h.n_kv,
-                                    head_dim=acfg.head_dim, interleaved=acfg.interleaved)
+                                    head_dim=acfg.head_dim, interleaved=cfg.rope_interleaved)
             o = k.flash_decode(q, pages, i, inp.tables, inp.lengths, h.kv_of_q(), scale=acfg.softmax_scale,
                                window=inp.window, chunk=inp.chunk, max_splits=inp.max_splits)  # [B, n_q, hd]
             return _linear(k, o.reshape(B, -1), aw.wo, residual=x if fuse_residual else None, out_scale=m)
