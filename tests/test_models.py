@@ -619,3 +619,20 @@ def test_each_rank_reads_only_its_share_of_a_gguf(tmp_path, qtype, tp):
     replicated = 4 * cfg.hidden_size * (2 * cfg.n_layers + 1)  # the norms, on every rank
     # Together about one copy: column splits that cut a quantization block read that block twice.
     assert sum(parts) <= 1.06 * whole + (tp - 1) * replicated, (parts, whole)
+
+
+@pytest.mark.parametrize("case", ["llama", "llama_sharded", "qwen2"])
+@pytest.mark.parametrize("tp", [2, 3, 4])
+def test_each_rank_reads_only_its_share_of_safetensors(case, tp):
+    """A rank reads exactly the float32 elements the split rule gives its device (norms whole,
+    kv heads replicated past TP = n_kv_heads), from one file or several shards."""
+    from tpmax.sharding import shard_pieces
+
+    whole = load(FIX / "hf" / case, devices="cpu", progress=False)
+    full = tpmax.random_weights(whole.cfg, seed=0)  # the checkpoint's tensors by table name, for their shapes
+    assert whole.bytes_read == 4 * sum(a.size for a in full.values())
+    devs = tpmax.devices(spec(tp))
+    for r in range(tp):
+        lay = whole.cfg.layout(tp, r)
+        want = sum(np.zeros(a.shape)[idx].size for name, a in full.items() for idx in shard_pieces(name, a.shape, lay))
+        assert load(FIX / "hf" / case, comm=OneRankOf(devs, [r]), progress=False).bytes_read == 4 * want
