@@ -2,11 +2,18 @@
 port serving the tiny fixture (with a byte-level tokenizer and a 16k context, so long
 requests take seconds)."""
 import concurrent.futures
+import importlib.util
+import os
+import select
+import shutil
+import contextlib
+import dataclasses
 import json
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -15,8 +22,10 @@ import openai
 import pytest
 
 import tpmax
+from tpmax import serve
 from tpmax.api import encode_chat
 from tpmax.sampling import SamplingParams
+from tpmax.tokenizer import GenerationDefaults
 from conftest import make_chat_model_dir
 
 CONTEXT = 16384
@@ -30,17 +39,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class Server:
-    def __init__(self, model_dir: Path, *args: str):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen([sys.executable, "-m", "tpmax.cli", "serve", "--model", str(model_dir), "--port",
-                                      str(self.port), "--quiet", *args], stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True)
+class Client:
+    """What the tests do with a running server at `self.url`."""
+
+    def wait_up(self, alive=lambda: True):
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited: {self.proc.communicate()[1]}")
+            alive()
             try:
                 if httpx.get(self.url + "/health", timeout=1).status_code == 200:
                     break
@@ -63,6 +68,23 @@ class Server:
             time.sleep(0.05)
         return False
 
+
+class Server(Client):
+    """`tpmax serve` in a subprocess."""
+
+    def __init__(self, model_dir: Path, *args: str, launcher=(), env=None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen([*launcher, sys.executable, "-m", "tpmax.cli", "serve", "--model", str(model_dir),
+                                      "--port", str(self.port), "--quiet", *args], stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True, env=env)
+
+        def alive():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited: {self.proc.communicate()[1]}")
+
+        self.wait_up(alive)
+
     def close(self):
         if self.proc.poll() is None:
             self.proc.terminate()
@@ -73,6 +95,26 @@ class Server:
                 self.proc.wait(10)
         for f in (self.proc.stdout, self.proc.stderr):
             f.close()
+
+
+class InProcess(Client):
+    """The server on a thread of this process, for a wrapped model or small bounds:
+    `server_options` go to `tpmax.serve.server`, the rest to `create_app`."""
+
+    def __init__(self, model, server_options=None, **app_options):
+        sock = serve.listen("127.0.0.1", 0)
+        self.port = sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.app = serve.create_app(model, **app_options)
+        self.server = serve.server(self.app, quiet=True, **(server_options or {}))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
+        self.thread.start()
+        self.wait_up()
+
+    def close(self):
+        self.server.should_exit = True
+        self.thread.join(60)
+        assert not self.thread.is_alive()
 
 
 @pytest.fixture(scope="module")
@@ -94,8 +136,10 @@ def server(model_dir):
 
 @pytest.fixture(scope="module")
 def small_server(model_dir):
-    """One sequence at a time and one waiting: the third concurrent request is refused."""
-    s = Server(model_dir, "--max-batch", "1", "--max-queue", "1", "--cache-tokens", str(CACHE))
+    """One sequence at a time and one waiting: the third concurrent request is refused; bodies
+    up to 100 kB."""
+    s = Server(model_dir, "--max-batch", "1", "--max-queue", "1", "--cache-tokens", str(CACHE), "--max-body-bytes",
+               "100000")
     yield s
     s.close()
 
@@ -127,13 +171,15 @@ def test_completions_seeded_equals_generate(server, model):
                             chat=False)
     assert r.object == "text_completion" and r.choices[0].text == ref.text
     assert r.usage.prompt_tokens == len(model.tokenizer.encode("Once upon")) and r.usage.completion_tokens == 15
-    default = server.client.completions.create(model="tinychat", prompt="x", temperature=0)
+    default = server.client.completions.create(model="tinychat", prompt="x", temperature=0,
+                                               extra_body={"ignore_eos": True})
     assert default.usage.completion_tokens == 16  # OpenAI's default max_tokens for completions
 
 
 def test_streaming_chat_and_completions(server, model):
     parts, finish, usage = [], None, None
-    for ch in chat(server, "Stream me", max_tokens=25, seed=9, stream=True, stream_options={"include_usage": True}):
+    for ch in chat(server, "Stream me", max_tokens=25, seed=9, temperature=1.0, stream=True,
+                   stream_options={"include_usage": True}):
         assert ch.object == "chat.completion.chunk"
         if ch.usage:
             usage = ch.usage
@@ -242,7 +288,7 @@ def test_full_queue_answers_429_at_once(small_server):
         assert time.monotonic() - t0 < 5 and e.value.status_code == 429
         assert e.value.body["code"] == "queue_full" and "busy" in e.value.body["message"]
     assert s.wait_metric("tpmax_kv_pages_in_use", 0) and s.wait_metric("tpmax_queue_depth", 0)
-    assert chat(s, "now there is room", max_tokens=3).usage.completion_tokens == 3
+    assert chat(s, "now there is room", max_tokens=3, temperature=0, extra_body={"ignore_eos": True}).usage.completion_tokens == 3
 
 
 BAD = [
@@ -271,6 +317,26 @@ BAD = [
     ("completions", {"model": "tinychat", "prompt": ["a", "b"]}, 400, "prompt"),
     ("completions", {"model": "tinychat", "prompt": [10**9]}, 400, "prompt"),
     ("completions", {"model": "tinychat", "prompt": 3}, 400, "prompt"),
+    # Each of these answered 500 (or took seconds on the engine thread) before.
+    ("completions", b"[" * 100_000 + b"]" * 100_000, 400, None),  # RecursionError in json.loads
+    ("completions", b'{"model": "tinychat", "prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", 400, None),
+    ("chat", {"model": "tinychat", "messages": [{"role": "user", "content": "hi"}], "temperature": 1e-310}, 400,
+     "temperature"),  # NaN probabilities
+    ("completions", b'{"model": "tinychat", "prompt": "a\\ud800b"}', 400, None),  # a lone surrogate
+    ("chat", b'{"model": "tinychat", "messages": [{"role": "user", "content": "\\udc80"}]}', 400, None),
+    ("chat", {"model": "tinychat", "messages": [{"role": "user", "content": "hi"}], "stop": "ab" * 150_000}, 400,
+     "stop"),  # quadratic on the engine thread
+    ("chat", {"model": "tinychat", "messages": [{"role": "user", "content": "hi"}], "stop": ["s"] * 17}, 400,
+     "stop"),
+    ("chat", {"model": "tinychat", "messages": [{"role": "user", "content": "hi"}], "top_k": -2}, 400, "top_k"),
+    ("chat", {"model": "tinychat", "messages": [{"role": "user", "content": "hi"}], "frequency_penalty": 0.5}, 400,
+     "frequency_penalty"),  # was ignored silently
+    ("chat", {"model": "tinychat", "messages": [{"role": "user", "content": "hi"}], "logit_bias": {"5": 100}}, 400,
+     "logit_bias"),
+    ("chat", {"model": "tinychat", "messages": [{"role": "user", "content": "hi"}], "temperature": True}, 400,
+     "temperature"),
+    ("chat", {"model": "tinychat", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400,
+     "messages[0].content"),
 ]
 
 
@@ -284,7 +350,8 @@ def test_bad_input_is_an_openai_error_and_the_server_goes_on(server, endpoint, b
     err = r.json()["error"]
     assert set(err) == {"message", "type", "param", "code"} and err["param"] == param and err["message"]
     assert "Traceback" not in r.text
-    assert chat(server, "still alive?", max_tokens=2).usage.completion_tokens == 2
+    assert chat(server, "still alive?", max_tokens=2, temperature=0,
+                extra_body={"ignore_eos": True}).usage.completion_tokens == 2
 
 
 def test_bad_input_through_the_client(server):
@@ -314,5 +381,322 @@ def test_sigterm_drains_in_flight_requests_then_exits(model_dir):
         assert s.proc.wait(30) == 0
         with pytest.raises(httpx.ConnectError):
             httpx.get(s.url + "/health", timeout=2)
+    finally:
+        s.close()
+
+
+# ------------------------------------------------------------------------------------------
+# Bounds: body size and time, headers, connections.
+
+
+def raw_http(port: int, data: bytes, *, timeout: float = 20) -> bytes:
+    """Send `data` on a new connection; return everything the server answers until it closes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(data)
+        return read_all(s)
+
+
+def read_all(s: socket.socket) -> bytes:
+    out = b""
+    while chunk := s.recv(65536):
+        out += chunk
+    return out
+
+
+def status_and_error(response: bytes) -> tuple[int, dict]:
+    head, _, body = response.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body)["error"]
+
+
+POST = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+
+
+def test_an_oversized_body_is_refused_early_and_health_goes_on(small_server):
+    """413 from Content-Length alone (the body never sent), and from the bytes counted in a
+    chunked body (no length given), while /health answers. Before: the server read 16 MB,
+    held it and tokenized it (64 s, /health blocked)."""
+    status, err = status_and_error(raw_http(small_server.port, POST + b"Content-Length: 60000000\r\n\r\n"))
+    assert status == 413 and err["code"] == "request_too_large" and "100000 bytes" in err["message"]
+    with socket.create_connection(("127.0.0.1", small_server.port), timeout=20) as s:
+        s.sendall(POST + b"Transfer-Encoding: chunked\r\n\r\n")
+        chunk = b'{"prompt": "' + b"x" * 16_000
+        for _ in range(8):  # 8 x 16 KB: past the 100 KB limit
+            s.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            assert httpx.get(small_server.url + "/health", timeout=5).json() == {"status": "ok"}
+            chunk = b"x" * 16_000
+            if select.select([s], [], [], 0)[0]:
+                break  # answered
+        status, err = status_and_error(read_all(s))
+    assert status == 413 and err["code"] == "request_too_large"
+    assert chat(small_server, "after", max_tokens=2, temperature=0, extra_body={"ignore_eos": True}
+                ).usage.completion_tokens == 2
+
+
+def test_a_200_kb_header_is_answered_not_reset(server):
+    status, err = status_and_error(raw_http(server.port, b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " +
+                                            b"y" * 200_000 + b"\r\n\r\n"))
+    assert status == 400 and "headers over" in err["message"]
+
+
+@pytest.fixture
+def bounded(model):
+    """A server whose bounds tests can reach in a second."""
+    s = InProcess(model, {"stall_timeout": 0.3}, body_timeout=1.0, cache_tokens=512)
+    yield s
+    s.close()
+
+
+def test_stalled_connections_are_closed(bounded):
+    """A connection that sends nothing, or half its headers, or half its body, is closed
+    (the body with 408); before, each stayed open forever."""
+    socks = [socket.create_connection(("127.0.0.1", bounded.port), timeout=20) for _ in range(3)]
+    try:
+        socks[1].sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n")
+        socks[2].sendall(POST + b"Content-Length: 100\r\n\r\n{\"prompt\"")
+        assert read_all(socks[0]) == b"" and read_all(socks[1]) == b""
+        status, err = status_and_error(read_all(socks[2]))
+        assert status == 408 and err["code"] == "request_timeout"
+    finally:
+        for s in socks:
+            s.close()
+
+
+def test_connections_past_the_limit_are_answered_503(model):
+    s = InProcess(model, {"max_connections": 6}, cache_tokens=512)
+    socks = [socket.create_connection(("127.0.0.1", s.port), timeout=20) for _ in range(7)]
+    try:
+        status, err = status_and_error(read_all(socks[-1]))  # the 7th of at most 6
+        assert status == 503 and err["code"] == "service_unavailable"
+        socks[0].sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")  # the 6 are served
+        assert read_all(socks[0]).startswith(b"HTTP/1.1 200")
+        for sock in socks:
+            sock.close()
+        assert s.client.models.list().data  # the held ones closed: room again
+    finally:
+        for sock in socks:
+            sock.close()
+        s.close()
+
+
+# ------------------------------------------------------------------------------------------
+# The model's own defaults, failures, load, start and stop.
+
+
+class Wrapped:
+    """The model's tokenizer with some attributes replaced."""
+
+    def __init__(self, tok, **attrs):
+        self._tok = tok
+        self.__dict__.update(attrs)
+
+    def __getattr__(self, name):
+        return getattr(self._tok, name)
+
+
+def test_unset_sampling_options_take_the_models_defaults(model):
+    """A request without temperature / top_k samples as the model's generation defaults say
+    (here: greedy); one that sets them is obeyed. Before, the server sampled at 1."""
+    for defaults in (GenerationDefaults(temperature=0.0), GenerationDefaults(temperature=1.0, top_k=1)):
+        s = InProcess(dataclasses.replace(model, tokenizer=Wrapped(model.tokenizer, generation_defaults=defaults)),
+                      cache_tokens=512)
+        try:
+            (greedy,) = tpmax.generate(model, ["defaults"], SamplingParams(max_new_tokens=20, stop_token_ids=()))
+            (hot,) = tpmax.generate(model, ["defaults"], SamplingParams(max_new_tokens=20, seed=1, temperature=1.0,
+                                                                        stop_token_ids=()))
+            assert greedy.text != hot.text
+            kw = {"max_tokens": 20, "seed": 1, "extra_body": {"ignore_eos": True}}
+            assert chat(s, "defaults", **kw).choices[0].message.content == greedy.text
+            assert chat(s, "defaults", temperature=1.0, **{**kw, "extra_body": {"ignore_eos": True, "top_k": 0}}
+                        ).choices[0].message.content == hot.text
+        finally:
+            s.close()
+
+
+class FailingStream:
+    """A detokenizer that fails at its third token."""
+
+    def __init__(self, stream):
+        self.stream, self.n = stream, 0
+
+    def push(self, token):
+        self.n += 1
+        if self.n == 3:
+            raise RuntimeError("injected detokenizer failure")
+        return self.stream.push(token)
+
+    def flush(self):
+        return self.stream.flush()
+
+
+def test_a_failed_generation_answers_500_and_the_others_go_on(model):
+    armed = threading.Event()
+
+    def stream(**kw):
+        s = model.tokenizer.stream(**kw)
+        if armed.is_set():
+            armed.clear()
+            return FailingStream(s)
+        return s
+
+    def refusing(encode):
+        def refuse(x, **kw):
+            if "\x01" in (x if isinstance(x, str) else "".join(m["content"] for m in x)):
+                raise ValueError("the tokenizer refuses this text")
+            return encode(x, **kw)
+        return refuse
+
+    tok = Wrapped(model.tokenizer, stream=stream, encode=refusing(model.tokenizer.encode),
+                  encode_chat=refusing(model.tokenizer.encode_chat))
+    s = InProcess(dataclasses.replace(model, tokenizer=tok), cache_tokens=1024)
+    prompts = [f"busy {i}" for i in range(3)]
+    try:
+        with httpx.Client() as client, contextlib.ExitStack() as stack:
+            streams = []
+            for p in prompts:
+                resp = stack.enter_context(client.stream("POST", s.url + "/v1/chat/completions", timeout=60, json={
+                    "messages": [{"role": "user", "content": p}], "max_tokens": 60, "temperature": 0,
+                    "ignore_eos": True, "stream": True}))
+                lines = resp.iter_lines()
+                read_chunks(lines, 1)  # accepted: its detokenizer is made
+                streams.append(lines)
+            armed.set()
+            with pytest.raises(openai.InternalServerError) as e:
+                chat(s, "fail", max_tokens=30, temperature=0)
+            assert e.value.body["code"] == "generation_error" and "injected" in e.value.body["message"]
+            with pytest.raises(openai.BadRequestError, match="refuses"):  # a ValueError from encoding: 400
+                s.client.completions.create(model=serve.model_id(model), prompt="a\x01b")
+            with pytest.raises(openai.BadRequestError, match="refuses"):
+                chat(s, "a\x01b")
+            texts = ["".join(c["choices"][0]["delta"].get("content", "") for c in
+                             (json.loads(line[6:]) for line in lines if line.startswith("data: {")))
+                     for lines in streams]
+        refs = tpmax.generate(model, prompts, SamplingParams(max_new_tokens=60, stop_token_ids=()))
+        assert texts == [r.text for r in refs]
+        assert s.wait_metric("tpmax_kv_pages_in_use", 0)
+        assert s.metric('tpmax_requests_total{endpoint="chat",outcome="error"}') == 1
+    finally:
+        s.close()
+
+
+def test_nothing_is_lost_under_load_with_preemption(model_dir, model):
+    """12 concurrent requests through a KV cache of 128 tokens (one or two requests' worth):
+    sequences are preempted and recomputed, and every text equals the request served alone."""
+    s = Server(model_dir, "--max-batch", "8", "--cache-tokens", "128")
+    jobs = [(f"load {i}", 40 + 2 * i, None if i % 2 else i) for i in range(12)]
+
+    def one(job):
+        text, n, seed = job
+        r = chat(s, text, max_tokens=n, seed=seed, temperature=0.0 if seed is None else 1.0,
+                 extra_body={"ignore_eos": True})
+        return r.choices[0].message.content, r.usage.completion_tokens
+
+    try:
+        with concurrent.futures.ThreadPoolExecutor(12) as pool:
+            got = list(pool.map(one, jobs, timeout=300))
+        assert s.metric("tpmax_preemptions") > 0
+        assert s.wait_metric("tpmax_kv_pages_in_use", 0)
+    finally:
+        s.close()
+    for (text, n, seed), g in zip(jobs, got):
+        (ref,) = tpmax.generate(model, [text], SamplingParams(max_new_tokens=n, seed=seed, stop_token_ids=(),
+                                                              temperature=0.0 if seed is None else 1.0))
+        assert g == (ref.text, n)
+
+
+def test_a_port_in_use_fails_at_once_before_loading(tmp_path):
+    """Exit 2 with one line, before the model is read (it does not exist here)."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        r = subprocess.run([sys.executable, "-m", "tpmax.cli", "serve", "--model", str(tmp_path / "absent"),
+                            "--port", str(port)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [f"tpmax: error: cannot serve on 127.0.0.1:{port}: Address already in use"]
+
+
+def test_sigterm_drains_twenty_whole_answers(model_dir):
+    """SIGTERM with 20 non-streaming requests taken (16 decoding, 4 queued): each gets its
+    whole answer, then the server exits 0. A connection whose request was not yet read is
+    answered 503 (it got an empty reply before: how 4 of 20 requests once got none)."""
+    s = Server(model_dir, "--cache-tokens", "8192")
+    n = 300
+
+    def one(i):
+        r = httpx.post(s.url + "/v1/completions", timeout=120, json={
+            "prompt": f"drain {i}", "max_tokens": n, "temperature": 0, "ignore_eos": True})
+        return r.status_code, r.json()["usage"]["completion_tokens"]
+
+    try:
+        with concurrent.futures.ThreadPoolExecutor(20) as pool:
+            futures = [pool.submit(one, i) for i in range(20)]
+            deadline = time.monotonic() + 60
+            while s.metric("tpmax_running_requests") + s.metric("tpmax_queue_depth") < 20:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            half = [socket.create_connection(("127.0.0.1", s.port), timeout=30) for _ in range(3)]
+            for h in half:
+                h.sendall(POST)  # headers not finished
+            assert httpx.get(s.url + "/health", timeout=10).status_code == 200  # the 3 are accepted by now
+            s.proc.send_signal(signal.SIGTERM)
+            for h in half:
+                with h:
+                    status, err = status_and_error(read_all(h))
+                assert status == 503 and err["code"] == "shutting_down"
+            assert [f.result(timeout=120) for f in futures] == [(200, n)] * 20
+        assert s.proc.wait(60) == 0
+    finally:
+        s.close()
+
+
+def test_the_drain_is_bounded(model):
+    """Requests still running when the drain time is over, streamed or whole, are cut (no
+    [DONE], no answer) and cancelled in the engine, and the server and its engine thread end."""
+    s = InProcess(model, {"drain_timeout": 1.0}, cache_tokens=2 * LONG + 64)
+    rest = []
+    with concurrent.futures.ThreadPoolExecutor(1) as pool, httpx.Client() as client, \
+            long_stream(client, s.url) as resp:
+        whole = pool.submit(httpx.post, s.url + "/v1/completions", timeout=120, json={
+            "prompt": "long", "max_tokens": LONG, "ignore_eos": True})
+        lines = resp.iter_lines()
+        read_chunks(lines, 2)
+        assert s.wait_metric("tpmax_running_requests", 2)
+        s.server.should_exit = True
+        with pytest.raises(httpx.RemoteProtocolError):  # the stream ends mid-answer
+            rest.extend(lines)
+        assert whole.result(timeout=120).status_code == 500  # uvicorn's own, for a request it cut
+    assert "data: [DONE]" not in rest
+    s.thread.join(60)
+    assert not s.thread.is_alive() and not s.app.state.engine_loop.alive
+    registry = s.app.state.metrics.registry
+    for endpoint in ("chat", "completions"):
+        assert registry.get_sample_value("tpmax_requests_total", {"endpoint": endpoint, "outcome": "cancelled"}) == 1
+
+
+MPIRUN = shutil.which("mpirun", path=str(Path(sys.executable).parent))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(MPIRUN is None or importlib.util.find_spec("mpi4py") is None, reason="needs mpi4py and mpirun")
+def test_sigusr1_drains_under_mpirun(model_dir):
+    """mpirun answers SIGTERM with SIGTERM then SIGKILL to every rank 0.3 s later (no drain
+    can finish), and forwards SIGUSR1: rank 0 drains on it while rank 1 keeps following."""
+    from tpmax.mpi import LAUNCHER_ENV
+
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_ENV}
+    env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OPENBLAS_NUM_THREADS="1")
+    s = Server(model_dir, "--devices", "cpu:0,1", "--cache-tokens", "1024", env=env,
+               launcher=(MPIRUN, "-n", "2", "--oversubscribe", "--bind-to", "none"))
+    try:
+        n = 100
+        with httpx.Client() as client, client.stream("POST", s.url + "/v1/completions", timeout=120, json={
+                "prompt": "drain", "max_tokens": n, "ignore_eos": True, "temperature": 0, "stream": True,
+                "stream_options": {"include_usage": True}}) as resp:
+            lines = resp.iter_lines()
+            assert next(lines).startswith("data: ")
+            s.proc.send_signal(signal.SIGUSR1)
+            rest = [line for line in lines if line.startswith("data: ")]
+        assert rest[-1] == "data: [DONE]" and json.loads(rest[-2][6:])["usage"]["completion_tokens"] == n
+        assert s.proc.wait(60) == 0
     finally:
         s.close()

@@ -560,13 +560,15 @@ def add_serve_parser(sub) -> None:
     s.add_argument("--cache-tokens", type=_int_in(1), default=8192, help="KV cache capacity in tokens")
     s.add_argument("--served-model-name", metavar="NAME",
                    help="the model id clients send (default: the model's file or directory name)")
+    s.add_argument("--max-body-bytes", type=_int_in(1), default=4 * 2**20,
+                   help="largest request body; a larger one is answered 413 (default 4 MiB)")
     s.set_defaults(run=_serve)
 
 
 def _serve(args) -> int:
     import importlib.util
 
-    missing = [m for m in ("starlette", "uvicorn") if importlib.util.find_spec(m) is None]
+    missing = [m for m in ("starlette", "uvicorn", "pydantic") if importlib.util.find_spec(m) is None]
     if missing:
         raise CLIError(f"tpmax serve needs the [serve] extra ({' and '.join(missing)} missing): in the tpmax "
                        f"checkout, pip install -e '.[serve]'")

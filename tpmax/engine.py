@@ -21,6 +21,7 @@ from .executor import Executor, token_ids
 from .kv_cache import PAGE_SIZE
 from .loader import Model
 from .sampling import SamplingParams, is_int, sample
+from .stops import split_held
 
 
 @dataclasses.dataclass
@@ -253,18 +254,10 @@ class Engine:
 
     def _emit(self, r: Request, new: str = "", final: bool = False) -> str:
         """Text that is safe to show now: held back while it could still become a stop string."""
-        r.held += new
-        for s in r.params.stop:
-            at = r.held.find(s)
-            if at >= 0:
-                out, r.held = r.held[:at], ""
-                r.text += out
-                r.finish_reason = "stop"
-                return out
-        keep = 0 if final else max((k for s in r.params.stop for k in range(len(s), 0, -1)
-                                    if r.held.endswith(s[:k])), default=0)
-        out, r.held = r.held[:len(r.held) - keep], r.held[len(r.held) - keep:]
+        out, r.held, stopped = split_held(r.held + new, r.params.stop, final=final)
         r.text += out
+        if stopped:
+            r.finish_reason = "stop"
         return out
 
     def _finish(self, r: Request, reason: str, error: str | None = None) -> Completion:

@@ -1,11 +1,10 @@
 """`tpmax serve`: an OpenAI-compatible HTTP server over one continuous-batching `Engine`.
 
-One engine thread owns the model and steps the `Engine`; HTTP handlers (Starlette on
-uvicorn's event loop) hand it requests through a thread-safe queue and receive tokens
-through per-request asyncio queues (`loop.call_soon_threadsafe`), so requests from many
-connections share the same decode steps and neither side blocks the other.
+The routes (Starlette on uvicorn) parse requests (`serve_protocol`), hand them to the engine
+thread (`serve_loop`) and answer whole or as Server-Sent Events. Every input is bounded:
+body size, body read time, connections open, time a connection may stall, header size.
 
-    python -m tpmax.serve [--model PATH] [--devices cpu:0,1] [--port 8000] ...
+    python -m tpmax.cli serve [--model PATH] [--devices cpu:0,1] [--port 8000] ...
 
 Endpoints: POST /v1/chat/completions, POST /v1/completions (stream or not), GET /v1/models,
 GET /health, GET /metrics (Prometheus).
@@ -14,582 +13,223 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import json
 import logging
-import math
-import queue
 import signal
+import socket
 import sys
 import threading
 import time
 import uuid
+from http import HTTPStatus
 from pathlib import Path
 from typing import Callable
 
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
 from .api import encode_chat
 from .engine import Completion, Engine
-from .sampling import SamplingParams
+from .kv_cache import PAGE_SIZE
 from .loader import Model
+from .sampling import SamplingParams
+from .serve_loop import EngineLoop, Job, Metrics, QueueFullError
+from .serve_protocol import (COMPLETIONS_DEFAULT_MAX_TOKENS, APIError, ChatRequest, CompletionRequest, Reply,
+                             bad, check_model, failed, parse, sampling_params, sse)
 
 log = logging.getLogger("tpmax.serve")
 
-CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
-COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
-
-# ------------------------------------------------------------------------------------------
-# Metrics.
-
-
-class Metrics:
-    """The server's Prometheus metrics, in their own registry (several servers per process
-    in tests stay apart)."""
-
-    def __init__(self):
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-
-        r = self.registry = CollectorRegistry()
-        self.requests = Counter("tpmax_requests", "HTTP generation requests by endpoint and outcome",
-                                ["endpoint", "outcome"], registry=r)
-        self.prompt_tokens = Counter("tpmax_prompt_tokens", "Prompt tokens of admitted requests", registry=r)
-        self.generation_tokens = Counter("tpmax_generation_tokens", "Generated tokens", registry=r)
-        self.preemptions = Gauge("tpmax_preemptions", "Sequences preempted (recomputed later) so far", registry=r)
-        self.queue_depth = Gauge("tpmax_queue_depth", "Requests waiting for a batch slot", registry=r)
-        self.running = Gauge("tpmax_running_requests", "Requests decoding", registry=r)
-        self.kv_pages_in_use = Gauge("tpmax_kv_pages_in_use", "KV cache pages held by sequences", registry=r)
-        self.kv_pages_total = Gauge("tpmax_kv_pages_total", "KV cache pages in all", registry=r)
-        lat = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
-        self.ttft = Histogram("tpmax_time_to_first_token_seconds", "From request arrival to its first token",
-                              buckets=lat, registry=r)
-        self.itl = Histogram("tpmax_inter_token_latency_seconds", "Between consecutive tokens of a request",
-                             buckets=lat, registry=r)
-        self.batch = Histogram("tpmax_batch_size", "Tokens produced by each engine step (sequences batched)",
-                               buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
-        self.e2e = Histogram("tpmax_request_duration_seconds", "From request arrival to its last token",
-                             buckets=lat, registry=r)
-
-
-# ------------------------------------------------------------------------------------------
-# The engine thread.
-
-
-class QueueFullError(RuntimeError):
-    pass
-
-
-@dataclasses.dataclass(eq=False)
-class Job:
-    """One HTTP request's generation, as the engine thread sees it. Messages to the handler,
-    through `out`: ("rejected", message) or ("accepted",), then ("token", id, text) per
-    token and ("done", Completion) at the end."""
-
-    prompt: list[int]
-    params: SamplingParams
-    out: asyncio.Queue
-    loop: asyncio.AbstractEventLoop
-    endpoint: str = "completions"
-    arrived: float = dataclasses.field(default_factory=time.perf_counter)
-    rid: int | None = None
-    last_token_at: float | None = None
-    cancelled: bool = False
-    done: bool = False
-
-    def send(self, msg: tuple) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.out.put_nowait, msg)
-        except RuntimeError:  # the event loop is closed: nobody is listening any more
-            pass
-
-
-class EngineLoop:
-    """Owns the `Engine` on one thread. `submit` and `cancel` may be called from any thread.
-
-    Args:
-        max_queue: requests that may wait for a batch slot beyond the `max_batch` running
-            ones; `submit` raises QueueFullError past that.
-    """
-
-    def __init__(self, engine: Engine, *, max_queue: int, metrics: Metrics):
-        self.engine, self.max_queue, self.metrics = engine, max_queue, metrics
-        self._commands: queue.Queue = queue.Queue()
-        self._lock = threading.Lock()
-        self._in_flight = 0  # submitted, not yet finished (under _lock)
-        self._jobs: dict[int, Job] = {}  # engine request id -> job (engine thread only)
-        self._stop = False
-        self._thread = threading.Thread(target=self._run, name="tpmax-engine", daemon=True)
-        metrics.kv_pages_total.set(engine.cache.num_pages)
-
-    @property
-    def alive(self) -> bool:
-        return self._thread.is_alive()
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self, timeout: float | None = None) -> None:
-        """Finish every request already submitted, then end the thread."""
-        self._commands.put(("stop", None))
-        self._thread.join(timeout)
-
-    def submit(self, job: Job) -> None:
-        with self._lock:
-            if self._in_flight >= self.engine.max_batch + self.max_queue:
-                raise QueueFullError(f"the server is busy: {self._in_flight} requests in flight "
-                                     f"(--max-batch {self.engine.max_batch} + --max-queue {self.max_queue}); "
-                                     f"retry later")
-            self._in_flight += 1
-        self._commands.put(("submit", job))
-
-    def cancel(self, job: Job) -> None:
-        if not job.done:
-            self._commands.put(("cancel", job))
-
-    def _release(self, job: Job, outcome: str) -> None:
-        if not job.done:
-            job.done = True
-            with self._lock:
-                self._in_flight -= 1
-            self.metrics.requests.labels(job.endpoint, outcome).inc()
-
-    # -- on the engine thread ----------------------------------------------------------------
-
-    def _run(self) -> None:
-        while True:
-            try:
-                self._take_commands(block=not self.engine.busy)
-                if self._stop and not self.engine.busy:
-                    break
-                if self.engine.busy:
-                    self._step()
-                self._update_gauges()
-            except Exception:  # a bug here must not leave every client waiting on a dead thread
-                log.exception("engine loop error")
-                self._fail_all("engine loop error")
-        log.info("engine loop stopped")
-
-    def _take_commands(self, *, block: bool) -> None:
-        while True:
-            try:
-                kind, job = self._commands.get(timeout=0.5) if block else self._commands.get_nowait()
-            except queue.Empty:
-                return
-            block = False
-            if kind == "stop":
-                self._stop = True
-            elif kind == "submit":
-                self._start(job)
-            elif kind == "cancel" and not job.done:
-                job.cancelled = True
-                if job.rid is not None:
-                    self.engine.cancel(job.rid)
-                    self._jobs.pop(job.rid, None)
-                self._release(job, "cancelled")
-                self._update_gauges()
-
-    def _start(self, job: Job) -> None:
-        if job.cancelled:
-            return
-        try:
-            job.rid = self.engine.submit(job.prompt, job.params)
-        except Exception as e:  # ValueError: the prompt can never run here (too long, bad ids)
-            self._release(job, "rejected_invalid")
-            job.send(("rejected", str(e)))
-            return
-        self._jobs[job.rid] = job
-        self.metrics.prompt_tokens.inc(len(job.prompt))
-        job.send(("accepted",))
-
-    def _step(self) -> None:
-        try:
-            events = self.engine.step()
-        except Exception as e:  # a bug in the engine: end what it was doing, keep serving
-            log.exception("engine step failed")
-            self._fail_all(f"engine failure: {type(e).__name__}: {e}")
-            return
-        now = time.perf_counter()
-        if any(ev.token is not None for ev in events):
-            self.metrics.batch.observe(sum(ev.token is not None for ev in events))
-        for ev in events:
-            job = self._jobs.get(ev.request.id)
-            if job is None:
-                continue
-            if ev.token is not None:
-                self.metrics.generation_tokens.inc()
-                if job.last_token_at is None:
-                    self.metrics.ttft.observe(now - job.arrived)
-                else:
-                    self.metrics.itl.observe(now - job.last_token_at)
-                job.last_token_at = now
-                job.send(("token", ev.token, ev.text))
-            if ev.completion is not None:
-                self.metrics.e2e.observe(now - job.arrived)
-                del self._jobs[ev.request.id]
-                self._release(job, ev.completion.finish_reason)
-                job.send(("done", ev.completion))
-
-    def _fail_all(self, message: str) -> None:
-        """End every request the engine holds with an error."""
-        for rid, job in list(self._jobs.items()):
-            c = self.engine.cancel(rid) or Completion(rid, len(job.prompt), [], "", "error")
-            job.send(("done", dataclasses.replace(c, finish_reason="error", error=message)))
-            del self._jobs[rid]
-            self._release(job, "error")
-
-    def _update_gauges(self) -> None:
-        m, e = self.metrics, self.engine
-        m.queue_depth.set(len(e.waiting) + self._commands.qsize())
-        m.running.set(len(e.running))
-        m.kv_pages_in_use.set(e.pages_in_use)
-        m.preemptions.set(e.stats.preemptions)
-
-
-# ------------------------------------------------------------------------------------------
-# Request parsing: OpenAI's fields -> SamplingParams, every fault an `APIError`.
-
-
-class APIError(Exception):
-    """An OpenAI-style error: `{"error": {"message", "type", "param", "code"}}` with a status."""
-
-    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
-                 type: str = "invalid_request_error"):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-
-def _bad(param: str, message: str) -> APIError:
-    return APIError(400, message, param=param)
-
-
-def _number(body: dict, name: str, default: float) -> float:
-    v = body.get(name)
-    if v is None:
-        return default
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        raise _bad(name, f"'{name}' must be a finite number, got {json.dumps(v)}")
-    return float(v)
-
-
-def _integer(body: dict, name: str) -> int | None:
-    v = body.get(name)
-    if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
-        raise _bad(name, f"'{name}' must be an integer, got {json.dumps(v)}")
-    return v
-
-
-def sampling_params(body: dict, *, default_max_tokens: Callable[[], int], eos: tuple[int, ...]) -> SamplingParams:
-    """SamplingParams from an OpenAI request body (max_tokens / max_completion_tokens,
-    temperature, top_p, seed, stop, n; extensions as in vLLM: top_k, ignore_eos)."""
-    n = _integer(body, "n")
-    if n not in (None, 1):
-        raise _bad("n", f"only n=1 is supported, got n={n}")
-    max_tokens = _integer(body, "max_completion_tokens")
-    if max_tokens is None:
-        max_tokens = _integer(body, "max_tokens")
-    name = "max_tokens" if body.get("max_completion_tokens") is None else "max_completion_tokens"
-    if max_tokens is not None and max_tokens < 1:
-        raise _bad(name, f"'{name}' must be at least 1, got {max_tokens}")
-    temperature = _number(body, "temperature", 1.0)
-    if temperature < 0:
-        raise _bad("temperature", f"'temperature' must be >= 0, got {temperature}")
-    top_p = _number(body, "top_p", 1.0)
-    if not 0 < top_p <= 1:
-        raise _bad("top_p", f"'top_p' must be in (0, 1], got {top_p}")
-    top_k = _integer(body, "top_k") or 0
-    if top_k < -1:
-        raise _bad("top_k", f"'top_k' must be >= 0 (or -1 = off), got {top_k}")
-    seed = _integer(body, "seed")
-    if seed is not None and not 0 <= seed < 2**64:
-        raise _bad("seed", f"'seed' must be in [0, 2**64), got {seed}")
-    stop = body.get("stop")
-    stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
-    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
-        raise _bad("stop", "'stop' must be a non-empty string or a list of non-empty strings")
-    ignore_eos = body.get("ignore_eos") or False
-    if not isinstance(ignore_eos, bool):
-        raise _bad("ignore_eos", "'ignore_eos' must be a boolean")
-    for unsupported in ("logprobs", "top_logprobs", "echo", "suffix", "tools", "functions"):
-        if body.get(unsupported):
-            raise _bad(unsupported, f"'{unsupported}' is not supported by this server")
-    if body.get("best_of") not in (None, 1):
-        raise _bad("best_of", "only best_of=1 is supported")
-    return SamplingParams(max_new_tokens=max_tokens if max_tokens is not None else default_max_tokens(),
-                          temperature=temperature, top_k=max(top_k, 0), top_p=top_p, seed=seed, stop=tuple(stop),
-                          stop_token_ids=() if ignore_eos else eos)
-
-
-def chat_messages(body: dict) -> list[dict]:
-    msgs = body.get("messages")
-    if not isinstance(msgs, list) or not msgs:
-        raise _bad("messages", "'messages' must be a non-empty list of {role, content} objects")
-    out = []
-    for i, m in enumerate(msgs):
-        if not isinstance(m, dict):
-            raise _bad(f"messages[{i}]", f"messages[{i}] must be an object with 'role' and 'content'")
-        role, content = m.get("role"), m.get("content")
-        if role not in CHAT_ROLES:
-            raise _bad(f"messages[{i}].role", f"messages[{i}].role {json.dumps(role)} is not one of {list(CHAT_ROLES)}")
-        if isinstance(content, list):  # content parts: only text
-            parts = []
-            for p in content:
-                if not (isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)):
-                    raise _bad(f"messages[{i}].content", f"messages[{i}].content: only text parts are supported")
-                parts.append(p["text"])
-            content = "".join(parts)
-        if content is None and role == "assistant":
-            content = ""
-        if not isinstance(content, str):
-            raise _bad(f"messages[{i}].content", f"messages[{i}].content must be a string or a list of text parts")
-        out.append({"role": role, "content": content})
-    return out
-
-
-def completion_prompt(body: dict, model: Model) -> list[int]:
-    p = body.get("prompt")
-    if isinstance(p, list) and len(p) == 1 and isinstance(p[0], (str, list)):
-        p = p[0]  # a batch of one
-    if isinstance(p, str):
-        if model.tokenizer is None:
-            raise _bad("prompt", f"{model.path} has no tokenizer: send token ids")
-        return model.tokenizer.encode(p)
-    if isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
-        return p
-    if isinstance(p, list) and len(p) > 1:
-        raise _bad("prompt", "only one prompt per request is supported")
-    raise _bad("prompt", "'prompt' must be a non-empty string or a list of token ids")
-
-
-# ------------------------------------------------------------------------------------------
-# The web application.
+MAX_BODY_BYTES = 4 * 2**20  # a request body beyond this is answered 413
+BODY_TIMEOUT_S = 30.0  # a body not received by then is answered 408
+MAX_CONNECTIONS = 256  # connections open at once; more are answered 503 and closed
+STALL_TIMEOUT_S = 10.0  # a connection with no request in progress is closed after 1-2 of these
+MAX_HEADER_BYTES = 64 * 2**10  # request line + headers; more is answered 400
+DRAIN_TIMEOUT_S = 60.0  # SIGTERM: requests still running after this are cut
+LINGER_S = 2.0  # after answering a request the server will not read, read and drop for this long
 
 
 def model_id(model: Model) -> str:
     return Path(model.path).name
 
 
-def create_app(model: Model, *, max_batch: int = 16, max_queue: int = 64, cache_tokens: int = 8192,
-               page_size: int = 16, served_name: str | None = None):
-    """The Starlette application; the engine thread starts and stops with its lifespan
-    (a stop finishes the requests in flight first)."""
-    from starlette.applications import Starlette
-    from starlette.exceptions import HTTPException
-    from starlette.requests import Request
-    from starlette.responses import JSONResponse, Response, StreamingResponse
-    from starlette.routing import Route
+# ------------------------------------------------------------------------------------------
+# The routes.
 
-    if not isinstance(max_queue, int) or max_queue < 0:
-        raise ValueError(f"max_queue must be an integer >= 0, got {max_queue!r}")
-    metrics = Metrics()
-    engine = Engine(model, max_batch=max_batch, cache_tokens=cache_tokens, page_size=page_size)
-    loop_ = EngineLoop(engine, max_queue=max_queue, metrics=metrics)
-    name = served_name or model_id(model)
-    created = int(time.time())
-    cache_room = engine.cache.num_pages * page_size
-    ctx = model.cfg.max_seq_len
 
-    @contextlib.asynccontextmanager
-    async def lifespan(app):
-        loop_.start()
-        yield
-        await asyncio.to_thread(loop_.stop)
+class Routes:
+    """The HTTP handlers over one engine loop."""
 
-    def check_model(body: dict) -> None:
-        m = body.get("model")
-        if m is not None and m != name:
-            raise APIError(404, f"the model {json.dumps(m)} does not exist; this server serves {json.dumps(name)}",
-                           param="model", code="model_not_found")
+    def __init__(self, model: Model, engine_loop: EngineLoop, metrics: Metrics, *, name: str,
+                 max_body_bytes: int, body_timeout: float):
+        self.model, self.engine_loop, self.metrics, self.name = model, engine_loop, metrics, name
+        self.max_body_bytes, self.body_timeout = max_body_bytes, body_timeout
+        self.created = int(time.time())
+        engine = engine_loop.engine
+        self.cache_room = engine.cache.num_pages * engine.cache.params.page_size
 
-    async def read_body(request: Request) -> dict:
-        raw = await request.body()
+    async def read(self, request, cls):
+        """The request body, at most `max_body_bytes` (413) within `body_timeout` (408),
+        parsed off the event loop."""
+        too_large = APIError(413, f"the request body is larger than {self.max_body_bytes} bytes",
+                             code="request_too_large")
+        length = request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > self.max_body_bytes:
+            raise too_large
+
+        async def collect() -> bytes:
+            chunks, n = [], 0
+            async for chunk in request.stream():
+                n += len(chunk)
+                if n > self.max_body_bytes:
+                    raise too_large
+                chunks.append(chunk)
+            return b"".join(chunks)
+
         try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise APIError(400, f"the request body is not valid JSON ({e})") from None
-        if not isinstance(body, dict):
-            raise APIError(400, "the request body must be a JSON object")
-        return body
+            raw = await asyncio.wait_for(collect(), self.body_timeout)
+        except asyncio.TimeoutError:
+            raise APIError(408, f"the request body did not arrive within {self.body_timeout:g} s",
+                           code="request_timeout") from None
+        except ClientDisconnect:  # nobody reads the answer; not a server error
+            raise APIError(400, "the client disconnected while sending the request body") from None
+        req = await asyncio.to_thread(parse, cls, raw)
+        check_model(req, self.name)
+        return req
 
-    def stream_flag(body: dict) -> tuple[bool, bool]:
-        stream = body.get("stream") or False
-        if not isinstance(stream, bool):
-            raise _bad("stream", "'stream' must be a boolean")
-        opts = body.get("stream_options") or {}
-        if not isinstance(opts, dict):
-            raise _bad("stream_options", "'stream_options' must be an object")
-        return stream, bool(opts.get("include_usage"))
+    def params(self, req, default_max_tokens: Callable[[], int]) -> SamplingParams:
+        return sampling_params(req, default_max_tokens=default_max_tokens, eos=self.model.eos_token_ids,
+                               model_defaults=getattr(self.model.tokenizer, "generation_defaults", None))
 
-    class CancellingStream(StreamingResponse):
-        """A streaming response that calls `on_close` however it ends (finished, client gone,
-        server stopping): a request still in the engine is cancelled, its pages freed."""
+    async def chat_completions(self, request):
+        req = await self.read(request, ChatRequest)
+        tok = self.model.tokenizer
+        if tok is None or not tok.has_chat_template:
+            raise APIError(400, f"{self.model.path} has no chat template: use /v1/completions", param="messages")
+        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        try:
+            prompt = await asyncio.to_thread(encode_chat, self.model, messages)
+        except Exception as e:  # a template that raises (roles out of order), text the tokenizer refuses
+            raise bad("messages", f"the messages cannot be encoded: {type(e).__name__}: {e}") from None
+        params = self.params(req, lambda: self.default_room(len(prompt)))
+        return await self.respond(request, req, "chat", prompt, params, "messages")
 
-        def __init__(self, content, *, on_close: Callable[[], None], **kw):
-            super().__init__(content, **kw)
-            self.on_close = on_close
-
-        async def __call__(self, scope, receive, send):
+    async def completions(self, request):
+        req = await self.read(request, CompletionRequest)
+        prompt = req.one_prompt()
+        if isinstance(prompt, str):
+            if self.model.tokenizer is None:
+                raise bad("prompt", f"{self.model.path} has no tokenizer: send token ids")
             try:
-                await super().__call__(scope, receive, send)
-            finally:
-                self.on_close()
+                prompt = await asyncio.to_thread(self.model.tokenizer.encode, prompt)
+            except ValueError as e:  # text the tokenizer refuses (a lone surrogate)
+                raise bad("prompt", f"the prompt cannot be encoded: {e}") from None
+        params = self.params(req, lambda: COMPLETIONS_DEFAULT_MAX_TOKENS)
+        return await self.respond(request, req, "completions", prompt, params, "prompt")
 
-    async def accepted(job: Job, param: str) -> None:
-        """Wait for the engine to take the job; a request it refuses (too long) is a 400."""
-        msg = await job.out.get()
-        if msg[0] == "rejected":
-            too_long = "context" in msg[1] or "KV cache" in msg[1]
-            raise APIError(400, msg[1], param=param, code="context_length_exceeded" if too_long else "invalid_prompt")
+    def default_room(self, prompt_len: int) -> int:
+        """max_tokens when a chat request names none: the rest of the context, within the cache."""
+        return max(1, min(self.model.cfg.max_seq_len - prompt_len, self.cache_room - prompt_len + 1))
 
-    async def generate_response(request: Request, endpoint: str, prompt: list[int], params: SamplingParams,
-                                stream: bool, include_usage: bool, param: str):
+    async def respond(self, request, req, endpoint: str, prompt: list[int], params: SamplingParams, param: str):
         job = Job(prompt, params, asyncio.Queue(), asyncio.get_running_loop(), endpoint)
         try:
-            loop_.submit(job)
+            self.engine_loop.submit(job)
         except QueueFullError as e:
-            metrics.requests.labels(endpoint, "rejected_busy").inc()
+            self.metrics.requests.labels(endpoint, "rejected_busy").inc()
             raise APIError(429, str(e), type="rate_limit_error", code="queue_full") from None
-        rid = ("chatcmpl-" if endpoint == "chat" else "cmpl-") + uuid.uuid4().hex
-        obj = "chat.completion" if endpoint == "chat" else "text_completion"
-        now = int(time.time())
-
-        def usage(c: Completion) -> dict:
-            return {"prompt_tokens": c.prompt_tokens, "completion_tokens": len(c.tokens),
-                    "total_tokens": c.prompt_tokens + len(c.tokens)}
-
-        def failed(c: Completion) -> APIError:
-            return APIError(500, f"generation failed: {c.error}", type="server_error", code="generation_error")
-
-        if not stream:
+        reply = Reply(endpoint, ("chatcmpl-" if endpoint == "chat" else "cmpl-") + uuid.uuid4().hex,
+                      int(time.time()), self.name)
+        if not req.stream:
             async def completion() -> Completion:
                 await accepted(job, param)
                 while (msg := await job.out.get())[0] != "done":
                     pass
                 return msg[1]
 
-            c = await until_disconnect(request, completion(), on_disconnect=lambda: loop_.cancel(job))
+            c = await until_disconnect(request, completion(), on_disconnect=lambda: self.engine_loop.cancel(job))
             if c is None:  # the client is gone; nobody reads this
                 return Response(status_code=499)
             if c.finish_reason == "error":
                 raise failed(c)
-            choice = ({"index": 0, "message": {"role": "assistant", "content": c.text}, "logprobs": None,
-                       "finish_reason": c.finish_reason} if endpoint == "chat" else
-                      {"index": 0, "text": c.text, "logprobs": None, "finish_reason": c.finish_reason})
-            return JSONResponse({"id": rid, "object": obj, "created": now, "model": name, "choices": [choice],
-                                 "usage": usage(c)})
-
+            return JSONResponse(reply.whole(c))
         try:
             await accepted(job, param)
         except BaseException:
-            loop_.cancel(job)
+            self.engine_loop.cancel(job)
             raise
-        chunk_obj = "chat.completion.chunk" if endpoint == "chat" else "text_completion"
-
-        def chunk(choice: dict, **extra) -> str:
-            return sse({"id": rid, "object": chunk_obj, "created": now, "model": name, "choices": [choice], **extra})
-
-        def piece(text: str | None, finish: str | None = None, *, role: bool = False) -> str:
-            if endpoint == "chat":
-                delta = {"role": "assistant", "content": ""} if role else {} if text is None else {"content": text}
-                return chunk({"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish})
-            return chunk({"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish})
-
-        async def events():
-            if endpoint == "chat":
-                yield piece(None, role=True)
-            while True:
-                try:
-                    msg = await asyncio.wait_for(job.out.get(), timeout=5.0)
-                except asyncio.TimeoutError:
-                    yield ": waiting\n\n"  # an SSE comment while queued: a gone client shows up
-                    continue
-                if msg[0] == "token" and msg[2]:
-                    yield piece(msg[2])
-                elif msg[0] == "done":
-                    c: Completion = msg[1]
-                    if c.finish_reason == "error":
-                        yield sse(failed(c).body())
-                    else:
-                        yield piece(None, c.finish_reason)
-                        if include_usage:
-                            yield sse({"id": rid, "object": chunk_obj, "created": now, "model": name, "choices": [],
-                                       "usage": usage(c)})
-                    yield "data: [DONE]\n\n"
-                    return
-
-        return CancellingStream(events(), on_close=lambda: loop_.cancel(job), media_type="text/event-stream",
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return CancellingStream(events(job, reply, include_usage), on_close=lambda: self.engine_loop.cancel(job),
+                                media_type="text/event-stream",
                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    async def chat_completions(request: Request):
-        body = await read_body(request)
-        check_model(body)
-        messages = chat_messages(body)
-        stream, include_usage = stream_flag(body)
-        if model.tokenizer is None or not model.tokenizer.has_chat_template:
-            raise APIError(400, f"{model.path} has no chat template: use /v1/completions", param="messages")
-        try:
-            prompt = await asyncio.to_thread(encode_chat, model, messages)
-        except Exception as e:  # a template that raises (e.g. roles out of order)
-            raise _bad("messages", f"the chat template rejected the messages: {e}") from None
-        params = sampling_params(body, default_max_tokens=lambda: default_room(len(prompt)),
-                                 eos=model.eos_token_ids)
-        return await generate_response(request, "chat", prompt, params, stream, include_usage, "messages")
+    async def models(self, request):
+        return JSONResponse({"object": "list", "data": [{"id": self.name, "object": "model",
+                                                         "created": self.created, "owned_by": "tpmax"}]})
 
-    async def completions(request: Request):
-        body = await read_body(request)
-        check_model(body)
-        stream, include_usage = stream_flag(body)
-        prompt = await asyncio.to_thread(completion_prompt, body, model)
-        params = sampling_params(body, default_max_tokens=lambda: COMPLETIONS_DEFAULT_MAX_TOKENS,
-                                 eos=model.eos_token_ids)
-        return await generate_response(request, "completions", prompt, params, stream, include_usage, "prompt")
-
-    def default_room(prompt_len: int) -> int:
-        """max_tokens when the request names none: the rest of the context, within the cache."""
-        return max(1, min(ctx - prompt_len, cache_room - prompt_len + 1))
-
-    async def models(request: Request):
-        return JSONResponse({"object": "list", "data": [{"id": name, "object": "model", "created": created,
-                                                         "owned_by": "tpmax"}]})
-
-    async def health(request: Request):
-        if not loop_.alive:
+    async def health(self, request):
+        if not self.engine_loop.alive:
             return JSONResponse({"status": "engine stopped"}, status_code=503)
         return JSONResponse({"status": "ok"})
 
-    async def metrics_endpoint(request: Request):
+    async def metrics_text(self, request):
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
-
-    async def api_error(request: Request, exc: APIError):
-        return JSONResponse(exc.body(), status_code=exc.status)
-
-    async def http_error(request: Request, exc: HTTPException):
-        return JSONResponse(APIError(exc.status_code, str(exc.detail)).body(), status_code=exc.status_code)
-
-    async def server_error(request: Request, exc: Exception):
-        log.exception("unhandled error")
-        return JSONResponse(APIError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error").body(),
-                            status_code=500)
-
-    routes = [Route("/v1/chat/completions", chat_completions, methods=["POST"]),
-              Route("/v1/completions", completions, methods=["POST"]),
-              Route("/v1/models", models, methods=["GET"]),
-              Route("/health", health, methods=["GET"]),
-              Route("/metrics", metrics_endpoint, methods=["GET"])]
-    app = Starlette(routes=routes, lifespan=lifespan,
-                    exception_handlers={APIError: api_error, HTTPException: http_error, Exception: server_error})
-    app.state.engine_loop, app.state.metrics = loop_, metrics
-    return app
+        return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
-def sse(obj: dict) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+async def accepted(job: Job, param: str) -> None:
+    """Wait for the engine to take the job; a request it refuses (too long) is a 400."""
+    msg = await job.out.get()
+    if msg[0] == "rejected":
+        too_long = "context" in msg[1] or "KV cache" in msg[1]
+        raise APIError(400, msg[1], param=param, code="context_length_exceeded" if too_long else "invalid_prompt")
+
+
+async def events(job: Job, reply: Reply, include_usage: bool):
+    """The Server-Sent Events of a streamed answer, ending with `data: [DONE]`."""
+    if (first := reply.role()) is not None:
+        yield first
+    while True:
+        try:
+            msg = await asyncio.wait_for(job.out.get(), timeout=5.0)
+        except asyncio.TimeoutError:
+            yield ": waiting\n\n"  # an SSE comment while queued: a gone client shows up
+            continue
+        if msg[0] == "token" and msg[2]:
+            yield reply.piece(msg[2])
+        elif msg[0] == "done":
+            c: Completion = msg[1]
+            if c.finish_reason == "error":
+                yield sse(failed(c).body())
+            else:
+                yield reply.piece(None, c.finish_reason)
+                if include_usage:
+                    yield reply.usage_chunk(c)
+            yield "data: [DONE]\n\n"
+            return
+
+
+class CancellingStream(StreamingResponse):
+    """A streaming response that calls `on_close` however it ends (finished, client gone,
+    server stopping): a request still in the engine is cancelled, its pages freed."""
+
+    def __init__(self, content, *, on_close: Callable[[], None], **kw):
+        super().__init__(content, **kw)
+        self.on_close = on_close
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.on_close()
 
 
 async def until_disconnect(request, coro, *, on_disconnect: Callable[[], None]):
-    """Await `coro`; if the client disconnects first, call `on_disconnect` and return None."""
+    """Await `coro`; if the client disconnects first, call `on_disconnect` and return None
+    (and call it too if this call is cancelled)."""
     async def disconnected():
         while (await request.receive())["type"] != "http.disconnect":
             pass
@@ -597,22 +237,153 @@ async def until_disconnect(request, coro, *, on_disconnect: Callable[[], None]):
     work, watch = asyncio.ensure_future(coro), asyncio.ensure_future(disconnected())
     try:
         await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+        if work.done():
+            return work.result()
     finally:
         watch.cancel()
-    if work.done():
-        return work.result()
-    work.cancel()
-    on_disconnect()
+        if not work.done():  # the client is gone, or the server cut the request (drain time over)
+            work.cancel()
+            on_disconnect()
     return None
+
+
+# ------------------------------------------------------------------------------------------
+# The application.
+
+
+def create_app(model: Model, *, max_batch: int = 16, max_queue: int = 64, cache_tokens: int = 8192,
+               page_size: int = PAGE_SIZE, served_name: str | None = None, max_body_bytes: int = MAX_BODY_BYTES,
+               body_timeout: float = BODY_TIMEOUT_S):
+    """The Starlette application; the engine thread starts and stops with its lifespan
+    (a stop finishes the requests in flight first)."""
+    if not isinstance(max_queue, int) or max_queue < 0:
+        raise ValueError(f"max_queue must be an integer >= 0, got {max_queue!r}")
+    if not isinstance(max_body_bytes, int) or max_body_bytes < 1:
+        raise ValueError(f"max_body_bytes must be an integer >= 1, got {max_body_bytes!r}")
+    metrics = Metrics()
+    engine = Engine(model, max_batch=max_batch, cache_tokens=cache_tokens, page_size=page_size)
+    engine_loop = EngineLoop(engine, max_queue=max_queue, metrics=metrics)
+    routes = Routes(model, engine_loop, metrics, name=served_name or model_id(model), max_body_bytes=max_body_bytes,
+                    body_timeout=body_timeout)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        engine_loop.start()
+        yield
+        await asyncio.to_thread(engine_loop.stop)
+
+    async def api_error(request, exc: APIError):
+        headers = {"Connection": "close"} if exc.status in (408, 413) else None  # the body is left unread
+        return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+
+    async def http_error(request, exc: HTTPException):
+        return JSONResponse(APIError(exc.status_code, str(exc.detail)).body(), status_code=exc.status_code)
+
+    async def server_error(request, exc: Exception):
+        log.exception("unhandled error")
+        return JSONResponse(APIError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error").body(),
+                            status_code=500)
+
+    app = Starlette(routes=[Route("/v1/chat/completions", routes.chat_completions, methods=["POST"]),
+                            Route("/v1/completions", routes.completions, methods=["POST"]),
+                            Route("/v1/models", routes.models, methods=["GET"]),
+                            Route("/health", routes.health, methods=["GET"]),
+                            Route("/metrics", routes.metrics_text, methods=["GET"])],
+                    lifespan=lifespan,
+                    exception_handlers={APIError: api_error, HTTPException: http_error, Exception: server_error})
+    app.state.engine_loop, app.state.metrics = engine_loop, metrics
+    return app
+
+
+# ------------------------------------------------------------------------------------------
+# Connections: uvicorn's h11 protocol, bounded.
+
+
+def bounded_protocol(*, max_connections: int = MAX_CONNECTIONS, stall_timeout: float = STALL_TIMEOUT_S):
+    """uvicorn's h11 protocol class with bounds: past `max_connections` open connections a new
+    one is answered 503 and closed; a connection that starts no request for one to two
+    `stall_timeout` periods (headers sent slowly, or nothing) is closed; and a request the
+    server answers without reading it all (malformed, headers too large) is answered with a
+    lingering close (what the client still sends is read and dropped for LINGER_S) so the
+    client sees the answer instead of a reset."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class BoundedH11Protocol(H11Protocol):
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            self._lingering, self._seen = False, object()
+            if len(self.connections) > max_connections:
+                self.refuse(503, f"the server has {max_connections} connections open; retry later",
+                            "service_unavailable")
+                return
+            self._tick = self.loop.call_later(stall_timeout, self.check_stalled)
+
+        def check_stalled(self) -> None:
+            cycle = self.cycle
+            if (cycle is None or cycle.response_complete) and cycle is self._seen:
+                self.transport.close()  # no request began since the last check
+                return
+            self._seen = cycle
+            self._tick = self.loop.call_later(stall_timeout, self.check_stalled)
+
+        def connection_lost(self, exc):
+            if getattr(self, "_tick", None) is not None:
+                self._tick.cancel()
+            super().connection_lost(exc)
+
+        def shutdown(self) -> None:
+            """SIGTERM: a request in progress finishes; a connection with none (idle, or its
+            request not yet read) is told why it closes, instead of an empty reply."""
+            if self.cycle is None or self.cycle.response_complete:
+                self.refuse(503, "the server is shutting down", "shutting_down")
+            else:
+                super().shutdown()
+
+        def data_received(self, data: bytes) -> None:
+            if not self._lingering:
+                super().data_received(data)
+
+        def send_400_response(self, msg: str) -> None:
+            self.refuse(400, f"invalid HTTP request (malformed, or request line and headers over "
+                             f"{MAX_HEADER_BYTES} bytes): {msg}", None)
+
+        def refuse(self, status: int, message: str, code: str | None) -> None:
+            """Answer `status` with an OpenAI-style error, then a lingering close."""
+            if self._lingering or self.transport.is_closing():
+                return
+            kind = "invalid_request_error" if status < 500 else "server_error"
+            body = json.dumps(APIError(status, message, code=code, type=kind).body()).encode()
+            self.transport.write(f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\ncontent-type: application/json\r\n"
+                                 f"content-length: {len(body)}\r\nconnection: close\r\n\r\n".encode() + body)
+            self._lingering = True
+            if self.transport.can_write_eof():
+                self.transport.write_eof()
+            self.loop.call_later(LINGER_S, self.transport.close)
+
+    return BoundedH11Protocol
 
 
 # ------------------------------------------------------------------------------------------
 # Command line.
 
 
+def listen(host: str, port: int) -> socket.socket:
+    """A listening TCP socket: bound before the model loads, so a port in use fails at once."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError as e:
+        sock.close()
+        raise RuntimeError(f"cannot serve on {host}:{port}: {e.strerror or e}") from None
+    return sock
+
+
 def run_serve(args) -> int:
-    """`tpmax serve`: load the model and serve until SIGTERM / Ctrl-C (requests in flight
-    finish first). `args` as `tpmax.cli` parses them."""
+    """`tpmax serve`: bind, load the model, serve until SIGTERM / Ctrl-C (requests in flight
+    finish first, for up to DRAIN_TIMEOUT_S). `args` as `tpmax.cli` parses them."""
     from .loader import load
 
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(message)s")
@@ -620,27 +391,55 @@ def run_serve(args) -> int:
         raise ValueError(f"--port must be in 0..65535, got {args.port}")
     if args.max_batch < 1 or args.max_queue < 0 or args.cache_tokens < 1:
         raise ValueError("--max-batch and --cache-tokens must be >= 1, --max-queue >= 0")
-    model = load(args.model, devices=args.devices, dtype=args.dtype, progress=not args.quiet)
-    # Under MPI rank 0 serves; the other ranks run each of its steps and return 0.
-    return model.executor.call(lambda: _serve(model, args), receive=lambda *_: 0)
+    sock = listen(args.host, args.port) if getattr(args, "leader", True) else None
+    try:
+        model = load(args.model, devices=args.devices, dtype=args.dtype, progress=not args.quiet)
+        if not model.executor.leads:  # mpirun forwards SIGUSR1 to every rank: rank 0 drains, this one follows
+            signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+        # Under MPI rank 0 serves; the other ranks run each of its steps and return 0.
+        return model.executor.call(lambda: serve(
+            model, sock, max_batch=args.max_batch, max_queue=args.max_queue, cache_tokens=args.cache_tokens,
+            served_name=args.served_model_name, quiet=args.quiet, max_body_bytes=args.max_body_bytes),
+            receive=lambda *_: 0)
+    finally:
+        if sock is not None:
+            sock.close()
 
 
-def _serve(model: Model, args) -> int:
+def server(app, *, quiet: bool = False, max_connections: int = MAX_CONNECTIONS, stall_timeout: float = STALL_TIMEOUT_S,
+           drain_timeout: float = DRAIN_TIMEOUT_S):
+    """The uvicorn server for `app`, every connection bounded (see `bounded_protocol`); on
+    SIGTERM it stops accepting and finishes the requests in flight (cut after `drain_timeout` s)."""
     import uvicorn
 
-    app = create_app(model, max_batch=args.max_batch, max_queue=args.max_queue, cache_tokens=args.cache_tokens,
-                     served_name=args.served_model_name)
-    if not args.quiet:
-        print(f"tpmax: serving {app.state.engine_loop.engine.model.path} as "
-              f"{args.served_model_name or model_id(model)!r} on http://{args.host}:{args.port}/v1", file=sys.stderr)
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning" if args.quiet else "info",
-                            access_log=not args.quiet, lifespan="on", timeout_graceful_shutdown=600)
+    return uvicorn.Server(uvicorn.Config(
+        app, http=bounded_protocol(max_connections=max_connections, stall_timeout=stall_timeout),
+        h11_max_incomplete_event_size=MAX_HEADER_BYTES, timeout_keep_alive=5,
+        log_level="warning" if quiet else "info", access_log=not quiet, lifespan="on",
+        timeout_graceful_shutdown=drain_timeout))
+
+
+def serve(model: Model, sock: socket.socket, *, quiet: bool = False, **app_options) -> int:
+    """Serve `model` on the listening socket `sock` (see `listen`) until SIGTERM / Ctrl-C,
+    which drain (see `server`), then return 0. `app_options` go to `create_app`."""
+    app = create_app(model, **app_options)
+    host, port = sock.getsockname()[:2]
+    if not quiet:
+        print(f"tpmax: serving {model.path} as {app_options.get('served_name') or model_id(model)!r} on "
+              f"http://{host}:{port}/v1", file=sys.stderr)
+    srv = server(app, quiet=quiet)
     main_thread = threading.current_thread() is threading.main_thread()
-    # uvicorn drains on SIGTERM, then re-raises it: exit 0 then rather than die by the signal.
-    previous = signal.signal(signal.SIGTERM, lambda *_: None) if main_thread else None
+    if main_thread:
+        # uvicorn drains on SIGTERM / SIGINT, then re-raises it: exit 0 then rather than die by
+        # the signal. SIGUSR1 drains too: under mpirun, SIGTERM ends every rank within 0.3 s
+        # (SIGTERM, then SIGKILL), while SIGUSR1 is only forwarded.
+        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+        signal.signal(signal.SIGTERM, lambda *_: None)
+        signal.signal(signal.SIGUSR1, lambda *_: srv.handle_exit(signal.SIGTERM, None))
     try:
-        uvicorn.Server(config).run()
+        srv.run(sockets=[sock])
     finally:
         if main_thread:
-            signal.signal(signal.SIGTERM, previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
     return 0
