@@ -1,12 +1,16 @@
 """Sampling, continuous batching (admission, preemption, isolation of faults), stop
 conditions, streaming, and the CLI."""
 import dataclasses
+import json
+import math
+import shutil
 
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import tpmax
+from tpmax.api import encode_prompt
 from tpmax.sampling import SamplingParams, sample
 from tpmax.loader import load
 from conftest import FIX, make_chat_model_dir
@@ -61,6 +65,42 @@ def test_stop_token_and_eos(tiny):
     engine.submit(prompt, SamplingParams(max_new_tokens=10, stop_token_ids=(first[2],)))
     (c,) = engine.run()
     assert c.tokens == first and c.finish_reason == "stop"
+
+
+def rewrite_json(path, fn):
+    c = json.loads(path.read_text())
+    fn(c)
+    path.write_text(json.dumps(c))
+
+
+@pytest.mark.parametrize("where", ["generation_config", "config", "chat"])
+def test_default_params_stop_at_the_models_eos(tmp_path, where):
+    """No stop_token_ids given: generation ends at the EOS id the model directory names
+    (generation_config.json's list, config.json's id when that is absent, or through
+    `tpmax.generate` with a tokenizer), finish reason "stop", the EOS its last token."""
+    d = tmp_path / "m"
+    if where == "chat":
+        make_chat_model_dir(d)
+    else:
+        shutil.copytree(FIX / "hf" / "llama", d)
+    model = load(d, devices="cpu:0,1", progress=False)
+    prompt = encode_prompt(model, "hi") if where == "chat" else [1, 2, 3]
+    greedy = greedy_ref(model, prompt, 4)
+    eos, other = greedy[2], 7
+    assert {eos, other, 2}.isdisjoint(greedy[:2])  # the EOS comes third, no other stop id before
+    if where == "config":
+        (d / "generation_config.json").unlink()
+        rewrite_json(d / "config.json", lambda c: c.update(eos_token_id=eos))
+    else:  # config.json keeps its eos_token_id 2
+        rewrite_json(d / "generation_config.json", lambda c: c.update(eos_token_id=[other, eos]))
+    model = load(d, devices="cpu:0,1", progress=False)
+    if where == "chat":
+        (c,) = tpmax.generate(model, ["hi"])
+    else:
+        engine = tpmax.Engine(model, cache_tokens=128)  # room for the default max_new_tokens
+        engine.submit(prompt)
+        (c,) = engine.run()
+    assert (c.tokens, c.finish_reason) == (greedy[:3], "stop")
 
 
 def mixed_requests(model, n, seed):
@@ -314,6 +354,148 @@ def test_sampling_respects_top_k_top_p(lg, seed, temp, top_k, top_p):
     cum_before = np.cumsum(probs[order]) - probs[order]
     if not top_k:  # the token lies in the nucleus: the mass strictly before it is < top_p
         assert cum_before[list(order).index(tok)] < top_p + 1e-9
+
+
+# ------------------------------------------------------------------------------------------
+# Sampling against its definition: token frequencies over many seeded draws (deterministic:
+# fixed seeds) against the distribution written here in float64, and a Pearson chi-square
+# test that rejects at p < 1e-4.
+
+
+def sampling_distribution(lg, temperature, top_k=0, top_p=1.0):
+    """The definition: softmax(l / T) over the k largest logits (all when k = 0); then the
+    fewest most likely tokens whose mass reaches top_p; renormalised. float64."""
+    z = np.asarray(lg, np.float64) / temperature
+    allowed = np.argsort(-z)[:top_k or len(z)]
+    p = np.zeros(len(z))
+    p[allowed] = np.exp(z[allowed] - z[allowed].max())
+    p /= p.sum()
+    kept, mass = [], 0.0
+    for i in np.argsort(-p):
+        if mass >= top_p:
+            break
+        kept.append(i)
+        mass += p[i]
+    out = np.zeros(len(z))
+    out[kept] = p[kept] / p[kept].sum()
+    return out
+
+
+def chi2_sf(x, df):
+    """P(X >= x) for X chi-square with `df` (integer) degrees of freedom, in closed form."""
+    h = x / 2
+    if df % 2 == 0:  # exp(-h) * sum_{j < df/2} h^j / j!
+        term = total = 1.0
+        for j in range(1, df // 2):
+            term *= h / j
+            total += term
+        return math.exp(-h) * total
+    # erfc(sqrt(h)) + exp(-h) * sum_{j=1}^{(df-1)/2} h^(j-1/2) / Gamma(j+1/2)
+    term, total = math.sqrt(h) / math.gamma(1.5), 0.0
+    for j in range(1, (df + 1) // 2):
+        total += term
+        term *= h / (j + 0.5)
+    return math.erfc(math.sqrt(h)) + math.exp(-h) * total
+
+
+def chi2_pvalue(counts, p):
+    """Pearson's chi-square test of `counts` against probabilities `p`. A token of probability
+    0 that was drawn gives 0; tokens expected fewer than 5 times are pooled into one bin."""
+    counts, p = np.asarray(counts), np.asarray(p, np.float64)
+    if counts[p == 0].any():
+        return 0.0
+    expected = counts.sum() * p
+    big = expected >= 5
+    obs = np.append(counts[big], counts[~big & (p > 0)].sum())
+    exp = np.append(expected[big], expected[~big & (p > 0)].sum())
+    obs, exp = obs[exp > 0], exp[exp > 0]
+    if len(exp) < 2:
+        return 1.0
+    return chi2_sf(float(((obs - exp) ** 2 / exp).sum()), len(exp) - 1)
+
+
+def test_chi_square_against_tabulated_quantiles():
+    for x, df, p in [(3.841, 1, 0.05), (5.991, 2, 0.05), (7.815, 3, 0.05), (13.277, 4, 0.01), (20.515, 5, 0.001),
+                     (27.877, 9, 0.001)]:  # the chi-square table's critical values
+        assert chi2_sf(x, df) == pytest.approx(p, rel=2e-3)
+    assert chi2_pvalue([20, 0], [0.5, 0.5]) < 1e-4 and chi2_pvalue([5, 5], [0.5, 0.5]) == 1.0
+    assert chi2_pvalue([1, 9], [0.0, 1.0]) == 0.0
+
+
+LOGITS = np.array([2.0, 1.6, 1.1, 0.7, 0.2, -0.3, -0.9, -1.5], np.float32)
+DRAWS = 20_000
+
+
+def counts_of(tokens, n):
+    return np.bincount(tokens, minlength=n)
+
+
+def wrong_distributions(lg, t, k, p):
+    """What a sampler gets wrong in the ways worth catching."""
+    greedy = np.eye(len(lg))[int(np.argmax(lg))]
+    return {"argmax": greedy, "temperature ignored": sampling_distribution(lg, 1.0, k, p),
+            "top-p skipped": sampling_distribution(lg, t, k), "top-k skipped": sampling_distribution(lg, t, 0, p),
+            "top-k keeps k+1": sampling_distribution(lg, t, k + 1 if k else 0, p),
+            "least likely kept token dropped": _one_too_few(sampling_distribution(lg, t, k, p))}
+
+
+def _one_too_few(q):
+    q = q.copy()
+    support = np.flatnonzero(q)
+    if len(support) > 1:
+        q[support[np.argmin(q[support])]] = 0.0
+    return q / q.sum()
+
+
+@pytest.mark.parametrize("t, k, p", [(0.6, 0, 1.0), (1.7, 3, 1.0), (0.8, 0, 0.75), (1.4, 5, 0.7), (2.5, 6, 0.85)])
+def test_sample_draws_from_softmax_over_temperature_top_k_top_p(t, k, p):
+    want = sampling_distribution(LOGITS, t, k, p)
+    rng = np.random.default_rng(1234)
+    params = SamplingParams(temperature=t, top_k=k, top_p=p)
+    counts = counts_of([sample(LOGITS, params, rng) for _ in range(DRAWS)], len(LOGITS))
+    assert chi2_pvalue(counts, want) > 1e-4, (counts / DRAWS, want)
+    for name, wrong in wrong_distributions(LOGITS, t, k, p).items():  # the test tells each apart
+        if np.abs(wrong - want).max() > 0.02:
+            assert chi2_pvalue(counts, wrong) < 1e-4, name
+
+
+def test_seeds_give_their_own_reproducible_streams():
+    params = SamplingParams(temperature=1.3, top_k=6, top_p=0.95)
+    streams = [tuple(sample(LOGITS, params, rng) for _ in range(40)) for rng in map(np.random.default_rng, range(8))]
+    assert len(set(streams)) == 8  # different seeds, different streams
+    assert streams == [tuple(sample(LOGITS, params, rng) for _ in range(40))
+                       for rng in map(np.random.default_rng, range(8))]  # the same seed, the same stream
+
+
+def test_engine_first_tokens_follow_the_models_softmax(tiny):
+    """Sampling inside real engine steps: the first token of 2000 requests, seeds 0..1999,
+    against the distribution of the model's own last logits (tpmax.logits)."""
+    prompt, t, k, p = [1, 2, 3], 0.5, 4, 0.8
+    lg = tpmax.logits(tiny, [prompt])[0][-1]
+    want = sampling_distribution(lg, t, k, p)
+    assert (want > 0).sum() == 3  # temperature, top-k and top-p all shape it
+    n = 2000
+    engine = tpmax.Engine(tiny, max_batch=n, cache_tokens=4 * n, page_size=4)
+    for seed in range(n):
+        engine.submit(prompt, SamplingParams(max_new_tokens=1, temperature=t, top_k=k, top_p=p, seed=seed))
+    outs = engine.run()
+    counts = counts_of([c.tokens[0] for c in outs], tiny.cfg.vocab_size)
+    assert chi2_pvalue(counts, want) > 1e-4, (counts[want > 0], want[want > 0] * n)
+    for name, wrong in wrong_distributions(lg, t, k, p).items():
+        if np.abs(wrong - want).max() > 0.05:
+            assert chi2_pvalue(counts, wrong) < 1e-4, name
+
+
+def test_seeded_streams_through_the_engine(tiny):
+    """Different seeds give different streams; a seed gives its stream alone and in a batch."""
+    params = [SamplingParams(max_new_tokens=12, temperature=1.5, seed=s, stop_token_ids=()) for s in range(6)]
+    engine = tpmax.Engine(tiny, max_batch=8, cache_tokens=512)
+    for q in params:
+        engine.submit([1, 2, 3], q)
+    engine.submit([4, 5], SamplingParams(max_new_tokens=7, temperature=0.7, seed=99, stop_token_ids=()))
+    outs = engine.run()[:6]
+    assert len({tuple(c.tokens) for c in outs}) == 6
+    assert [c.tokens for c in outs] == [alone(tiny, [1, 2, 3], q).tokens for q in params]
 
 
 def test_greedy_limits():

@@ -4,6 +4,7 @@ reference, the real SmolLM2 GGUF against transformers' greedy answer and perplex
 malformed-input case."""
 import dataclasses
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -12,7 +13,6 @@ import gguf
 import numpy as np
 import pytest
 import safetensors.numpy as stn
-from hypothesis import given, settings, strategies as st
 
 import tpmax
 from tpmax.api import encode_prompt
@@ -20,7 +20,7 @@ from tpmax.loader import load
 import reference as ref
 
 FIX = Path(__file__).parent / "fixtures"
-HF_CASES = ["llama", "llama_tied", "mistral", "qwen2", "qwen3", "granite", "llama_sharded"]
+HF_CASES = ["llama", "llama_tied", "mistral", "qwen2", "qwen3", "granite", "llama_sharded", "llama_linear"]
 
 
 def spec(tp):
@@ -41,6 +41,15 @@ def test_hf_checkpoints_match_transformers(case, tp):
     for got, (_, want) in zip(out, pairs):
         assert got.dtype == np.float32 and got.shape == want.shape
         assert np.abs(got - want).max() <= 1e-4
+
+
+def test_linear_rope_scaling_is_what_transformers_applies():
+    """The llama_linear fixture's logits need its linear scaling: without it they differ."""
+    model = load(FIX / "hf" / "llama_linear", devices="cpu:0,1", progress=False)
+    assert model.cfg.rope_scaling == tpmax.LinearScaling(4.0)
+    unscaled = dataclasses.replace(model, cfg=dataclasses.replace(model.cfg, rope_scaling=None))
+    (ids, want), = hf_reference("llama_linear")[2:]
+    assert np.abs(tpmax.logits(unscaled, [ids])[0] - want).max() > 0.05
 
 
 def test_transformers_4x_config_spelling(tmp_path):
@@ -70,8 +79,9 @@ GGUF_NAMES = {"attn_norm": "attn_norm", "q_proj": "attn_q", "k_proj": "attn_k", 
               "down_proj": "ffn_down"}
 
 
-def write_gguf(path, cfg, full, qtype, *, tied=False, skip=(), extra_meta=None):
-    """Write `full` (table names, HF layout) as a llama GGUF; returns the dequantized weights."""
+def write_gguf(path, cfg, full, qtype, *, tied=False, skip=(), meta=None):
+    """Write `full` (table names, HF layout) as a llama GGUF, `meta(writer)` adding metadata;
+    returns the dequantized weights."""
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_block_count(cfg.n_layers)
     w.add_embedding_length(cfg.hidden_size)
@@ -82,8 +92,8 @@ def write_gguf(path, cfg, full, qtype, *, tied=False, skip=(), extra_meta=None):
     w.add_layer_norm_rms_eps(cfg.norm_eps)
     w.add_context_length(cfg.max_seq_len)
     w.add_vocab_size(cfg.vocab_size)
-    for k, v in (extra_meta or {}).items():
-        w.add_string(k, v)
+    if meta is not None:
+        meta(w)
     deq = {}
     qt = gguf.GGMLQuantizationType[qtype]
     for name, a in full.items():
@@ -146,6 +156,45 @@ def test_gguf_tied_output(tmp_path):
                                rtol=1e-4, atol=1e-4)
 
 
+def byte_tokenizer(eos, eot=None):
+    """GGUF metadata of a byte-level tokenizer of 260 tokens (<unk> <s> </s>, the bytes, "ab")."""
+    from tokenizers import pre_tokenizers
+
+    def meta(w):
+        tokens = ["<unk>", "<s>", "</s>"] + sorted(pre_tokenizers.ByteLevel.alphabet()) + ["ab"]
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre("gpt2")
+        w.add_token_list(tokens)
+        w.add_token_merges(["a b"])
+        w.add_token_types([3] * 3 + [1] * (len(tokens) - 3))
+        w.add_bos_token_id(1)
+        w.add_eos_token_id(eos)
+        if eot is not None:
+            w.add_eot_token_id(eot)
+    return meta
+
+
+@pytest.mark.parametrize("key", ["eos", "eot"])
+def test_gguf_eos_stops_generation_by_default(tmp_path, key):
+    """No stop_token_ids given: generation ends at the GGUF's tokenizer.ggml.eos_token_id (or
+    its end-of-turn id), finish reason "stop"."""
+    cfg = dataclasses.replace(GGUF_CFG, vocab_size=260)
+    full = tpmax.random_weights(cfg, seed=6, std=0.2)
+    path, prompt = tmp_path / "m.gguf", [1, 40, 41]
+    write_gguf(path, cfg, full, "F32", meta=byte_tokenizer(eos=2))
+    model = load(path, devices="cpu:0,1", progress=False)
+    greedy = []
+    for _ in range(4):
+        greedy.append(int(tpmax.logits(model, [prompt + greedy])[0][-1].argmax()))
+    assert {greedy[2], 2}.isdisjoint(greedy[:2])  # the stop id comes third
+    eos = dict(eos=greedy[2]) if key == "eos" else dict(eos=2, eot=greedy[2])
+    write_gguf(path, cfg, full, "F32", meta=byte_tokenizer(**eos))
+    engine = tpmax.Engine(load(path, devices="cpu:0,1", progress=False), cache_tokens=64)
+    engine.submit(prompt)  # default sampling parameters
+    (c,) = engine.run()
+    assert (c.tokens, c.finish_reason) == (greedy[:3], "stop")
+
+
 # ------------------------------------------------------------------------------------------
 # Malformed inputs: every one a tpmax LoadError that names the file and the problem.
 
@@ -188,6 +237,8 @@ BAD_HF = {
     "unsupported rope": (lambda d: edit_config(d, lambda c: c["rope_parameters"].update(rope_type="yarn")),
                          "unsupported rope scaling type 'yarn'"),
     "no weights": (lambda d: (d / "model.safetensors").unlink(), "no model\\*.safetensors weights"),
+    "pickle only": (lambda d: (d / "model.safetensors").rename(d / "pytorch_model.bin"),
+                    r"no model\*.safetensors weights \(pickled .bin checkpoints are not loaded\)"),
     "no config": (lambda d: (d / "config.json").unlink(), "no config.json"),
 }
 
@@ -207,6 +258,15 @@ def test_sharded_index_lists_missing_file(tmp_path):
     next(d.glob("model-00002-*.safetensors")).unlink()
     with pytest.raises(tpmax.LoadError, match="listed in the index but missing"):
         load(d, progress=False)
+
+
+def test_shards_without_an_index_load(tmp_path):
+    d = hf_copy(tmp_path, "llama_sharded")
+    (d / "model.safetensors.index.json").unlink()  # the model*.safetensors files are read instead
+    model = load(d, devices="cpu:0,1", progress=False)
+    for got, (_, want) in zip(tpmax.logits(model, [ids for ids, _ in hf_reference("llama_sharded")]),
+                              hf_reference("llama_sharded")):
+        assert np.abs(got - want).max() <= 1e-4
 
 
 def test_heads_that_cannot_be_split(tmp_path):
@@ -399,31 +459,79 @@ def test_huge_layer_count_fails_before_allocating(tmp_path):
         load(d, progress=False)
 
 
-# Config values: every key a config may carry, and values of every wrong type and range.
-CONFIG_KEYS = ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-               "head_dim", "intermediate_size", "rms_norm_eps", "max_position_embeddings", "tie_word_embeddings",
-               "attention_bias", "mlp_bias", "hidden_act", "rope_theta", "rope_parameters", "rope_scaling"]
-BAD_VALUES = st.sampled_from(["false", "true", "12", 0, -1, 0.0, -1e-5, 1e30, 10**12, float("nan"), float("inf"),
-                              None, [], {}, [1, 2], {"rope_type": "llama3", "factor": -2.0},
-                              {"rope_type": "linear", "factor": 0}, {"rope_type": "llama3"}, True, 3.5])
+# Config values: every key a config may carry, and values of every type and range. The
+# expected outcome is written from what each key means (Hugging Face's config semantics).
+BASE_5X = json.loads((FIX / "hf" / "llama" / "config.json").read_text())  # rope_parameters
+BASE_4X = {k: v for k, v in BASE_5X.items() if k != "rope_parameters"}  # rope_theta + rope_scaling
+BASE_4X["rope_theta"] = BASE_5X["rope_parameters"]["rope_theta"]
+BASE_4X["rope_scaling"] = {k: v for k, v in BASE_5X["rope_parameters"].items() if k != "rope_theta"}
+INT_KEYS = {"vocab_size": "vocab_size", "hidden_size": "hidden_size", "num_hidden_layers": "n_layers",
+            "num_attention_heads": "n_heads", "num_key_value_heads": "n_kv_heads", "head_dim": "head_dim",
+            "intermediate_size": "ffn_size", "max_position_embeddings": "max_seq_len"}
+OPTIONAL_INTS = {"num_key_value_heads": 6, "head_dim": 8, "max_position_embeddings": 4096}  # defaults here
+CONFIG_KEYS = list(INT_KEYS) + ["rms_norm_eps", "tie_word_embeddings", "attention_bias", "mlp_bias", "hidden_act",
+                                "rope_theta", "rope_parameters", "rope_scaling"]
+LINEAR2 = {"rope_type": "linear", "factor": 2.0}
+VALUES = ["false", "true", "12", "gelu_pytorch_tanh", 0, -1, 4, 0.0, -1e-5, 2.5, 1e30, 10**12,
+                          float("nan"), float("inf"), None, [], {}, [1, 2], {"rope_type": "llama3", "factor": -2.0},
+                          {"rope_type": "linear", "factor": 0}, {"rope_type": "llama3"}, LINEAR2, True, False, 3.5]
 
 
-@settings(max_examples=150, deadline=None)
-@given(st.sampled_from(CONFIG_KEYS), BAD_VALUES)
-def test_config_values_are_type_and_range_checked(key, value):
-    base = json.loads((FIX / "hf" / "llama" / "config.json").read_text())
-    c = {**base, key: value}
-    try:
-        cfg = tpmax.ModelConfig.from_hf_config(c, source="cfg.json")
-    except tpmax.ConfigError as e:
-        assert str(e).startswith("cfg.json: ")  # names the file
-        return
-    # Accepted: then every field is a sane value of its type (nothing coerced silently).
-    for f in ("vocab_size", "hidden_size", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_size"):
-        v = getattr(cfg, f)
-        assert isinstance(v, int) and not isinstance(v, bool) and v > 0
-    assert isinstance(cfg.tie_embeddings, bool) and cfg.norm_eps > 0 and cfg.rope_theta > 0
-    assert not isinstance(value, str) or key in ("rope_theta", "rope_scaling")  # superseded by rope_parameters
+def expected_fields(key, value):
+    """The ModelConfig fields `{key: value}` must change in the base config, or None when
+    the value must be refused."""
+    is_int = isinstance(value, int) and not isinstance(value, bool)
+    is_num = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if key in INT_KEYS:
+        if value is None:
+            value = OPTIONAL_INTS.get(key)
+        elif not (is_int and 0 < value <= (4096 if key == "num_hidden_layers" else 2**32)):
+            return None
+        if value is None:  # a required key
+            return None
+        heads = {"n_heads": 6, "n_kv_heads": 2, INT_KEYS[key]: value}
+        return {INT_KEYS[key]: value} if heads["n_heads"] % heads["n_kv_heads"] == 0 else None
+    if key in ("rms_norm_eps", "rope_theta"):
+        field, default = {"rms_norm_eps": ("norm_eps", 1e-6), "rope_theta": ("rope_theta", 10000.0)}[key]
+        return {field: default} if value is None else {field: float(value)} if is_num and value > 0 else None
+    if key in ("tie_word_embeddings", "attention_bias", "mlp_bias"):
+        if value is not None and not isinstance(value, bool):
+            return None
+        if key == "tie_word_embeddings":
+            return {"tie_embeddings": bool(value)}
+        return None if value else {}  # llama has no o_proj / MLP bias
+    if key == "hidden_act":
+        return {"activation": {None: "silu", "gelu_pytorch_tanh": "gelu_tanh"}[value]} if value in (
+            None, "gelu_pytorch_tanh") else None
+    # rope_parameters (5.x: theta inside, 10000 when absent) or rope_scaling (4.x: theta beside it)
+    theta = {} if key == "rope_scaling" else {"rope_theta": 10000.0}
+    if value is None or value == {}:
+        return {**theta, "rope_scaling": None}
+    return {**theta, "rope_scaling": tpmax.LinearScaling(2.0)} if value == LINEAR2 else None
+
+
+@pytest.mark.parametrize("key", CONFIG_KEYS)
+def test_config_values_are_type_and_range_checked(key):
+    base = BASE_4X if key in ("rope_theta", "rope_scaling") else BASE_5X
+    base_cfg = tpmax.ModelConfig.from_hf_config(base)
+    for value in VALUES:
+        want = expected_fields(key, value)
+        try:
+            cfg = tpmax.ModelConfig.from_hf_config({**base, key: value}, source="cfg.json")
+        except tpmax.ConfigError as e:
+            assert want is None, (value, e)
+            assert str(e).startswith("cfg.json: ")  # names the file
+            continue
+        assert want is not None, (value, cfg)
+        assert cfg == dataclasses.replace(base_cfg, **want), value  # that field, as given; nothing else changed
+
+
+def test_config_property_covers_both_rope_spellings():
+    """The base configs differ where the property needs them to: 5.x reads only
+    rope_parameters, 4.x only rope_theta + rope_scaling, and both say the same."""
+    new, old = (tpmax.ModelConfig.from_hf_config(c) for c in (BASE_5X, BASE_4X))
+    assert new == old and new.rope_scaling is not None
+    assert "rope_theta" not in BASE_5X and "rope_parameters" not in BASE_4X
 
 
 def test_string_false_is_not_true(tmp_path):
@@ -511,3 +619,20 @@ def test_each_rank_reads_only_its_share_of_a_gguf(tmp_path, qtype, tp):
     replicated = 4 * cfg.hidden_size * (2 * cfg.n_layers + 1)  # the norms, on every rank
     # Together about one copy: column splits that cut a quantization block read that block twice.
     assert sum(parts) <= 1.06 * whole + (tp - 1) * replicated, (parts, whole)
+
+
+@pytest.mark.parametrize("case", ["llama", "llama_sharded", "qwen2"])
+@pytest.mark.parametrize("tp", [2, 3, 4])
+def test_each_rank_reads_only_its_share_of_safetensors(case, tp):
+    """A rank reads exactly the float32 elements the split rule gives its device (norms whole,
+    kv heads replicated past TP = n_kv_heads), from one file or several shards."""
+    from tpmax.sharding import shard_pieces
+
+    whole = load(FIX / "hf" / case, devices="cpu", progress=False)
+    full = tpmax.random_weights(whole.cfg, seed=0)  # the checkpoint's tensors by table name, for their shapes
+    assert whole.bytes_read == 4 * sum(a.size for a in full.values())
+    devs = tpmax.devices(spec(tp))
+    for r in range(tp):
+        lay = whole.cfg.layout(tp, r)
+        want = sum(np.zeros(a.shape)[idx].size for name, a in full.items() for idx in shard_pieces(name, a.shape, lay))
+        assert load(FIX / "hf" / case, comm=OneRankOf(devs, [r]), progress=False).bytes_read == 4 * want

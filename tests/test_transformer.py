@@ -17,8 +17,10 @@ import reference as ref
 
 @st.composite
 def model_cases(draw):
+    tp = draw(st.sampled_from([1, 2, 3, 4]))  # first, about evenly: then heads that can be split over it
     n_kv = draw(st.integers(1, 3))
-    n_heads = n_kv * draw(st.integers(1, 3))
+    least = -(-tp // n_kv)  # kv groups of `least` q heads give at least tp q heads
+    n_heads = n_kv * draw(st.integers(least, max(3, least)))
     hd = draw(st.sampled_from([2, 4, 8]))
     cfg = tpmax.ModelConfig(
         arch="llama", vocab_size=draw(st.integers(11, 41)), hidden_size=draw(st.integers(4, 20)),
@@ -31,7 +33,6 @@ def model_cases(draw):
         attention_scale=draw(st.sampled_from([None, 0.3])),
         embedding_multiplier=draw(st.sampled_from([1.0, 2.0])), residual_multiplier=draw(st.sampled_from([1.0, 0.5])),
         logits_scaling=draw(st.sampled_from([1.0, 4.0])), tie_embeddings=draw(st.booleans()))
-    tp = draw(st.integers(1, min(4, n_heads, cfg.ffn_size)))
     seed = draw(st.integers(0, 10**6))
     return cfg, tp, seed
 
