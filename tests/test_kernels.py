@@ -332,9 +332,9 @@ def test_fused_decode_step_equals_distributed_transformer(case, lengths, chunk):
         slots = fused_cache.reserve(ids, one)
         fused = fused_decode_step(weights, cfg, tokens, fused_cache.pages, slots, comm, chunk=chunk)
         fused_cache.commit(ids, one)
-        close(fused, last)
+        close(fused, last, 1e-4)  # float32 through 2 layers and 3 steps, summed in another order
         for a, b in zip(fused_cache.pages, ref_cache.pages):
-            close(a, b)
+            close(a, b, 1e-4)
 
 
 def test_fused_decode_sample_greedy_and_errors():
