@@ -619,7 +619,7 @@ def run_serve(args) -> int:
         raise ValueError(f"--port must be in 0..65535, got {args.port}")
     if args.max_batch < 1 or args.max_queue < 0 or args.cache_tokens < 1:
         raise ValueError("--max-batch and --cache-tokens must be >= 1, --max-queue >= 0")
-    model = load(args.model, devices=args.devices, dtype=args.dtype, progress=not args.quiet)
+    model = load(args.model, devices=args.devices, dtype=args.dtype, progress=not args.quiet, threads=args.threads)
     if not spmd.is_leader(model):  # under MPI: rank 0 serves, this rank runs each step with it
         spmd.follow(model)
         return 0
