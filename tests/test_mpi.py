@@ -381,6 +381,27 @@ def test_a_failing_rank_ends_the_job(mode, says):
 
 
 @requires_mpi
+def test_an_idle_follower_sleeps():
+    """A rank waiting for rank 0's next message sleeps between polls instead of spinning a
+    core in a blocking broadcast: 3 s of waiting cost it well under a second of CPU."""
+    rc, out, _ = run_job(2, HERE / "mpi" / "fault_worker.py", "idle")
+    assert rc == 0, out
+    (line,) = [ln for ln in out.splitlines() if ln.startswith("idle ")]
+    assert float(line.split()[2]) < 0.5, out
+
+
+def test_step_timeout_setting(monkeypatch):
+    from tpmax import mpi_wire
+    for text, want in [("", 600.0), ("5", 5.0), ("0.5", 0.5), ("0", None)]:
+        monkeypatch.setenv("TPMAX_MPI_TIMEOUT", text)
+        assert mpi_wire.step_timeout() == want
+    for bad in ("-1", "abc", "inf", "nan"):
+        monkeypatch.setenv("TPMAX_MPI_TIMEOUT", bad)
+        with pytest.raises(ValueError, match="TPMAX_MPI_TIMEOUT"):
+            mpi_wire.step_timeout()
+
+
+@requires_mpi
 def test_healthy_job_exits_zero():
     rc, out, _ = run_job(2, HERE / "mpi" / "fault_worker.py", "ok")
     assert rc == 0, out

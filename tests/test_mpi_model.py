@@ -49,12 +49,17 @@ def end_job(proc, grace=15):
     proc.communicate()
 
 
-def run_mpi(n, argv, *, timeout=240):
-    """`mpirun -n n argv...` with a time limit; the whole job is killed if it runs over."""
-    env = {k: v for k, v in os.environ.items() if k not in mpi.LAUNCHER_ENV}
+def run_mpi(n, argv, *, timeout=240, env=None, apps=None):
+    """`mpirun -n n argv...` with a time limit; the whole job is killed if it runs over.
+    `apps`: one argv per rank instead (MPMD: `mpirun -n 1 a : -n 1 b`); `env`: added."""
+    env = {**{k: v for k, v in os.environ.items() if k not in mpi.LAUNCHER_ENV}, **(env or {})}
     env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OMP_NUM_THREADS="1",
                OPENBLAS_NUM_THREADS="1")
-    cmd = [MPIRUN, "-n", str(n), "--oversubscribe", "--bind-to", "none", *map(str, argv)]
+    if apps is None:
+        apps = [["-n", str(n), *map(str, argv)]]
+    else:
+        apps = [["-n", "1", *map(str, a)] for a in apps]
+    cmd = [MPIRUN, "--oversubscribe", "--bind-to", "none", *[w for i, a in enumerate(apps) for w in [":"] * (i > 0) + a]]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             start_new_session=True)
     try:
@@ -151,6 +156,7 @@ def test_a_killed_rank_ends_the_job(tmp_path):
     t0 = time.monotonic()
     rc, _, err = run_mpi(2, [sys.executable, WORKER, "kill", "cpu:0,1", tmp_path / "x.json"], timeout=120)
     assert rc != 0 and time.monotonic() - t0 < 60
+    assert "signal 9" in err and "Traceback" not in err, err[-3000:]
 
 
 @pytest.mark.slow
@@ -191,3 +197,63 @@ def test_serve_under_mpirun_answers_like_one_process(tmp_path):
     want = [c.text for c in tpmax.generate(one, ["hello", "abc"], tpmax.SamplingParams(
         max_new_tokens=8, temperature=0.7, seed=3), chat=False)]
     assert answers == want
+
+
+# ------------------------------------------------------------------------------------------
+# Ranks that disagree stop with one message; a rank that stops answering ends the job.
+
+
+@pytest.fixture(scope="module")
+def chat_dirs(tmp_path_factory):
+    """The chat model, and copies of it with other weights (same shapes) and another config."""
+    from conftest import make_chat_model_dir
+
+    tmp = tmp_path_factory.mktemp("models")
+    base = make_chat_model_dir(tmp / "base")
+    other = make_chat_model_dir(tmp / "weights")
+    w = stn.load_file(str(other / "model.safetensors"))
+    name = sorted(w)[0]
+    w[name] = (w[name] * 1.5).astype(w[name].dtype)
+    stn.save_file(w, str(other / "model.safetensors"))
+    arch = make_chat_model_dir(tmp / "config")
+    cfg = json.loads((arch / "config.json").read_text())
+    cfg["rms_norm_eps"] = 1e-3
+    (arch / "config.json").write_text(json.dumps(cfg))
+    return {"base": base, "weights": other, "config": arch}
+
+
+def generate_cmd(model, *extra, devices="cpu:0,1"):
+    return tpmax_cmd("generate", "--model", model, "--devices", devices, "--max-new-tokens", "2", "--no-chat",
+                     "--quiet", *extra, "hi")
+
+
+@pytest.mark.parametrize("change, differs", [
+    ("weights", "checkpoint"), ("config", "checkpoint, config"), ("dtype", "dtype"), ("devices", "devices"),
+])
+def test_ranks_that_disagree_stop_with_one_message(chat_dirs, change, differs):
+    base = generate_cmd(chat_dirs["base"])
+    other = {"weights": generate_cmd(chat_dirs["weights"]), "config": generate_cmd(chat_dirs["config"]),
+             "dtype": generate_cmd(chat_dirs["base"], "--dtype", "float16"),
+             "devices": generate_cmd(chat_dirs["base"], devices="cpu:0,1,2,3")}[change]
+    rc, out, err = run_mpi(2, None, apps=[base, other], timeout=120)
+    assert rc == 2 and out == "", err[-3000:]
+    assert err.count("tpmax: error:") == 1 and err.count("disagree with rank 0") == 1, err[-3000:]
+    assert f"(rank 1: {differs})" in err, err[-3000:]
+    assert "MPI_ABORT" not in err, err[-3000:]  # a clean exit on every rank
+
+
+def test_a_rank_running_another_command_ends_the_job(chat_dirs):
+    """`generate` on rank 0, `info` on rank 1: rank 0 waits for a partner that never comes and
+    ends the job after TPMAX_MPI_TIMEOUT seconds (it used to hang)."""
+    rc, _, err = run_mpi(2, None, apps=[generate_cmd(chat_dirs["base"]), tpmax_cmd("info")],
+                         env={"TPMAX_MPI_TIMEOUT": "3"}, timeout=120)
+    assert rc != 0
+    assert err.count("no answer from the other ranks for 3 s") == 1, err[-3000:]
+
+
+def test_a_stopped_rank_ends_the_job(tmp_path):
+    """Rank 1 SIGSTOPs itself while rank 0 generates: rank 0 ends the job after the timeout."""
+    rc, _, err = run_mpi(2, [sys.executable, WORKER, "stop", "cpu:0,1", tmp_path / "x.json"],
+                         env={"TPMAX_MPI_TIMEOUT": "3"}, timeout=120)
+    assert rc != 0
+    assert err.count("tpmax (rank 0): no answer from the other ranks for 3 s in ") == 1, err[-3000:]

@@ -6,7 +6,9 @@ Usage: mpirun -n R python model_worker.py MODE DEVICES OUT.json
             id outside the vocabulary: rank 0 refuses it before anything is broadcast) and
             the next request served
   smollm2   the default model: greedy answer of the reference prompt and perplexity
-  kill      rank 1 SIGKILLs itself while rank 0 generates (the job must end)
+  kill      rank 1 SIGKILLs itself while rank 0 runs forward passes (the job must end)
+  stop      rank 1 SIGSTOPs itself while rank 0 runs forward passes (rank 0 must end the job after
+            TPMAX_MPI_TIMEOUT seconds)
 """
 import json
 import os
@@ -57,16 +59,18 @@ def smollm2(devices):
             "seeded": [s.text for s in seeded], "rank_devices": [str(d) for d in model.devices]}
 
 
-def kill(devices):
+def kill(devices, sig=signal.SIGKILL):
     model = tpmax.load(FIX / "hf" / "llama", devices=devices, progress=False)
     if model.comm.mpi.Get_rank() == 1:
-        os.kill(os.getpid(), signal.SIGKILL)
-    tpmax.generate(model, ["x"] * 4, tpmax.SamplingParams(max_new_tokens=64, stop_token_ids=()), chat=False)
+        os.kill(os.getpid(), sig)
+    for _ in range(20):  # rank 0 leads passes until the job ends
+        tpmax.logits(model, [list(range(3, 40))] * 4)
     return {}
 
 
 if __name__ == "__main__":
     mode, devices, out = sys.argv[1:4]
-    result = {"fixtures": fixtures, "smollm2": smollm2, "kill": kill}[mode](devices)
+    result = {"fixtures": fixtures, "smollm2": smollm2, "kill": kill,
+              "stop": lambda d: kill(d, signal.SIGSTOP)}[mode](devices)
     if tpmax.mpi.world().rank == 0:
         Path(out).write_text(json.dumps(result))
