@@ -1,11 +1,13 @@
-"""tpmax.mpi: collectives across MPI ranks equal the in-process ones, bit for bit; a failing
-rank ends the job; a plain run never loads mpi4py.
+"""tpmax.mpi: collectives across MPI ranks equal the in-process ones (bit for bit where the
+order of a sum cannot matter, within rounding otherwise); ranks that disagree stop; a failing
+or silent rank ends the job; a plain run never loads mpi4py.
 
 The collectives run in ONE long-lived MPI job per rank count (module-scoped fixtures):
 rank 0 talks to this process over a loopback socket (`tests/mpi/collectives_worker.py`),
 so hypothesis can send hundreds of examples without paying mpirun's start-up each time.
 """
 import importlib.util
+import json
 import os
 import re
 import shutil
@@ -96,6 +98,49 @@ def test_local_devices_contiguous_blocks():
 def test_local_devices_errors(n, size, rank, msg):
     with pytest.raises(ValueError, match=msg):
         mpi.local_devices(tpmax.devices("cpu:" + ",".join(map(str, range(n)))), rank, size)
+
+
+# ------------------------------------------------------------------------------------------
+# BLAS threads: the ranks on a host share its cores.
+
+THREADS_PROBE = ("import os, json, threadpoolctl, tpmax; from tpmax import distributed as d; "
+                 "os.sched_setaffinity(0, set(sorted(os.sched_getaffinity(0))[:1]) | {{0}}) if {pin} else None; "
+                 "n = d.set_threads({n}); "
+                 "print(json.dumps([n, d.default_threads(), sorted({{i['num_threads'] for i in "
+                 "threadpoolctl.threadpool_info() if i['user_api'] == 'blas'}})]))")
+
+
+def threads_probe(n="None", pin=False, **env):
+    base = {k: v for k, v in mpi_env().items() if k not in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+                                                            "MKL_NUM_THREADS", "BLIS_NUM_THREADS")}
+    r = subprocess.run([sys.executable, "-c", THREADS_PROBE.format(n=n, pin=pin)], env={**base, **env},
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def test_blas_threads_are_shared_among_the_ranks_of_a_host():
+    cores = len(os.sched_getaffinity(0))
+    # A plain run: every core this process may use.
+    assert threads_probe() == [cores, cores, [cores]]
+    # Two ranks on this host (what mpirun sets): half each, at least 1, without any MPI call.
+    under = dict(OMPI_COMM_WORLD_SIZE="2", OMPI_COMM_WORLD_LOCAL_SIZE="2")
+    assert threads_probe(**under) == [max(1, cores // 2), max(1, cores // 2), [max(1, cores // 2)]]
+    # The affinity the launcher gave counts, not the machine's cores.
+    assert threads_probe(pin=True)[1] == 1
+    # An explicit count wins; the user's OPENBLAS_NUM_THREADS is left alone.
+    assert threads_probe(n=1, **under)[2] == [1]
+    assert threads_probe(OPENBLAS_NUM_THREADS="1", **under)[0] is None
+
+
+def test_threads_option():
+    from tpmax.cli import build_parser
+    assert build_parser().parse_args(["generate", "--threads", "3", "hi"]).threads == 3
+    for bad in ("0", "-1", "x"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["generate", "--threads", bad, "hi"])
+    with pytest.raises(ValueError, match="positive integer"):
+        tpmax.distributed.set_threads(0)
 
 
 # ------------------------------------------------------------------------------------------
@@ -208,6 +253,46 @@ def test_allreduce_sum(jobs, case):
     outs = jobs[n].call("allreduce_sum", xs, k=k)
     assert_same(outs, in_process(xs).allreduce_sum(xs))
     np.testing.assert_array_equal(outs[0].astype(np.float64), np.sum([x.astype(np.float64) for x in xs], axis=0))
+
+
+@st.composite
+def float_group(draw):
+    """((ranks, devices per rank), per-device float32 arrays whose sum depends on the order
+    of the additions: values spanning 1e-8..1e8, with cancellations)."""
+    n, k = draw(st.sampled_from(LAYOUTS))
+    rng = np.random.default_rng(draw(st.integers(0, 2**31)))
+    size = draw(st.integers(1, 40))
+    return (n, k), [(rng.standard_normal(size) * 10.0 ** rng.choice([-8, 0, 8], size)).astype(np.float32)
+                    for _ in range(n * k)]
+
+
+@requires_mpi
+@settings(max_examples=100, derandomize=True)
+@given(case=float_group())
+def test_float_sums_across_ranks(jobs, case):
+    """Bit for bit with one process where the order of the additions cannot matter (two
+    devices: one addition); otherwise within rounding of the exact sum. Every rank and device
+    gets the same bytes, deterministically (the worker runs each call twice)."""
+    (n, k), xs = case
+    outs = jobs[n].call("allreduce_sum", xs, k=k)
+    assert all(o.tobytes() == outs[0].tobytes() for o in outs)
+    if n * k == 2:
+        assert_same(outs, in_process(xs).allreduce_sum(xs))
+    exact = np.sum([x.astype(np.float64) for x in xs], axis=0)
+    bound = len(xs) * np.finfo(xs[0].dtype).eps * np.sum([np.abs(x.astype(np.float64)) for x in xs], axis=0)
+    assert (np.abs(outs[0] - exact) <= bound).all()
+
+
+@requires_mpi
+def test_float_sum_order_is_local_devices_then_ranks(jobs):
+    """In float32 1e8 + 1 == 1e8: the order of the additions shows in the result. At 2 ranks
+    of 2 devices MPI adds each rank's local sum: (x0 + x1) + (x2 + x3); one process adds in
+    device order: ((x0 + x1) + x2) + x3."""
+    xs = [np.array([v], np.float32) for v in (1e8, 1.0, -1e8, 1.0)]
+    assert jobs[2].call("allreduce_sum", xs, k=2)[0][0] == (xs[0] + xs[1]) + (xs[2] + xs[3]) == 0.0
+    assert in_process(xs).allreduce_sum(xs)[0][0] == ((xs[0] + xs[1]) + xs[2]) + xs[3] == 1.0
+    two = [np.array([1e8], np.float32), np.array([1.0], np.float32)]
+    assert_same(jobs[2].call("allreduce_sum", two, k=1), in_process(two).allreduce_sum(two))
 
 
 @requires_mpi

@@ -71,16 +71,34 @@ def run_mpi(n, argv, *, timeout=240, env=None, apps=None):
 
 
 def worker(tmp_path, n, mode, devices=None):
+    """Every rank's JSON result, in rank order."""
     out = tmp_path / f"{mode}-{n}.json"
     rc, _, err = run_mpi(n, [sys.executable, WORKER, mode, devices or spec(n), out])
     assert rc == 0, err[-3000:]
-    return json.loads(out.read_text())
+    return [json.loads((out.with_suffix(f".rank{r}.json") if r else out).read_text()) for r in range(n)]
+
+
+QUANT_CASES = ["llama_gptq", "qwen2_gptq", "llama_fp8", "llama_fp8_block"]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("n", [1, 2, 3, 4])
 def test_fixture_logits_over_ranks_equal_one_process(tmp_path, n):
-    got = worker(tmp_path, n, "fixtures")
+    ranks = worker(tmp_path, n, "fixtures")
+    got = ranks[0]
+    for r, theirs in enumerate(ranks[1:], 1):  # every rank returns rank 0's result
+        for case in HF_CASES + ["after_bad"]:
+            assert theirs[case] == got[case], (r, case)
+        assert theirs["bad"] == f"LeaderError: rank 0 failed: {got['bad']}", theirs["bad"]
+    # Each rank read about its share of the checkpoint, plain and quantized alike: together
+    # about one copy, plus what several ranks need (norms and biases on every rank, kv heads
+    # replicated when TP > kv heads, quantization groups a split cuts through) — a large
+    # part of these tiny fixtures, hence the slack; a rank reading it all would be >= 2x over.
+    for case in HF_CASES + QUANT_CASES:
+        whole = tpmax.load(FIX / "hf" / case, devices="cpu", progress=False).bytes_read
+        parts = [rk["read"][case] for rk in ranks]
+        assert sum(parts) <= 1.3 * whole, (case, parts, whole)
+        assert max(parts) <= 1.5 * whole / n, (case, parts, whole)
     for case in HF_CASES:
         model = tpmax.load(FIX / "hf" / case, devices=spec(n), progress=False)
         r = stn.load_file(str(FIX / "hf" / case / "reference.safetensors"))
@@ -95,8 +113,10 @@ def test_fixture_logits_over_ranks_equal_one_process(tmp_path, n):
 @pytest.mark.slow
 def test_default_model_over_two_ranks(tmp_path):
     ref = json.loads((FIX / "smollm2_reference.json").read_text())
-    got = worker(tmp_path, 2, "smollm2")
-    assert got["rank_devices"] == ["cpu:0"]  # rank 0 drives its own block only
+    ranks = worker(tmp_path, 2, "smollm2")
+    assert [rk.pop("rank_devices") for rk in ranks] == [["cpu:0"], ["cpu:1"]]  # each rank drives its own block
+    got = ranks[0]
+    assert ranks[1] == got  # every rank returns rank 0's result
     assert got["prompt_ids"] == ref["chat"]["prompt_ids"]
     assert got["tokens"] == ref["chat"]["greedy_ids"]
     model = tpmax.load(None, devices="cpu:0,1", progress=False)

@@ -1,9 +1,11 @@
 """Run under mpirun by tests/test_mpi_model.py: the Python API over MPI ranks, every rank
-running this same program; rank 0 writes what it saw as JSON to the path given last.
+running this same program; every rank writes what it saw as JSON (rank r to OUT.json with
+`.rank{r}` before the suffix, rank 0 to OUT.json itself).
 
 Usage: mpirun -n R python model_worker.py MODE DEVICES OUT.json
-  fixtures  logits of every HF fixture (one ragged batch each), then a bad request (a token
-            id outside the vocabulary: rank 0 refuses it before anything is broadcast) and
+  fixtures  logits of every HF fixture (one ragged batch each) and the checkpoint bytes this
+            rank read for it (quantized fixtures too), then a bad request (a token id
+            outside the vocabulary: rank 0 refuses it before anything is broadcast) and
             the next request served
   smollm2   the default model: greedy answer of the reference prompt and perplexity
   kill      rank 1 SIGKILLs itself while rank 0 runs forward passes (the job must end)
@@ -24,6 +26,7 @@ from tpmax.spmd import LeaderError
 
 FIX = Path(__file__).resolve().parent.parent / "fixtures"
 HF_CASES = ["llama", "llama_tied", "mistral", "qwen2", "qwen3", "granite", "llama_sharded"]
+QUANT_CASES = ["llama_gptq", "qwen2_gptq", "llama_fp8", "llama_fp8_block"]
 
 
 def fixture_ids(case):
@@ -32,9 +35,12 @@ def fixture_ids(case):
 
 
 def fixtures(devices):
-    out = {}
+    out = {"read": {}}
+    for case in QUANT_CASES:
+        out["read"][case] = tpmax.load(FIX / "hf" / case, devices=devices, progress=False).bytes_read
     for case in HF_CASES:
         model = tpmax.load(FIX / "hf" / case, devices=devices, progress=False)
+        out["read"][case] = model.bytes_read
         out[case] = [lg.tolist() for lg in tpmax.logits(model, fixture_ids(case))]
     try:
         tpmax.logits(model, [[1, 2, 10**6]])
@@ -72,5 +78,5 @@ if __name__ == "__main__":
     mode, devices, out = sys.argv[1:4]
     result = {"fixtures": fixtures, "smollm2": smollm2, "kill": kill,
               "stop": lambda d: kill(d, signal.SIGSTOP)}[mode](devices)
-    if tpmax.mpi.world().rank == 0:
-        Path(out).write_text(json.dumps(result))
+    rank, out = tpmax.mpi.world().rank, Path(out)
+    (out.with_suffix(f".rank{rank}{out.suffix}") if rank else out).write_text(json.dumps(result))
