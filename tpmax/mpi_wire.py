@@ -95,8 +95,12 @@ def step_timeout() -> float | None:
     return t or None
 
 
+_SPIN_S = 2e-4  # poll (yielding the core) this long before sleeping: a step's partner is usually near
+
+
 def wait(req, what: str, *, comm, timeout: float | None | str = "step") -> None:
-    """Wait for the mpi4py request `req`, sleeping between polls (20 µs, doubling to 5 ms).
+    """Wait for the mpi4py request `req`: polled for 200 µs (yielding the core between
+    polls), then with sleeps of 50 µs doubling to 5 ms, so a long wait costs no core.
 
     Args:
         what: the operation, for the message.
@@ -109,11 +113,13 @@ def wait(req, what: str, *, comm, timeout: float | None | str = "step") -> None:
     if req.Test():
         return
     limit = step_timeout() if timeout == "step" else timeout
-    start, nap = time.monotonic(), 2e-5
+    start, nap = time.monotonic(), 0.0
     while not req.Test():
-        time.sleep(nap)
-        nap = min(nap * 2, 5e-3)
-        if limit is not None and time.monotonic() - start > limit:
+        time.sleep(nap)  # 0 while spinning: yields the core
+        waited = time.monotonic() - start
+        if waited > _SPIN_S:
+            nap = min(max(2 * nap, 5e-5), 5e-3)
+        if limit is not None and waited > limit:
             print(f"tpmax (rank {comm.Get_rank()}): no answer from the other ranks for {limit:g} s in {what}; "
                   f"ending the job (a rank stopped, hung or runs other code; {TIMEOUT_ENV} sets the limit, "
                   f"0 = none)", file=sys.stderr, flush=True)
