@@ -256,12 +256,11 @@ class NcclCommunicator:
     """
 
     def __init__(self, devs: Sequence[Device]):
+        self.devices = list(devs)
+        if not uses_nccl(self.devices, True):
+            raise ValueError("NCCL needs two or more distinct GPUs; use InProcessCommunicator otherwise")
         from cupy.cuda import nccl
 
-        self.devices = list(devs)
-        if (len(self.devices) < 2 or any(d.kind != "gpu" for d in self.devices)
-                or len({d.id for d in devs}) != len(devs)):
-            raise ValueError("NCCL needs two or more distinct GPUs; use InProcessCommunicator otherwise")
         self.ranks = list(range(len(self.devices)))
         self.tp = len(self.devices)
         self._nccl = nccl

@@ -1,8 +1,8 @@
 """The two cross-process communicators: `MpiCommunicator` (virtual CPU devices, mpi4py's
 buffer API) and `NcclRankCommunicator` (one GPU per MPI rank, NCCL bootstrapped over MPI).
 
-Every MPI collective is non-blocking and waited for with `mpi_wire.wait`: a waiting rank
-sleeps between polls, and a partner that never answers ends the job after the step timeout.
+Every MPI collective here runs under `mpi_wire.guard`: a partner that never answers ends
+the job after the step timeout.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import numpy as np
 from .comm import _check, nccl_dtype, pad_shard, pad_slices, sum_dtype, unpad_gathered, unpad_slice
 from .devices import Array, Device, asarray, cupy_module, on_device_context
 from .mpi import local_devices, world_mpi
-from .mpi_wire import DTYPES, array_head, as_bytes, bcast, head_shape, wait
+from .mpi_wire import DTYPES, array_head, as_bytes, guard, head_shape
 from .mpi_wire import sum_dtype as mpi_sum_dtype
 from .sharding import split_bounds
 
@@ -29,7 +29,8 @@ def _exchange_sizes(mpi_comm, size, xs, ax) -> list[int]:
     mine = np.concatenate([array_head(xs[0]), [ax], [x.shape[ax] for x in xs]]).astype(np.int64)
     mine[2 + ax] = 0  # the gathered axis may differ; the rest of the shape may not
     heads = np.empty((size, mine.size), np.int64)
-    wait(mpi_comm.Iallgather(mine, heads), "allgather", comm=mpi_comm)
+    with guard(mpi_comm, "allgather"):
+        mpi_comm.Allgather(mine, heads)
     k = len(xs)
     if not (heads[:, :-k] == mine[:-k]).all():
         seen = [f"{DTYPES[h[0]].name}{list(h[2:2 + h[1]])} axis {h[-k - 1]}" for h in heads]
@@ -51,8 +52,9 @@ class _RankGroup:
         self.ranks = list(range(self.rank * k, (self.rank + 1) * k))
         self.tp = len(self.all_devices)
 
-    def _wait(self, req, what):
-        wait(req, what, comm=self.mpi)
+    def _bcast(self, buf, root, what):
+        with guard(self.mpi, what):
+            self.mpi.Bcast(buf, root=root)
 
 
 # ------------------------------------------------------------------------------------------
@@ -100,7 +102,8 @@ class MpiCommunicator(_RankGroup):
         dtype = xs[0].dtype
         acc = self._local_sum(xs, mpi_sum_dtype(dtype, "allreduce_sum"))
         if self.size > 1:
-            self._wait(self.mpi.Iallreduce(self._MPI.IN_PLACE, acc, op=self._MPI.SUM), "allreduce_sum")
+            with guard(self.mpi, "allreduce_sum"):
+                self.mpi.Allreduce(self._MPI.IN_PLACE, acc, op=self._MPI.SUM)
         return self._to_all(acc.astype(dtype, copy=False))
 
     def allgather(self, xs, axis=-1):
@@ -121,8 +124,8 @@ class MpiCommunicator(_RankGroup):
             k = len(xs)
             counts = [sum(sizes[r * k:(r + 1) * k]) * row for r in range(self.size)]
             displs = np.cumsum([0] + counts[:-1]).tolist()
-            self._wait(self.mpi.Iallgatherv(as_bytes(send), [as_bytes(full), counts, displs, self._MPI.BYTE]),
-                       "allgather")
+            with guard(self.mpi, "allgather"):
+                self.mpi.Allgatherv(as_bytes(send), [as_bytes(full), counts, displs, self._MPI.BYTE])
         else:
             full[...] = send
         return self._to_all(np.ascontiguousarray(np.moveaxis(full, 0, ax)))
@@ -138,11 +141,11 @@ class MpiCommunicator(_RankGroup):
             buf = np.array(x, order="C", copy=True)
         if self.size > 1:
             head = array_head(buf if self.rank == owner else None)
-            bcast(self.mpi, head, owner, "broadcast")
+            self._bcast(head, owner, "broadcast")
             if self.rank != owner:
                 shape, dtype = head_shape(head)
                 buf = np.empty(shape, dtype)
-            bcast(self.mpi, as_bytes(buf), owner, "broadcast")
+            self._bcast(as_bytes(buf), owner, "broadcast")
         return self._to_all(buf)
 
     def reduce_scatter(self, xs, axis=0):
@@ -161,7 +164,8 @@ class MpiCommunicator(_RankGroup):
             row = int(np.prod(acc.shape[1:], dtype=np.int64))  # elements per row
             counts = [(bounds[(r + 1) * k - 1][1] - bounds[r * k][0]) * row for r in range(self.size)]
             mine = np.empty((hi - lo,) + acc.shape[1:], acc_dtype)  # [rows of this rank, *rest]
-            self._wait(self.mpi.Ireduce_scatter(acc, mine, counts, op=self._MPI.SUM), "reduce_scatter")
+            with guard(self.mpi, "reduce_scatter"):
+                self.mpi.Reduce_scatter(acc, mine, counts, op=self._MPI.SUM)
         else:
             mine = acc
         out = []
@@ -213,7 +217,7 @@ class NcclRankCommunicator(_RankGroup):
             if len(ident) != NCCL_ID_BYTES:
                 raise RuntimeError(f"NCCL unique id of {len(ident)} bytes, expected {NCCL_ID_BYTES}")
             uid[:] = np.frombuffer(ident, np.uint8)
-        bcast(mpi_comm, uid, 0, "the NCCL id broadcast")
+        self._bcast(uid, 0, "the NCCL id broadcast")
         with on_device_context(self.devices[0]):
             self._comm = nccl.NcclCommunicator(self.size, uid.tobytes(), self.rank)
 
@@ -258,7 +262,7 @@ class NcclRankCommunicator(_RankGroup):
             with on_device_context(self.devices[0]):
                 return [x.copy()]
         head = array_head(x if self.rank == root else None)
-        bcast(self.mpi, head, root, "broadcast")
+        self._bcast(head, root, "broadcast")
         with on_device_context(self.devices[0]):
             if self.rank == root:
                 buf = cp.array(x, order="C", copy=True)
