@@ -425,6 +425,39 @@ def test_gpu_setup_refused_alike_on_every_rank(jobs, n, spec, gpus, says):
 
 
 @requires_mpi
+@pytest.mark.parametrize("n,per_rank,says", [
+    (2, [{"a": 1, "b": [1, 2]}] * 2, "no error"),
+    (2, [{"a": 1, "b": [1, 2]}, {"b": [1, 2], "a": 1}], "no error"),  # key order does not matter
+    (2, [{"a": 1, "b": [1, 2]}, {"a": 1, "b": [2, 1]}], r"RanksDisagree: the ranks disagree with rank 0 \(rank 1: b\)"),
+    (3, [{"a": 1}, {"a": 1, "c": 0}, {}], r"\(rank 1: keys rank 0 lacks; rank 2: a\)"),
+    (3, [{"a": 1.0}, {"a": 1.0}, {"a": 1.0 + 1e-12}], r"\(rank 2: a\)"),
+])
+def test_agree(jobs, n, per_rank, says):
+    with pytest.raises(RuntimeError, match=r"all_ranks=True: \[.(RanksDisagree: .*)?" + says):
+        jobs[n].call("agree", [], k=0, per_rank=per_rank)
+
+
+def test_checkpoint_fingerprint_reads_little_and_tells_checkpoints_apart(tmp_path):
+    rng = np.random.default_rng(0)
+    head = rng.bytes(1000)
+    for name in ("a", "b", "c"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text('{"x": 1}')
+    (tmp_path / "a" / "w.bin").write_bytes(head + rng.bytes(3 << 20))
+    (tmp_path / "b" / "w.bin").write_bytes(head + rng.bytes(3 << 20))  # same header and size, other weights
+    (tmp_path / "c" / "w.bin").write_bytes((tmp_path / "a" / "w.bin").read_bytes())
+    fa, fb, fc = (mpi.checkpoint_fingerprint(tmp_path / n) for n in "abc")
+    assert fa == fc and fa != fb and fa["config.json"] == fb["config.json"]
+    big = tmp_path / "big.gguf"
+    with open(big, "wb") as f:  # 4 GiB, sparse: costs no disk
+        f.truncate(4 << 30)
+    io = lambda: int(dict(ln.split(": ") for ln in Path("/proc/self/io").read_text().splitlines())["rchar"])  # noqa: E731
+    before = io()
+    assert mpi.checkpoint_fingerprint(big)["big.gguf"][0] == 4 << 30
+    assert io() - before < 1.2 * 2**20  # 1 MiB + 16 blocks of 4 KiB
+
+
+@requires_mpi
 def test_ranks_with_other_devices_are_refused_alike(jobs):
     """Ranks given different --devices stop with one error on every rank (they used to hang
     after MPI_ERR_TRUNCATE)."""

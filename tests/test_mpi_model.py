@@ -262,6 +262,15 @@ def test_ranks_that_disagree_stop_with_one_message(chat_dirs, change, differs):
     assert "MPI_ABORT" not in err, err[-3000:]  # a clean exit on every rank
 
 
+def test_ranks_that_disagree_in_the_python_api_stop_cleanly(tmp_path):
+    """Uncaught in a program of one's own: the abort handler lets rank 0 alone print it and
+    every rank exit (no MPI_ABORT: every rank raised the same error at the same point)."""
+    rc, _, err = run_mpi(2, [sys.executable, WORKER, "disagree", "cpu:0,1", tmp_path / "x.json"], timeout=120)
+    assert rc == 1, err[-3000:]
+    assert err.count("RanksDisagree: the MPI ranks' models disagree with rank 0 (rank 1: dtype)") == 1, err[-3000:]
+    assert "MPI_ABORT" not in err, err[-3000:]
+
+
 def test_a_rank_running_another_command_ends_the_job(chat_dirs):
     """`generate` on rank 0, `info` on rank 1: rank 0 waits for a partner that never comes and
     ends the job after TPMAX_MPI_TIMEOUT seconds (it used to hang)."""

@@ -8,7 +8,8 @@ runs the collective on its own `k` devices through `mpi_communicator` (an `MpiCo
 twice, to check it is deterministic; rank 0 gathers the outputs and replies with them in
 group order, or with the error every rank raised. `{"op": "messages"}` runs
 `messages_worker.check` on every rank, `{"op": "factory", "devices": SPEC}` reports what
-`mpi_communicator` says to a device list; `{"op": "quit"}` ends the job.
+`mpi_communicator` says to a device list, `{"op": "agree", "per_rank": [...]}` what
+`mpi_wire.agree` says to each rank's dict; `{"op": "quit"}` ends the job.
 """
 import contextlib
 import os
@@ -23,7 +24,7 @@ import messages_worker  # noqa: E402
 import wire  # noqa: E402
 
 import tpmax  # noqa: E402
-from tpmax import mpi, mpi_comm  # noqa: E402
+from tpmax import mpi, mpi_comm, mpi_wire  # noqa: E402
 from tpmax.devices import device_context_factory  # noqa: E402
 
 
@@ -71,6 +72,12 @@ def one_request(w, header, arrays):
     if header["op"] == "factory":  # which communicator (or error) a device list gets here
         try:
             return ("error", factory(w, header))
+        except Exception as e:
+            return ("error", f"{type(e).__name__}: {e}")
+    if header["op"] == "agree":  # each rank holds its own entry of header["per_rank"]
+        try:
+            mpi_wire.agree(w.comm, header["per_rank"][w.rank])
+            return ("error", "no error")
         except Exception as e:
             return ("error", f"{type(e).__name__}: {e}")
     if header["op"] == "messages":

@@ -9,6 +9,7 @@ Usage: mpirun -n R python model_worker.py MODE DEVICES OUT.json
             the next request served
   smollm2   the default model: greedy answer of the reference prompt and perplexity
   kill      rank 1 SIGKILLs itself while rank 0 runs forward passes (the job must end)
+  disagree  rank 1 loads float16 where rank 0 loads float32 (every rank stops, rank 0 says why)
   stop      rank 1 SIGSTOPs itself while rank 0 runs forward passes (rank 0 must end the job after
             TPMAX_MPI_TIMEOUT seconds)
 """
@@ -21,6 +22,7 @@ from pathlib import Path
 import safetensors.numpy as stn
 
 import tpmax
+import tpmax.mpi
 from tpmax.generate import encode_prompt
 from tpmax.spmd import LeaderError
 
@@ -74,9 +76,15 @@ def kill(devices, sig=signal.SIGKILL):
     return {}
 
 
+def disagree(devices):
+    tpmax.load(FIX / "hf" / "llama", devices=devices, progress=False,
+               dtype="float16" if tpmax.mpi.world().rank == 1 else "float32")
+    return {}
+
+
 if __name__ == "__main__":
     mode, devices, out = sys.argv[1:4]
     result = {"fixtures": fixtures, "smollm2": smollm2, "kill": kill,
-              "stop": lambda d: kill(d, signal.SIGSTOP)}[mode](devices)
+              "stop": lambda d: kill(d, signal.SIGSTOP), "disagree": disagree}[mode](devices)
     rank, out = tpmax.mpi.world().rank, Path(out)
     (out.with_suffix(f".rank{rank}{out.suffix}") if rank else out).write_text(json.dumps(result))
