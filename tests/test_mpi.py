@@ -376,8 +376,8 @@ def test_mlp_layer_across_ranks(jobs, n, k):
 
 @requires_mpi
 @pytest.mark.parametrize("n,spec,says", [
-    (2, "cpu:0,1,2", "ValueError: --devices lists 3 devices for 2 MPI ranks; the count must be a multiple"),
-    (2, "gpu:0,1,2,3", "ValueError: NCCL across MPI ranks drives one GPU per rank: --devices lists 4 GPUs for 2"),
+    (2, "cpu:0,1,2", "AllRanksError: --devices lists 3 devices for 2 MPI ranks; the count must be a multiple"),
+    (2, "gpu:0,1,2,3", "AllRanksError: NCCL across MPI ranks drives one GPU per rank: --devices lists 4 GPUs for 2"),
     (2, "cpu:0,1,2,3", r"no error: MpiCommunicator\(rank [01]/2: cpu:[02], cpu:[13] of tp=4\)"),
 ])
 def test_factory_under_mpi(jobs, n, spec, says):

@@ -145,8 +145,9 @@ def mpi_communicator(all_devices: Sequence[Device], *, mpi_comm=None, cuda=None,
         mpi_comm: default `world().comm`.
         cuda, nccl: `cupy.cuda` and `cupy.cuda.nccl` (parameters so tests can pass doubles).
     Raises:
-        ValueError: mixed kinds, a device count that is not a multiple of the ranks, or
-            GPUs that are not one per rank (`AllRanksError`, on every rank alike).
+        AllRanksError (a ValueError), on every rank alike: ranks given other device lists
+            (`RanksDisagree`), mixed kinds, a device count that is not a multiple of the
+            ranks, GPUs that are not one per rank or cannot be used.
     """
     all_devices = list(all_devices)
     if mpi_comm is None:
@@ -154,10 +155,14 @@ def mpi_communicator(all_devices: Sequence[Device], *, mpi_comm=None, cuda=None,
     if mpi_comm is None or mpi_comm.Get_size() == 1:
         return communicator(all_devices)
     agree(mpi_comm, {"devices": [str(d) for d in all_devices]}, label="the MPI ranks' --devices")
+    # From here every rank holds the same list: a bad one is refused alike on every rank.
     kinds = {d.kind for d in all_devices}
     if len(kinds) > 1:
-        raise ValueError(f"cannot mix cpu and gpu devices in one group: {[str(d) for d in all_devices]}")
-    local_devices(all_devices, mpi_comm.Get_rank(), mpi_comm.Get_size())  # the count check
+        raise AllRanksError(f"cannot mix cpu and gpu devices in one group: {[str(d) for d in all_devices]}")
+    try:
+        local_devices(all_devices, mpi_comm.Get_rank(), mpi_comm.Get_size())  # the count check
+    except ValueError as e:
+        raise AllRanksError(str(e)) from None
     from .mpi_comm import MpiCommunicator, NcclRankCommunicator
 
     if kinds == {"cpu"}:
@@ -193,7 +198,7 @@ def bind_gpu(all_devices: Sequence[Device], mpi_comm, *, cuda=None) -> Device:
     """
     rank, size = mpi_comm.Get_rank(), mpi_comm.Get_size()
     if len(all_devices) != size:
-        raise ValueError(f"NCCL across MPI ranks drives one GPU per rank: --devices lists "
+        raise AllRanksError(f"NCCL across MPI ranks drives one GPU per rank: --devices lists "
                          f"{len(all_devices)} GPUs for {size} MPI ranks")
     cuda = cuda if cuda is not None else cupy_module().cuda
     bind = os.environ.get(GPU_BIND_ENV, "id").strip() or "id"
@@ -236,9 +241,9 @@ def checkpoint_fingerprint(path: str | Path) -> dict[str, list]:
     """A cheap fingerprint of a checkpoint (a GGUF file, or every file of a directory):
     per file its name, size and the SHA-256 of its first MiB (headers: tensor names, shapes,
     dtypes, metadata, configs) and of 16 blocks of 4 KiB spread evenly over the rest
-    (weights: checkpoints with equal shapes but other values differ there). Reads at most
-    1.06 MiB per file whatever its size (~1-3 ms a file from the page cache); it tells
-    checkpoints apart, it does not detect a damaged byte (the loaders' checks do)."""
+    (weights: checkpoints with equal shapes but other values differ there), for the first
+    1000 files by name. Reads at most 1.06 MiB per file whatever its size (milliseconds);
+    it tells checkpoints apart, it does not detect a damaged byte (the loaders' checks do)."""
     path = Path(path)
     files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
     out = {}
