@@ -281,20 +281,22 @@ class FakeCuda:
         s.device = device
         return s
 
-    def array(self):
+    def array(self, *, contiguous=True):
         fake = self
 
         class Arr:
-            def copy(self):
+            flags = types.SimpleNamespace(c_contiguous=contiguous)
+
+            def copy(self):  # CuPy: a C-contiguous copy on the current device
                 fake.log.append(("copy", fake.current))
-                return "copied"
+                return fake.array()
         return Arr()
 
 
 def test_peer_copy_waits_for_the_source_and_holds_its_memory():
     cuda = FakeCuda()
     out = peer_copy(cuda.array(), 1, 2, cuda)
-    assert out == "copied"
+    assert out.flags.c_contiguous
     assert cuda.log == [
         ("record", 1, 1),  # what wrote the source, on the source's stream
         ("wait", 1, 2),  # the destination stream waits for it
@@ -303,6 +305,15 @@ def test_peer_copy_waits_for_the_source_and_holds_its_memory():
         ("wait", 2, 1),  # the source stream waits before reusing the memory
     ]
     assert cuda.current == 0  # the caller's device is current again
+
+
+def test_peer_copy_makes_a_strided_source_contiguous_before_the_event():
+    # e.g. reduce_scatter's slices on an axis other than 0: the contiguous copy must run on
+    # the source stream *before* the event the destination waits for.
+    cuda = FakeCuda()
+    peer_copy(cuda.array(contiguous=False), 1, 2, cuda)
+    assert cuda.log[:3] == [("copy", 1), ("record", 1, 1), ("wait", 1, 2)]
+    assert cuda.log[3] == ("copy", 2)
 
 
 # ------------------------------------------------------------------------------------------
@@ -338,6 +349,82 @@ def test_which_groups_use_nccl(spec, want):
     devs = [Device(kind, int(i)) for i in ids.split(",")]
     assert comm_mod.uses_nccl(devs, True) is want
     assert comm_mod.uses_nccl(devs, False) is False
+
+
+@settings(max_examples=100, derandomize=True)
+@given(st.integers(1, 5), st.integers(1, 3), st.data())
+def test_padded_nccl_chunks_round_trip(n, ndim, data):
+    """The padding both NCCL communicators share: gathering padded shards and cutting them
+    equals concatenating; scattering padded slices and cutting equals splitting."""
+    ax = data.draw(st.integers(0, ndim - 1))
+    rest = data.draw(st.lists(st.integers(1, 3), min_size=ndim - 1, max_size=ndim - 1))
+    sizes = data.draw(st.lists(st.integers(0, 4), min_size=n, max_size=n))
+    shape = lambda k: tuple(rest[:ax]) + (k,) + tuple(rest[ax:])  # noqa: E731
+    rng = np.random.default_rng(n * 7 + ndim)
+    shards = [rng.standard_normal(shape(k)).astype(np.float32) for k in sizes]
+    recv = np.stack([comm_mod.pad_shard(x, ax, max(sizes)) for x in shards])  # what allGather fills: [n, m, *rest]
+    np.testing.assert_array_equal(comm_mod.unpad_gathered(recv, sizes, ax), np.concatenate(shards, axis=ax))
+    full = np.concatenate(shards, axis=ax).astype(tpmax.bfloat16)
+    bounds = tpmax.split_bounds(full.shape[ax], n)
+    sent = comm_mod.pad_slices(full, ax, bounds, np.float32)  # [n, m, *rest] in the sum dtype
+    assert sent.dtype == np.float32
+    for j, (a, b) in enumerate(bounds):
+        got = comm_mod.unpad_slice(sent[j], b - a, ax, full.dtype)
+        assert got.dtype == full.dtype and got.flags.c_contiguous
+        np.testing.assert_array_equal(got, np.take(full, range(a, b), axis=ax))
+
+
+def test_nccl_sums_halves_in_float32():
+    assert comm_mod.sum_dtype(tpmax.bfloat16) == comm_mod.sum_dtype(np.float16) == np.float32
+    assert comm_mod.sum_dtype(np.int32) == np.int32
+
+
+class FakeCupy:
+    """`cupy` as `devices` sees it, with `visible` GPUs (no CUDA needed)."""
+
+    class ndarray:  # noqa: N801 - CuPy's name; nothing is one here
+        pass
+
+    def __init__(self, visible):
+        self.cuda = types.SimpleNamespace(runtime=types.SimpleNamespace(getDeviceCount=lambda: visible),
+                                          Device=lambda i: contextlib.nullcontext(i))
+
+
+@pytest.fixture
+def fake_gpus(monkeypatch):
+    """`fake_gpus(n)`: tpmax.devices sees n GPUs through `FakeCupy` until the test ends."""
+    dev_mod = sys.modules["tpmax.devices"]  # (`tpmax.devices` is also the parsing function)
+
+    def install(n):
+        monkeypatch.setattr(dev_mod, "_cupy", FakeCupy(n))
+        dev_mod.gpu_count.cache_clear()
+    yield install
+    dev_mod.gpu_count.cache_clear()
+
+
+def test_a_gpu_id_past_the_visible_count_is_a_clear_error(fake_gpus, monkeypatch):
+    fake_gpus(1)
+    with on_device_context(Device("gpu", 0)):
+        pass
+    with pytest.raises(RuntimeError, match=r"no GPU 2; 1 GPU\(s\) visible \(ids 0..0\); CUDA_VISIBLE_DEVICES=3"):
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
+        on_device_context(Device("gpu", 2))
+    with pytest.raises(RuntimeError, match="no GPU 1"):
+        tpmax.asarray(np.zeros(2), Device("gpu", 1))
+
+
+def test_under_mpi_each_rank_checks_only_its_own_gpu(fake_gpus, monkeypatch):
+    """`gpu:0,1` over two ranks that each see one GPU (per-rank CUDA_VISIBLE_DEVICES): the
+    spec names the whole group, so parsing it must not check ids against this rank's count
+    (`mpi.bind_gpu` checks this rank's GPU; tests/test_mpi.py runs it)."""
+    from tpmax import mpi
+    fake_gpus(1)
+    for k in mpi.LAUNCHER_ENV:
+        monkeypatch.delenv(k, raising=False)
+    with pytest.raises(RuntimeError, match="no GPU 1; 1 GPU"):
+        tpmax.devices("gpu:0,1")
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "2")
+    assert tpmax.devices("gpu:0,1") == [Device("gpu", 0), Device("gpu", 1)]
 
 
 @pytest.mark.parametrize("spec", ["gpu:0", "gpu:0,0", "cpu:0,1", "gpu:0,1"])

@@ -49,12 +49,17 @@ def end_job(proc, grace=15):
     proc.communicate()
 
 
-def run_mpi(n, argv, *, timeout=240):
-    """`mpirun -n n argv...` with a time limit; the whole job is killed if it runs over."""
-    env = {k: v for k, v in os.environ.items() if k not in mpi.LAUNCHER_ENV}
+def run_mpi(n, argv, *, timeout=240, env=None, apps=None):
+    """`mpirun -n n argv...` with a time limit; the whole job is killed if it runs over.
+    `apps`: one argv per rank instead (MPMD: `mpirun -n 1 a : -n 1 b`); `env`: added."""
+    env = {**{k: v for k, v in os.environ.items() if k not in mpi.LAUNCHER_ENV}, **(env or {})}
     env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OMP_NUM_THREADS="1",
                OPENBLAS_NUM_THREADS="1")
-    cmd = [MPIRUN, "-n", str(n), "--oversubscribe", "--bind-to", "none", *map(str, argv)]
+    if apps is None:
+        apps = [["-n", str(n), *map(str, argv)]]
+    else:
+        apps = [["-n", "1", *map(str, a)] for a in apps]
+    cmd = [MPIRUN, "--oversubscribe", "--bind-to", "none", *[w for i, a in enumerate(apps) for w in [":"] * (i > 0) + a]]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             start_new_session=True)
     try:
@@ -66,16 +71,34 @@ def run_mpi(n, argv, *, timeout=240):
 
 
 def worker(tmp_path, n, mode, devices=None):
+    """Every rank's JSON result, in rank order."""
     out = tmp_path / f"{mode}-{n}.json"
     rc, _, err = run_mpi(n, [sys.executable, WORKER, mode, devices or spec(n), out])
     assert rc == 0, err[-3000:]
-    return json.loads(out.read_text())
+    return [json.loads((out.with_suffix(f".rank{r}.json") if r else out).read_text()) for r in range(n)]
+
+
+QUANT_CASES = ["llama_gptq", "qwen2_gptq", "llama_fp8", "llama_fp8_block"]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("n", [1, 2, 3, 4])
 def test_fixture_logits_over_ranks_equal_one_process(tmp_path, n):
-    got = worker(tmp_path, n, "fixtures")
+    ranks = worker(tmp_path, n, "fixtures")
+    got = ranks[0]
+    for r, theirs in enumerate(ranks[1:], 1):  # every rank returns rank 0's result
+        for case in HF_CASES + ["after_bad"]:
+            assert theirs[case] == got[case], (r, case)
+        assert theirs["bad"] == f"LeaderError: rank 0 failed: {got['bad']}", theirs["bad"]
+    # Each rank read about its share of the checkpoint, plain and quantized alike: together
+    # about one copy, plus what several ranks need (norms and biases on every rank, kv heads
+    # replicated when TP > kv heads, quantization groups a split cuts through) — a large
+    # part of these tiny fixtures, hence the slack; a rank reading it all would be >= 2x over.
+    for case in HF_CASES + QUANT_CASES:
+        whole = tpmax.load(FIX / "hf" / case, devices="cpu", progress=False).bytes_read
+        parts = [rk["read"][case] for rk in ranks]
+        assert sum(parts) <= 1.3 * whole, (case, parts, whole)
+        assert max(parts) <= 1.5 * whole / n, (case, parts, whole)
     for case in HF_CASES:
         model = tpmax.load(FIX / "hf" / case, devices=spec(n), progress=False)
         r = stn.load_file(str(FIX / "hf" / case / "reference.safetensors"))
@@ -90,8 +113,10 @@ def test_fixture_logits_over_ranks_equal_one_process(tmp_path, n):
 @pytest.mark.slow
 def test_default_model_over_two_ranks(tmp_path):
     ref = json.loads((FIX / "smollm2_reference.json").read_text())
-    got = worker(tmp_path, 2, "smollm2")
-    assert got["rank_devices"] == ["cpu:0"]  # rank 0 drives its own block only
+    ranks = worker(tmp_path, 2, "smollm2")
+    assert [rk.pop("rank_devices") for rk in ranks] == [["cpu:0"], ["cpu:1"]]  # each rank drives its own block
+    got = ranks[0]
+    assert ranks[1] == got  # every rank returns rank 0's result
     assert got["prompt_ids"] == ref["chat"]["prompt_ids"]
     assert got["tokens"] == ref["chat"]["greedy_ids"]
     model = tpmax.load(None, devices="cpu:0,1", progress=False)
@@ -131,8 +156,9 @@ def test_cli_perplexity_under_mpirun():
 def test_device_count_that_does_not_divide_is_refused_once():
     rc, out, err = run_mpi(2, tpmax_cmd("generate", "--model", FIX / "hf" / "llama", "--devices", "cpu:0,1,2",
                                         "--max-new-tokens", "2", "hi"), timeout=120)
-    assert rc != 0 and out == ""
+    assert rc == 2 and out == ""
     assert err.count("3 devices for 2 MPI ranks") == 1, err
+    assert "MPI_ABORT" not in err, err  # refused alike on every rank: a clean exit
 
 
 @pytest.mark.parametrize("bad, says", [
@@ -151,6 +177,7 @@ def test_a_killed_rank_ends_the_job(tmp_path):
     t0 = time.monotonic()
     rc, _, err = run_mpi(2, [sys.executable, WORKER, "kill", "cpu:0,1", tmp_path / "x.json"], timeout=120)
     assert rc != 0 and time.monotonic() - t0 < 60
+    assert "signal 9" in err and "Traceback" not in err, err[-3000:]
 
 
 @pytest.mark.slow
@@ -191,3 +218,72 @@ def test_serve_under_mpirun_answers_like_one_process(tmp_path):
     want = [c.text for c in tpmax.generate(one, ["hello", "abc"], tpmax.SamplingParams(
         max_new_tokens=8, temperature=0.7, seed=3), chat=False)]
     assert answers == want
+
+
+# ------------------------------------------------------------------------------------------
+# Ranks that disagree stop with one message; a rank that stops answering ends the job.
+
+
+@pytest.fixture(scope="module")
+def chat_dirs(tmp_path_factory):
+    """The chat model, and copies of it with other weights (same shapes) and another config."""
+    from conftest import make_chat_model_dir
+
+    tmp = tmp_path_factory.mktemp("models")
+    base = make_chat_model_dir(tmp / "base")
+    other = make_chat_model_dir(tmp / "weights")
+    w = stn.load_file(str(other / "model.safetensors"))
+    name = sorted(w)[0]
+    w[name] = (w[name] * 1.5).astype(w[name].dtype)
+    stn.save_file(w, str(other / "model.safetensors"))
+    arch = make_chat_model_dir(tmp / "config")
+    cfg = json.loads((arch / "config.json").read_text())
+    cfg["rms_norm_eps"] = 1e-3
+    (arch / "config.json").write_text(json.dumps(cfg))
+    return {"base": base, "weights": other, "config": arch}
+
+
+def generate_cmd(model, *extra, devices="cpu:0,1"):
+    return tpmax_cmd("generate", "--model", model, "--devices", devices, "--max-new-tokens", "2", "--no-chat",
+                     "--quiet", *extra, "hi")
+
+
+@pytest.mark.parametrize("change, differs", [
+    ("weights", "checkpoint"), ("config", "checkpoint, config"), ("dtype", "dtype"), ("devices", "devices"),
+])
+def test_ranks_that_disagree_stop_with_one_message(chat_dirs, change, differs):
+    base = generate_cmd(chat_dirs["base"])
+    other = {"weights": generate_cmd(chat_dirs["weights"]), "config": generate_cmd(chat_dirs["config"]),
+             "dtype": generate_cmd(chat_dirs["base"], "--dtype", "float16"),
+             "devices": generate_cmd(chat_dirs["base"], devices="cpu:0,1,2,3")}[change]
+    rc, out, err = run_mpi(2, None, apps=[base, other], timeout=120)
+    assert rc == 2 and out == "", err[-3000:]
+    assert err.count("tpmax: error:") == 1 and err.count("disagree with rank 0") == 1, err[-3000:]
+    assert f"(rank 1: {differs})" in err, err[-3000:]
+    assert "MPI_ABORT" not in err, err[-3000:]  # a clean exit on every rank
+
+
+def test_ranks_that_disagree_in_the_python_api_stop_cleanly(tmp_path):
+    """Uncaught in a program of one's own: the abort handler lets rank 0 alone print it and
+    every rank exit (no MPI_ABORT: every rank raised the same error at the same point)."""
+    rc, _, err = run_mpi(2, [sys.executable, WORKER, "disagree", "cpu:0,1", tmp_path / "x.json"], timeout=120)
+    assert rc == 1, err[-3000:]
+    assert err.count("RanksDisagree: the MPI ranks' models disagree with rank 0 (rank 1: dtype)") == 1, err[-3000:]
+    assert "MPI_ABORT" not in err, err[-3000:]
+
+
+def test_a_rank_running_another_command_ends_the_job(chat_dirs):
+    """`generate` on rank 0, `info` on rank 1: rank 0 waits for a partner that never comes and
+    ends the job after TPMAX_MPI_TIMEOUT seconds (it used to hang)."""
+    rc, _, err = run_mpi(2, None, apps=[generate_cmd(chat_dirs["base"]), tpmax_cmd("info")],
+                         env={"TPMAX_MPI_TIMEOUT": "3"}, timeout=120)
+    assert rc != 0
+    assert err.count("no answer from the other ranks for 3 s") == 1, err[-3000:]
+
+
+def test_a_stopped_rank_ends_the_job(tmp_path):
+    """Rank 1 SIGSTOPs itself while rank 0 generates: rank 0 ends the job after the timeout."""
+    rc, _, err = run_mpi(2, [sys.executable, WORKER, "stop", "cpu:0,1", tmp_path / "x.json"],
+                         env={"TPMAX_MPI_TIMEOUT": "3"}, timeout=120)
+    assert rc != 0
+    assert err.count("tpmax (rank 0): no answer from the other ranks for 3 s in ") == 1, err[-3000:]

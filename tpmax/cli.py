@@ -117,7 +117,16 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="devices to shard over: cpu, cpu:0,1 (virtual CPU devices), gpu:0,1, gpu:0,0")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="weight dtype on the devices")
+    p.add_argument("--threads", type=_positive_int, metavar="N",
+                   help="BLAS threads per process (default: the cores it may use, shared among the MPI ranks "
+                        "on this host; OMP_NUM_THREADS / OPENBLAS_NUM_THREADS, when set, decide instead)")
     add_quiet_arg(p)
+
+
+def _positive_int(text: str) -> int:
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
 
 
 def add_quiet_arg(p: argparse.ArgumentParser) -> None:
@@ -153,7 +162,7 @@ def _load(args):
                        f"downloads from a model hub: download the model's directory first (e.g. `huggingface-cli "
                        f"download {args.model} --local-dir DIR`, or git) and pass --model DIR")
     args.stage = "load"
-    model = load(args.model, devices=args.devices, dtype=args.dtype, progress=not args.quiet)
+    model = load(args.model, devices=args.devices, dtype=args.dtype, progress=not args.quiet, threads=args.threads)
     args.stage = "run"
     return model
 
@@ -512,7 +521,7 @@ def add_info_parser(sub) -> None:
     i.add_argument("--clear-cache", action="store_true",
                    help="delete the GGUF shard cache (rebuilt at the next load; downloaded models stay)")
     add_quiet_arg(i)
-    i.set_defaults(run=_info)
+    i.set_defaults(run=_info, threads=None)
 
 
 def _info(args) -> int:

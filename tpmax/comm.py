@@ -179,10 +179,13 @@ class InProcessCommunicator:
 
 
 # ------------------------------------------------------------------------------------------
-# NCCL.
+# NCCL: the dtype table and the padding of uneven shards, shared by `NcclCommunicator` (one
+# process) and `mpi_comm.NcclRankCommunicator` (one GPU per MPI rank).
 
 
 _NCCL_BFLOAT16 = 9  # ncclBfloat16 in nccl.h, for CuPy builds that do not export it
+_NCCL_NAMES = {np.dtype(t): f"NCCL_{np.dtype(t).name.upper()}" for t in (
+    np.float32, np.float16, np.float64, np.int8, np.uint8, np.int32, np.uint32, np.int64, np.uint64)}
 
 
 def nccl_dtype(dtype, nccl=None) -> int:
@@ -194,29 +197,70 @@ def nccl_dtype(dtype, nccl=None) -> int:
     """
     if nccl is None:
         from cupy.cuda import nccl
-    table = {
-        np.dtype(np.float32): nccl.NCCL_FLOAT32,
-        np.dtype(np.float16): nccl.NCCL_FLOAT16,
-        np.dtype(np.float64): nccl.NCCL_FLOAT64,
-        np.dtype(np.int32): nccl.NCCL_INT32,
-        np.dtype(np.int64): nccl.NCCL_INT64,
-        bfloat16: getattr(nccl, "NCCL_BFLOAT16", _NCCL_BFLOAT16),
-    }
-    if np.dtype(dtype) not in table:
+    dtype = np.dtype(dtype)
+    if dtype == bfloat16:
+        return getattr(nccl, "NCCL_BFLOAT16", _NCCL_BFLOAT16)
+    if dtype not in _NCCL_NAMES or not hasattr(nccl, _NCCL_NAMES[dtype]):
         raise ValueError(f"NCCL: unsupported dtype {dtype}")
-    return table[np.dtype(dtype)]
+    return getattr(nccl, _NCCL_NAMES[dtype])
+
+
+def sum_dtype(dtype) -> np.dtype:
+    """The dtype a sum travels and accumulates in: float32 for float16/bfloat16 (rounded
+    once at the end, as every communicator does), else the dtype itself."""
+    return np.dtype(np.float32) if np.dtype(dtype) in _HALF else np.dtype(dtype)
+
+
+def pad_shard(x, ax: int, m: int):
+    """`x` with axis `ax` moved first and zero-padded to `m` rows: `[m, *rest]` (the equal
+    chunk NCCL's all-gather needs), on the current device."""
+    xp = xp_of(x)
+    xm = xp.moveaxis(x, ax, 0)  # [rows, *rest]
+    out = xp.zeros((m,) + xm.shape[1:], x.dtype)
+    out[:xm.shape[0]] = xm
+    return out
+
+
+def unpad_gathered(recv, sizes: Sequence[int], ax: int):
+    """`[n, m, *rest]` gathered padded shards -> the concatenation of shard j's first
+    `sizes[j]` rows, with the rows moved back to axis `ax` (contiguous)."""
+    xp = xp_of(recv)
+    full = xp.concatenate([recv[j, :s] for j, s in enumerate(sizes)], axis=0)  # [sum(sizes), *rest]
+    return xp.ascontiguousarray(xp.moveaxis(full, 0, ax))
+
+
+def pad_slices(x, ax: int, bounds: Sequence[tuple[int, int]], dtype):
+    """Slice j of `x` along `ax` (rows `bounds[j]`) laid into padded row j of `[n, m, *rest]`
+    in `dtype` (the equal chunks NCCL's reduce-scatter needs; `m` = the first, largest slice)."""
+    xp = xp_of(x)
+    xm = xp.moveaxis(x, ax, 0)  # [rows, *rest]
+    m = bounds[0][1] - bounds[0][0]
+    out = xp.zeros((len(bounds), m) + xm.shape[1:], dtype)  # [n, m, *rest]
+    for j, (a, b) in enumerate(bounds):
+        out[j, :b - a] = xm[a:b]
+    return out
+
+
+def unpad_slice(recv, rows: int, ax: int, dtype):
+    """The first `rows` rows of a reduce-scattered `[m, *rest]` chunk, in `dtype`, rows moved
+    back to axis `ax` (a private contiguous array)."""
+    xp = xp_of(recv)
+    return xp.ascontiguousarray(xp.moveaxis(recv[:rows].astype(dtype), 0, ax))
 
 
 class NcclCommunicator:
-    """Collectives over NCCL: one communicator per distinct GPU, one process."""
+    """Collectives over NCCL: one communicator per distinct GPU, one process.
+
+    Sums of float16/bfloat16 travel and accumulate as float32 and round once (twice the
+    bytes of the input), as the other communicators do; gathers and broadcasts move bytes.
+    """
 
     def __init__(self, devs: Sequence[Device]):
+        self.devices = list(devs)
+        if not uses_nccl(self.devices, True):
+            raise ValueError("NCCL needs two or more distinct GPUs; use InProcessCommunicator otherwise")
         from cupy.cuda import nccl
 
-        self.devices = list(devs)
-        if (len(self.devices) < 2 or any(d.kind != "gpu" for d in self.devices)
-                or len({d.id for d in devs}) != len(devs)):
-            raise ValueError("NCCL needs two or more distinct GPUs; use InProcessCommunicator otherwise")
         self.ranks = list(range(len(self.devices)))
         self.tp = len(self.devices)
         self._nccl = nccl
@@ -236,85 +280,48 @@ class NcclCommunicator:
         finally:
             self._nccl.groupEnd()
 
-    def _contiguous(self, xs):
-        cp = cupy_module()
+    def _each(self, fn, *per_device):
+        """`[fn(*args_r)]` with device r current for call r."""
         out = []
-        for d, x in zip(self.devices, xs):
-            with cp.cuda.Device(d.id):
-                out.append(cp.ascontiguousarray(x))
-        return out
-
-    def _empty(self, shape, dtype):
-        cp = cupy_module()
-        out = []
-        for d in self.devices:
-            with cp.cuda.Device(d.id):
-                out.append(cp.empty(shape, dtype))
+        for d, args in zip(self.devices, zip(*per_device)):
+            with on_device_context(d):
+                out.append(fn(*args))
         return out
 
     def allreduce_sum(self, xs):
         _check(self.devices, xs, "allreduce_sum")
-        xs = self._contiguous(xs)
-        outs = self._empty(xs[0].shape, xs[0].dtype)
-        t = nccl_dtype(xs[0].dtype, self._nccl)
-        self._group(lambda r, c, s: c.allReduce(xs[r].data.ptr, outs[r].data.ptr, xs[r].size, t,
+        dtype, acc = xs[0].dtype, sum_dtype(xs[0].dtype)
+        bufs = self._each(lambda x: xp_of(x).array(x, dtype=acc, order="C", copy=True), xs)
+        t = nccl_dtype(acc, self._nccl)
+        self._group(lambda r, c, s: c.allReduce(bufs[r].data.ptr, bufs[r].data.ptr, bufs[r].size, t,
                                                 self._nccl.NCCL_SUM, s))
-        return outs
+        return self._each(lambda b: b.astype(dtype, copy=False), bufs)
 
     def allgather(self, xs, axis=-1):
-        # NCCL gathers equal flat chunks: move `axis` first, pad shards to the longest, gather
-        # [n, m, ...], then cut each shard back to its size and concatenate.
         ax = _check(self.devices, xs, "allgather", same_shape=False, axis=axis)
-        cp = cupy_module()
         sizes = [x.shape[ax] for x in xs]
-        m, n = max(sizes), len(xs)
-        rest = tuple(np.delete(xs[0].shape, ax))
-        bufs = self._empty((m,) + rest, xs[0].dtype)
-        for b, x in zip(bufs, xs):
-            with b.device:
-                b[: x.shape[ax]] = cp.moveaxis(x, ax, 0)
-        recv = self._empty((n, m) + rest, xs[0].dtype)
-        t = nccl_dtype(xs[0].dtype, self._nccl)
-        self._group(lambda r, c, s: c.allGather(bufs[r].data.ptr, recv[r].data.ptr, bufs[r].size, t, s))
-        out = []
-        for rv in recv:
-            with rv.device:
-                full = cp.concatenate([rv[j, : sizes[j]] for j in range(n)], axis=0)
-                out.append(cp.ascontiguousarray(cp.moveaxis(full, 0, ax)))
-        return out
+        n, m = len(xs), max(sizes)
+        sends = self._each(lambda x: pad_shard(x, ax, m), xs)  # [m, *rest] each
+        recv = self._each(lambda s: xp_of(s).empty((n,) + s.shape, s.dtype), sends)  # [n, m, *rest]
+        u8 = self._nccl.NCCL_UINT8
+        self._group(lambda r, c, s: c.allGather(sends[r].data.ptr, recv[r].data.ptr, sends[r].nbytes, u8, s))
+        return self._each(lambda rv: unpad_gathered(rv, sizes, ax), recv)
 
     def broadcast(self, x, *, root=0):
         _check(self.devices[root:root + 1], [x], "broadcast")
-        bufs = self._empty(x.shape, x.dtype)
-        with bufs[root].device:
-            bufs[root][...] = x
-        t = nccl_dtype(x.dtype, self._nccl)
-        self._group(lambda r, c, s: c.bcast(bufs[r].data.ptr, bufs[r].size, t, root, s))
+        bufs = self._each(lambda d: asarray(x, d, copy=True) if d == self.devices[root]
+                          else cupy_module().empty(x.shape, x.dtype), self.devices)
+        u8 = self._nccl.NCCL_UINT8
+        self._group(lambda r, c, s: c.bcast(bufs[r].data.ptr, bufs[r].nbytes, u8, root, s))
         return bufs
 
     def reduce_scatter(self, xs, axis=0):
-        # NCCL scatters equal chunks: lay each device's slice j into a padded row j of
-        # [n, m, ...], reduce-scatter, then cut the padding off.
         ax = _check(self.devices, xs, "reduce_scatter", axis=axis)
-        cp = cupy_module()
-        n = len(xs)
-        bounds = split_bounds(xs[0].shape[ax], n)
-        m = bounds[0][1] - bounds[0][0]
-        rest = tuple(np.delete(xs[0].shape, ax))
-        sends = self._empty((n, m) + rest, xs[0].dtype)
-        for sb, x in zip(sends, xs):
-            with sb.device:
-                sb[...] = 0
-                xm = cp.moveaxis(x, ax, 0)
-                for j, (a, b) in enumerate(bounds):
-                    sb[j, : b - a] = xm[a:b]
-        recv = self._empty((m,) + rest, xs[0].dtype)
-        t = nccl_dtype(xs[0].dtype, self._nccl)
+        dtype, acc = xs[0].dtype, sum_dtype(xs[0].dtype)
+        bounds = split_bounds(xs[0].shape[ax], len(xs))
+        sends = self._each(lambda x: pad_slices(x, ax, bounds, acc), xs)  # [n, m, *rest] each
+        recv = self._each(lambda s: xp_of(s).empty(s.shape[1:], acc), sends)  # [m, *rest]
+        t = nccl_dtype(acc, self._nccl)
         self._group(lambda r, c, s: c.reduceScatter(sends[r].data.ptr, recv[r].data.ptr, recv[r].size,
                                                     t, self._nccl.NCCL_SUM, s))
-        out = []
-        for r, rv in enumerate(recv):
-            a, b = bounds[r]
-            with rv.device:
-                out.append(cp.ascontiguousarray(cp.moveaxis(rv[: b - a], 0, ax)))
-        return out
+        return self._each(lambda rv, bd: unpad_slice(rv, bd[1] - bd[0], ax, dtype), recv, bounds)

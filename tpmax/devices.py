@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import os
 from typing import Any, Callable, ContextManager, Iterator
 
 import ml_dtypes
@@ -104,14 +105,29 @@ def devices(spec: str) -> list[Device]:
         raise ValueError(f"device spec {spec!r}: virtual CPU ids must be distinct")
     if kind == "gpu":
         cupy_module()
-        n = gpu_count()
-        bad = [i for i in ids if i >= n]
-        if bad:
-            raise RuntimeError(
-                f"device spec {spec!r}: no GPU {bad[0]}; {n} GPU(s) visible"
-                + (f" (ids 0..{n - 1})" if n else "; use cpu devices instead")
-            )
+        from .mpi import launched_by_mpi
+
+        if not launched_by_mpi():  # under MPI the spec names the whole group: each rank checks its own
+            for i in ids:
+                check_gpu(i, f"device spec {spec!r}: ")
     return [Device(kind, i) for i in ids]
+
+
+def check_gpu(i: int, where: str = "") -> int:
+    """`i` if CUDA device `i` is visible to this process, else a RuntimeError saying how many are.
+
+    Args:
+        where: a prefix for the message (what asked for the GPU).
+    """
+    n = gpu_count()
+    if not 0 <= i < n:
+        cvd = os.environ.get("CUDA_VISIBLE_DEVICES")
+        raise RuntimeError(
+            f"{where}no GPU {i}; {n} GPU(s) visible"
+            + (f" (ids 0..{n - 1})" if n else "; use cpu devices instead")
+            + (f"; CUDA_VISIBLE_DEVICES={cvd}" if cvd is not None else "")
+        )
+    return i
 
 
 def as_dtype(dtype) -> np.dtype:
@@ -169,7 +185,7 @@ def asarray(a, device: Device, dtype=None, *, copy: bool = False) -> Array:
     if is_gpu_array(a) and a.device.id != device.id:
         a = peer_copy(a, a.device.id, device.id, cp.cuda)
         copy = False  # already a private copy
-    with cp.cuda.Device(device.id):
+    with cp.cuda.Device(check_gpu(device.id)):
         out = cp.asarray(a)
         if dtype is not None and out.dtype != dtype:
             out = out.astype(dtype)
@@ -179,9 +195,11 @@ def asarray(a, device: Device, dtype=None, *, copy: bool = False) -> Array:
 def peer_copy(a, src: int, dst: int, cuda) -> Array:
     """Copy GPU array `a` from GPU `src` to GPU `dst`, ordered on both devices' current streams.
 
-    An event recorded on the source stream makes the destination stream wait for the work
-    that wrote `a`; a second event recorded after the copy makes the source stream wait
-    before it can reuse `a`'s memory (CuPy's pool reuses freed blocks in stream order).
+    A non-contiguous `a` is first made contiguous on the source stream (CuPy would do that
+    inside the copy, after the event below). An event recorded on the source stream then
+    makes the destination stream wait for the work that wrote it; a second event recorded
+    after the copy makes the source stream wait before it can reuse the memory (CuPy's pool
+    reuses freed blocks in stream order).
 
     Args:
         a: array on GPU `src`; cuda: the `cupy.cuda` namespace (a parameter so tests can
@@ -190,6 +208,8 @@ def peer_copy(a, src: int, dst: int, cuda) -> Array:
         a new array on GPU `dst`.
     """
     with cuda.Device(src):
+        if not a.flags.c_contiguous:
+            a = a.copy()  # on src's stream, before `written` is recorded
         written = cuda.Event(disable_timing=True)
         written.record(cuda.get_current_stream())
     with cuda.Device(dst):
@@ -209,7 +229,7 @@ def to_numpy(x) -> np.ndarray:
 
 
 def _gpu_context(device: Device) -> ContextManager:
-    return cupy_module().cuda.Device(device.id)
+    return cupy_module().cuda.Device(check_gpu(device.id))
 
 
 def _cpu_context(device: Device) -> ContextManager:

@@ -105,20 +105,64 @@ def _on(device: Device | None, fn: Callable, *args):
         return fn(*args)
 
 
+# ------------------------------------------------------------------------------------------
+# BLAS threads: one pool per process, sized so the ranks on a host do not oversubscribe it.
+
+THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS")
 _blas = None
+_threads: int | None = None  # what set_threads applied (None: nothing yet)
+
+
+def _controller():
+    global _blas
+    if _blas is None:
+        from threadpoolctl import ThreadpoolController
+        _blas = ThreadpoolController()
+    return _blas
+
+
+def default_threads() -> int:
+    """The cores this process may use (`os.sched_getaffinity`) divided among the MPI ranks
+    on this host (`mpi.local_rank_count`, 1 in a plain run), at least 1."""
+    from .mpi import local_rank_count
+
+    return max(1, len(os.sched_getaffinity(0)) // local_rank_count())
+
+
+def set_threads(n: int | None = None) -> int | None:
+    """Size this process's BLAS and OpenMP thread pools (through threadpoolctl), for good.
+
+    Args:
+        n: threads; None for `default_threads()`, unless one of `OMP_NUM_THREADS`,
+            `OPENBLAS_NUM_THREADS`, `MKL_NUM_THREADS`, `BLIS_NUM_THREADS` is set (then the
+            pools are left as that says, and None is returned).
+    Returns:
+        the thread count applied, or None when left to the environment.
+    Raises:
+        ValueError: `n` is not a positive int.
+    """
+    global _threads
+    if n is None:
+        if any(os.environ.get(k) for k in THREAD_ENV):
+            return None
+        n = default_threads()
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"threads must be a positive integer, got {n!r}")
+    if n != _threads:
+        _controller().limit(limits=n)
+        _threads = n
+    return n
 
 
 @contextlib.contextmanager
 def blas_threads_for(devices: Sequence[Device]):
-    """While several virtual CPU devices run side by side, give each one's BLAS calls
-    `cores // devices` threads (at least 1), so device threads do not oversubscribe the cores.
-    Restores the previous setting on exit; does nothing for one device or for GPUs."""
-    global _blas
+    """While several virtual CPU devices run side by side, give each one's BLAS calls an
+    equal share (at least 1) of the process's threads (`set_threads`'s count, else its
+    cores), so device threads do not oversubscribe the cores. Restores the previous setting
+    on exit; does nothing for one device or for GPUs."""
     if len(devices) < 2 or any(d.kind != "cpu" for d in devices):
         yield
         return
-    if _blas is None:
-        from threadpoolctl import ThreadpoolController
-        _blas = ThreadpoolController()
-    with _blas.limit(limits=max(1, len(os.sched_getaffinity(0)) // len(devices)), user_api="blas"):
+    total = _threads or len(os.sched_getaffinity(0))
+    with _controller().limit(limits=max(1, total // len(devices)), user_api="blas"):
         yield

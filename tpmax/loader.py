@@ -25,6 +25,7 @@ import numpy as np
 from .comm import Communicator, communicator
 from .config import ModelConfig
 from .devices import Device, as_dtype, bfloat16, devices as parse_devices
+from .distributed import set_threads
 from .errors import LoadError
 from .files import inside, read_json, regular_file
 from .executor import Executor, executor_for
@@ -302,7 +303,8 @@ class Model:
 
 
 def load(path: str | Path | None = None, devices: Sequence[Device] | str | None = None, dtype: str = "float32", *,
-         progress: bool = True, comm: Communicator | None = None, cache_shards: bool = True) -> Model:
+         progress: bool = True, comm: Communicator | None = None, cache_shards: bool = True,
+         threads: int | None = None) -> Model:
     """Load a model, sharded over `devices`.
 
     Args:
@@ -322,8 +324,11 @@ def load(path: str | Path | None = None, devices: Sequence[Device] | str | None 
             dequantized per-device shards in the shard cache (`shard_cache.py`: keyed by the
             file, dtype and device split, checksummed, bounded by $TPMAX_CACHE_MAX_BYTES) so
             the next load skips dequantizing.
+        threads: BLAS threads of this process (`distributed.set_threads`; None: the cores it
+            may use, shared among the MPI ranks on this host).
     """
     t0 = time.perf_counter()
+    set_threads(threads)
     devs = tuple(parse_devices("cpu" if devices is None else devices) if isinstance(devices, (str, type(None)))
                  else devices)
     comm = comm if comm is not None else _communicator(devs)
@@ -372,6 +377,9 @@ def _load(path: Path, comm: Communicator, dtype: str, *, progress: bool, cache_s
         tokenizer, eos = _gguf_tokenizer(meta, path)
     else:
         raise LoadError(f"{path}: expected a model directory or a .gguf file")
+    from .mpi import agree_on_model  # across MPI ranks: same config, dtype and checkpoint, or stop
+
+    agree_on_model(comm, config=cfg, dtype=dt, path=path)
     bar = _Progress(n_device_tensors(cfg), f"loading {path.name} on {len(comm.devices)} device(s)", progress, t0)
     # The cached shards, when the header came from the cache too (src is None).
     weights = read_weights(shard_cache, cfg, comm, dt) if shard_cache and src is None else None

@@ -393,7 +393,8 @@ def run_serve(args) -> int:
         raise ValueError("--max-batch and --cache-tokens must be >= 1, --max-queue >= 0")
     sock = listen(args.host, args.port) if getattr(args, "leader", True) else None
     try:
-        model = load(args.model, devices=args.devices, dtype=args.dtype, progress=not args.quiet)
+        model = load(args.model, devices=args.devices, dtype=args.dtype, progress=not args.quiet,
+                     threads=args.threads)
         if not model.executor.leads:  # mpirun forwards SIGUSR1 to every rank: rank 0 drains, this one follows
             signal.signal(signal.SIGUSR1, signal.SIG_IGN)
         # Under MPI rank 0 serves; the other ranks run each of its steps and return 0.

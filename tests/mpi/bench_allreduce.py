@@ -14,7 +14,7 @@ import time
 import numpy as np
 
 import tpmax
-from tpmax import mpi
+from tpmax import mpi, mpi_comm
 
 SHAPES = [(1, 576), (8, 4096)]
 
@@ -37,7 +37,7 @@ def timed(comm, fn, calls):
 def main(calls):
     w, MPI = mpi.world(), mpi.world_mpi()
     devs = tpmax.devices("cpu:" + ",".join(map(str, range(w.size))))
-    comm = mpi.MpiCommunicator(devs, w.comm)
+    comm = mpi_comm.MpiCommunicator(devs, w.comm)
     out = {"ranks": w.size, "calls": calls, "mpi": MPI.Get_library_version().splitlines()[0].rstrip("\x00"), "shapes": {}}
     for shape in SHAPES:
         x = np.random.default_rng(w.rank).standard_normal(shape).astype(np.float32)

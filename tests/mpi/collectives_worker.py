@@ -8,28 +8,24 @@ runs the collective on its own `k` devices through `mpi_communicator` (an `MpiCo
 twice, to check it is deterministic; rank 0 gathers the outputs and replies with them in
 group order, or with the error every rank raised. `{"op": "messages"}` runs
 `messages_worker.check` on every rank, `{"op": "factory", "devices": SPEC}` reports what
-`mpi_communicator` says to a device list; `{"op": "quit"}` ends the job.
+`mpi_communicator` says to a device list, `{"op": "agree", "per_rank": [...]}` what
+`mpi_wire.agree` says to each rank's dict; `{"op": "quit"}` ends the job.
 """
+import contextlib
 import os
 import socket
 import sys
-import time
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
+import fake_gpu  # noqa: E402
 import messages_worker  # noqa: E402
 import wire  # noqa: E402
 
 import tpmax  # noqa: E402
-from tpmax import mpi  # noqa: E402
-
-
-def wait_for_rank0(comm) -> None:
-    # Idle ranks sleep instead of spinning in a blocking Bcast while pytest draws examples.
-    req = comm.Ibarrier()
-    while not req.Test():
-        time.sleep(0.0005)
+from tpmax import mpi, mpi_comm, mpi_wire  # noqa: E402
+from tpmax.devices import device_context_factory  # noqa: E402
 
 
 def run(comm, op, arrays, header):
@@ -50,12 +46,38 @@ def run(comm, op, arrays, header):
     raise ValueError(f"unknown op {op!r}")
 
 
+def factory(w, header):
+    """What `mpi_communicator` says to `header["devices"]`; with `header["gpus"]`
+    ({"visible": V, "isolated": bool, "bind": "id"|"local"}) through fake GPUs: isolated,
+    each rank sees one GPU of its own (per-rank CUDA_VISIBLE_DEVICES); else every rank
+    sees the same V GPUs. `header["per_rank_devices"]` gives each rank its own list."""
+    kind, ids = header.get("per_rank_devices", [header["devices"]] * w.size)[w.rank].split(":")
+    devs = [tpmax.Device(kind, int(i)) for i in ids.split(",")]
+    gpus = header.get("gpus")
+    if gpus is None:
+        return f"no error: {mpi.mpi_communicator(devs)!r}"
+    cuda = fake_gpu.FakeCuda(gpus["visible"], (lambda i: f"0000:{w.rank + 1:02x}:00.0") if gpus["isolated"]
+                             else (lambda i: f"0000:{i + 1:02x}:00.0"))
+    nccl = fake_gpu.FakeNccl()
+    os.environ[mpi.GPU_BIND_ENV] = gpus.get("bind", "id")
+    try:
+        with device_context_factory("gpu", lambda d: contextlib.nullcontext()):
+            comm = mpi.mpi_communicator(devs, cuda=cuda, nccl=nccl)
+    finally:
+        del os.environ[mpi.GPU_BIND_ENV]
+    return f"no error: {comm!r} bound {cuda.used} joined {nccl.joined}"
+
+
 def one_request(w, header, arrays):
     if header["op"] == "factory":  # which communicator (or error) a device list gets here
         try:
-            kind, ids = header["devices"].split(":")
-            comm = mpi.mpi_communicator([tpmax.Device(kind, int(i)) for i in ids.split(",")])
-            return ("error", f"no error: {comm!r}")
+            return ("error", factory(w, header))
+        except Exception as e:
+            return ("error", f"{type(e).__name__}: {e}")
+    if header["op"] == "agree":  # each rank holds its own entry of header["per_rank"]
+        try:
+            mpi_wire.agree(w.comm, header["per_rank"][w.rank])
+            return ("error", "no error")
         except Exception as e:
             return ("error", f"{type(e).__name__}: {e}")
     if header["op"] == "messages":
@@ -67,7 +89,7 @@ def one_request(w, header, arrays):
     devs = [tpmax.Device("cpu", i) for i in range(header["k"] * w.size)]
     try:
         comm = mpi.mpi_communicator(devs)
-        assert isinstance(comm, mpi.MpiCommunicator), comm
+        assert isinstance(comm, mpi_comm.MpiCommunicator), comm
         out = run(comm, header["op"], arrays, header)
         again = run(comm, header["op"], arrays, header)
         if any(a.tobytes() != b.tobytes() for a, b in zip(out, again)):
@@ -87,8 +109,7 @@ def main(port: int) -> None:
         if w.rank == 0:
             header, xs = wire.recv(sock, tpmax.as_dtype)
             header.pop("arrays")
-        wait_for_rank0(w.comm)
-        header = mpi.bcast_json(header if w.rank == 0 else None)
+        header = mpi.bcast_json(header if w.rank == 0 else None, idle=True)  # idle ranks sleep meanwhile
         if header["op"] == "quit":
             break
         arrays = mpi.bcast_arrays({f"x{g}": x for g, x in enumerate(xs)} if w.rank == 0 else None)

@@ -5,7 +5,9 @@ Usage: mpirun -n N python fault_worker.py MODE, MODE one of
   kill     rank 1 SIGKILLs itself (mpirun must end the job),
   term     rank 1 SIGTERMs itself,
   exit     rank 1 calls sys.exit(3) inside `abort_on_error()`,
-  ok       nobody fails (every rank prints "ok RANK SUM").
+  ok       nobody fails (every rank prints "ok RANK SUM"),
+  idle     rank 0 sends a lock-step message after 3 s; the others print the CPU seconds
+           they used waiting for it ("idle RANK SECONDS").
 """
 import os
 import signal
@@ -30,9 +32,21 @@ def fail(mode):
             sys.exit(3)
 
 
+def idle(w):
+    if w.rank == 0:
+        time.sleep(3)
+        mpi.bcast_arrays({"op": np.array([1], np.int64)})
+        return
+    t0 = time.process_time()
+    mpi.bcast_arrays(None)
+    print(f"idle {w.rank} {time.process_time() - t0:.3f}", flush=True)
+
+
 def main(mode):
     mpi.install_abort_handler()
     w, MPI = mpi.world(), mpi.world_mpi()
+    if mode == "idle":
+        return idle(w)
     x = np.ones(4, np.float32)
     w.comm.Allreduce(MPI.IN_PLACE, x)  # everybody is up
     if w.rank == 1:

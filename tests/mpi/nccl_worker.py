@@ -6,7 +6,7 @@ Every rank prints "nccl ok RANK" when all checks pass.
 import numpy as np
 
 import tpmax
-from tpmax import mpi
+from tpmax import mpi, mpi_comm
 
 
 def main():
@@ -14,7 +14,7 @@ def main():
     w = mpi.world()
     devs = tpmax.devices("gpu:" + ",".join(map(str, range(w.size))))
     comm = mpi.mpi_communicator(devs)
-    assert isinstance(comm, mpi.NcclRankCommunicator), comm
+    assert isinstance(comm, mpi_comm.NcclRankCommunicator), comm
     assert comm.devices == [devs[w.rank]] and comm.ranks == [w.rank] and comm.tp == w.size
     rng = np.random.default_rng(0)
     for dtype in ("float32", "float16", "bfloat16", "int32", "int64"):
