@@ -22,6 +22,7 @@ import pytest
 
 import tpmax
 from tpmax import cli as tpmax_cli
+from tpmax.progress import Progress
 
 FIX = Path(__file__).parent / "fixtures"
 ROOT = Path(__file__).parent.parent
@@ -504,16 +505,19 @@ def test_progress_lines():
             pass
 
     plain = Stream(False)
-    p = tpmax_cli.Progress(plain, label="perplexity", every_s=3600)
+    p = Progress(plain, label="perplexity", every_s=3600)
     for done in (64, 128, 192):
-        p(done, 192, 10.0)
+        p.show(tpmax_cli.perplexity_line(done, 192, 10.0), last=done == 192)
     p.close()
     assert plain == ["perplexity: 192/192 tokens (100%), running perplexity 10.0000\n"]  # only the end, at this rate
     tty = Stream(True)
-    p = tpmax_cli.Progress(tty, label="perplexity")
-    p(64, 128, 12.5)
+    p = Progress(tty, label="perplexity")
+    p.show(tpmax_cli.perplexity_line(64, 128, 12.5))
     p.close()
     assert tty[0].startswith("\r\x1b[K") and "64/128 tokens (50%)" in tty[0] and tty[-1] == "\r\x1b[K"
+    tty = Stream(True)  # a line that stays: the last text, then a newline
+    Progress(tty, label="loading").close("done in 1.0 s")
+    assert tty == ["\r\x1b[Kloading: done in 1.0 s", "\n"]
 
 
 # ------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .devices import to_numpy
-from .engine import Completion, Engine, Request, Stats
+from .engine import Completion, Engine, Request, Stats, cache_tokens_for
 from .executor import token_ids
 from .kv_cache import PAGE_SIZE
 from .loader import Model
@@ -172,10 +172,8 @@ def _generate(model, prompts, params, *, chat, max_batch, on_token, stats) -> li
     if _is_one_prompt(prompts):
         prompts = [prompts]
     prompts = [encode(model, p, chat=chat) for p in prompts]
-    ctx = model.cfg.max_seq_len
-    sizes = sorted((ceil_div(len(p) + max(0, min(params.max_new_tokens, ctx - len(p))), PAGE_SIZE) * PAGE_SIZE
-                    for p in prompts), reverse=True)
-    engine = Engine(model, max_batch=max_batch, cache_tokens=max(1, sum(sizes[:max_batch])), stats=stats)
+    engine = Engine(model, max_batch=max_batch, cache_tokens=cache_tokens_for(model, prompts, params, max_batch),
+                    stats=stats)
     for p in prompts:
         engine.submit(p, params)
     return engine.run(on_token)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import re
 import sys
@@ -27,7 +26,6 @@ import time
 from pathlib import Path
 
 MAX_INPUT_BYTES = 64 << 20  # the most a --file may hold (64 MiB)
-MAX_SEED = 2**64 - 1
 ABORT_GRACE_S = 5.0  # see main(): how long a rank > 0 lets rank 0 report an error every rank met
 
 
@@ -50,30 +48,6 @@ def _int_in(lo: int, hi: int | None = None, hi_text: str | None = None):
             raise argparse.ArgumentTypeError(f"must be {want}, got {v}")
         return v
     return parse
-
-
-def _finite_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(v):
-        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
-    return v
-
-
-def _temperature(text: str) -> float:
-    v = _finite_float(text)
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return v
-
-
-def _top_p(text: str) -> float:
-    v = _finite_float(text)
-    if not 0 < v <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
-    return v
 
 
 def _nonempty(text: str) -> str:
@@ -117,16 +91,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="devices to shard over: cpu, cpu:0,1 (virtual CPU devices), gpu:0,1, gpu:0,0")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="weight dtype on the devices")
-    p.add_argument("--threads", type=_positive_int, metavar="N",
+    p.add_argument("--threads", type=_int_in(1), metavar="N",
                    help="BLAS threads per process (default: the cores it may use, shared among the MPI ranks "
                         "on this host; OMP_NUM_THREADS / OPENBLAS_NUM_THREADS, when set, decide instead)")
     add_quiet_arg(p)
-
-
-def _positive_int(text: str) -> int:
-    if not text.strip().isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return int(text)
 
 
 def add_quiet_arg(p: argparse.ArgumentParser) -> None:
@@ -175,15 +143,16 @@ def add_answer_args(p: argparse.ArgumentParser) -> None:
     """Sampling, stopping, the system prompt and --stats: the options of every command that answers."""
     p.add_argument("--system", type=_nonempty, metavar="TEXT",
                    help="a system message put before the prompt through the chat template")
-    p.add_argument("--max-new-tokens", type=_int_in(1), default=256, metavar="N",
+    # Ranges are checked by SamplingParams (`params_of`), as everywhere sampling options arrive.
+    p.add_argument("--max-new-tokens", type=int, default=256, metavar="N",
                    help="most tokens to generate per answer")
-    p.add_argument("--temperature", type=_temperature, default=0.0, metavar="T",
+    p.add_argument("--temperature", type=float, default=0.0, metavar="T",
                    help="sampling temperature; 0 = greedy")
-    p.add_argument("--top-k", type=_int_in(0), default=0, metavar="K",
+    p.add_argument("--top-k", type=int, default=0, metavar="K",
                    help="sample from the K most likely tokens; 0 = all")
-    p.add_argument("--top-p", type=_top_p, default=1.0, metavar="P",
+    p.add_argument("--top-p", type=float, default=1.0, metavar="P",
                    help="sample from the smallest set of tokens whose probability reaches P, in (0, 1]")
-    p.add_argument("--seed", type=_int_in(0, MAX_SEED, "2^64-1"), metavar="S",
+    p.add_argument("--seed", type=int, metavar="S",
                    help="random seed for sampling, 0..2^64-1 (default: a fresh seed each run)")
     p.add_argument("--stop", action="append", type=_nonempty, metavar="STR",
                    help="stop when the text contains STR, which is not printed (repeatable)")
@@ -192,10 +161,15 @@ def add_answer_args(p: argparse.ArgumentParser) -> None:
 
 
 def params_of(args):
+    """The sampling options as one `SamplingParams`, which checks them (as it does for the API
+    and the server); its error names the field first, shown here as the option."""
     from .sampling import SamplingParams
 
-    return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                          top_p=args.top_p, seed=args.seed, stop=tuple(args.stop or ()))
+    try:
+        return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                              top_p=args.top_p, seed=args.seed, stop=tuple(args.stop or ()))
+    except ValueError as e:
+        raise CLIError(f"--{str(e).split(' ', 1)[0].replace('_', '-')}: {e}") from None
 
 
 def answer(engine, prompts: list[list[int]], params, on_event) -> tuple[list, bool]:
@@ -325,17 +299,12 @@ def _generate(args) -> int:
 
 
 def _generate_on_leader(args, model, prompts: list[str], params) -> int:
-    from .engine import Engine, Stats
-    from .kv_cache import PAGE_SIZE
-    from .sharding import ceil_div
+    from .engine import Engine, Stats, cache_tokens_for
 
     ids = [encode(model, p, system=args.system, chat=not args.no_chat) for p in prompts]
-    # The KV cache holds the `batch` longest requests at once (prompt + new tokens, within the context).
     batch, ctx = 16, model.cfg.max_seq_len
-    sizes = sorted((ceil_div(len(p) + max(0, min(params.max_new_tokens, ctx - len(p))), PAGE_SIZE) * PAGE_SIZE
-                    for p in ids), reverse=True)
     stats = Stats()
-    engine = Engine(model, max_batch=batch, cache_tokens=max(1, sum(sizes[:batch])), stats=stats)
+    engine = Engine(model, max_batch=batch, cache_tokens=cache_tokens_for(model, ids, params, batch), stats=stats)
     single = len(prompts) == 1  # below, a completion's id is its prompt's index: a new engine counts from 0
 
     def show(ev):  # one answer: each piece as it comes; several: each answer when it is done
@@ -463,44 +432,26 @@ def add_perplexity_parser(sub) -> None:
     pp.set_defaults(run=_perplexity)
 
 
-class Progress:
-    """Progress of a long job on a stream: one line rewritten in place on a terminal, else a
-    plain line about every `every_s` seconds and at the end."""
-
-    def __init__(self, stream, *, label: str, every_s: float = 5.0):
-        self.stream, self.label, self.every_s = stream, label, every_s
-        self.tty = stream.isatty()
-        self.last = time.monotonic()
-
-    def __call__(self, done: int, total: int, running_ppl: float) -> None:
-        line = f"{self.label}: {done}/{total} tokens ({100 * done / max(total, 1):.0f}%), running perplexity {running_ppl:.4f}"
-        if self.tty:
-            self.stream.write("\r\x1b[K" + line)
-        elif done >= total or time.monotonic() - self.last >= self.every_s:
-            self.stream.write(line + "\n")
-            self.last = time.monotonic()
-        self.stream.flush()
-
-    def close(self) -> None:
-        if self.tty:
-            self.stream.write("\r\x1b[K")
-            self.stream.flush()
+def perplexity_line(done: int, total: int, ppl: float) -> str:
+    return f"{done}/{total} tokens ({100 * done / max(total, 1):.0f}%), running perplexity {ppl:.4f}"
 
 
 def _perplexity(args) -> int:
     from .api import perplexity
+    from .progress import Progress
 
     text = read_text(args.file, what="--file")
     model = _load(args)
     if model.tokenizer is None:
         raise CLIError(f"{model.path}: the model has no tokenizer")
-    progress = None if args.quiet else Progress(sys.stderr, label="perplexity")
+    bar = None if args.quiet else Progress(sys.stderr, label="perplexity")
     try:
         ppl, n = perplexity(model, model.tokenizer.encode(text), context_length=args.context_length,
-                            on_progress=progress)
+                            on_progress=bar and (lambda done, total, ppl: bar.show(perplexity_line(done, total, ppl),
+                                                                                    last=done >= total)))
     finally:
-        if progress:
-            progress.close()
+        if bar:
+            bar.close()
     print(json.dumps({"perplexity": ppl, "tokens": n}) if args.json else f"perplexity {ppl:.4f} over {n} tokens")
     return 0
 

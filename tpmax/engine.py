@@ -21,7 +21,17 @@ from .executor import Executor, token_ids
 from .kv_cache import PAGE_SIZE
 from .loader import Model
 from .sampling import SamplingParams, is_int, sample
+from .sharding import ceil_div
 from .stops import split_held
+
+
+def cache_tokens_for(model: Model, prompts: Sequence[Sequence[int]], params: SamplingParams, max_batch: int) -> int:
+    """KV cache tokens that hold the `max_batch` largest of these requests at once (prompt +
+    new tokens, capped at the model context, in whole pages): room for every one of them."""
+    ctx = model.cfg.max_seq_len
+    sizes = sorted((ceil_div(len(p) + max(0, min(params.max_new_tokens, ctx - len(p))), PAGE_SIZE) * PAGE_SIZE
+                    for p in prompts), reverse=True)
+    return max(1, sum(sizes[:max_batch]))
 
 
 @dataclasses.dataclass

@@ -29,6 +29,7 @@ from .distributed import set_threads
 from .errors import LoadError
 from .files import inside, read_json, regular_file
 from .executor import Executor, executor_for
+from .progress import Progress
 from .quant_config import QuantConfig, quant_config_from_hf
 from .quant_read import group_quantized, quantized_shape, read_quantized
 from .safetensors_file import SafetensorsFile
@@ -380,21 +381,27 @@ def _load(path: Path, comm: Communicator, dtype: str, *, progress: bool, cache_s
     from .mpi import agree_on_model  # across MPI ranks: same config, dtype and checkpoint, or stop
 
     agree_on_model(comm, config=cfg, dtype=dt, path=path)
-    bar = _Progress(n_device_tensors(cfg), f"loading {path.name} on {len(comm.devices)} device(s)", progress, t0)
+    bar = Progress(sys.stderr, label=f"loading {path.name} on {len(comm.devices)} device(s)") if progress else None
+    total = n_device_tensors(cfg)
+
+    def done(how: str) -> None:
+        if bar:
+            bar.close(f"done in {time.perf_counter() - t0:.1f} s ({how})")
+
     # The cached shards, when the header came from the cache too (src is None).
     weights = read_weights(shard_cache, cfg, comm, dt) if shard_cache and src is None else None
     if weights is None:
         src = src or GGUFSource(path, open_gguf(path))
         layers, top = device_tensors(src, cfg, comm.devices, dtype, ranks=comm.ranks, tp=comm.tp,
-                                     progress=bar.update)
+                                     progress=bar and (lambda n: bar.show(f"{n}/{total} tensors")))
         if shard_cache:
             store_shards(shard_cache, layers, top, comm, header)
         weights = assemble(layers, top, len(comm.devices))
         read = src.bytes_read
-        bar.done(f"read {read / 2**20:.1f} MiB of the checkpoint's {_checkpoint_bytes(path) / 2**20:.1f} MiB")
+        done(f"read {read / 2**20:.1f} MiB of the checkpoint's {_checkpoint_bytes(path) / 2**20:.1f} MiB")
     else:
         read = 0
-        bar.done("from the shard cache")
+        done("from the shard cache")
     return Model(cfg, weights, tuple(comm.devices), comm, tokenizer, eos, dtype, str(path), quant, read)
 
 
@@ -427,23 +434,6 @@ def _default_model(comm: Communicator) -> Path:
         return path
     mpi.Barrier()
     return default_model_path()
-
-
-class _Progress:
-    """One line on stderr: updated in place on a terminal; elsewhere one line when done."""
-
-    def __init__(self, total: int, label: str, enabled: bool, t0: float):
-        self.total, self.label, self.enabled, self.t0 = total, label, enabled, t0
-        self.tty = enabled and sys.stderr.isatty()
-
-    def update(self, n: int) -> None:
-        if self.tty:
-            print(f"\r{self.label}: {n}/{self.total} tensors", end="", file=sys.stderr, flush=True)
-
-    def done(self, how: str = "") -> None:
-        if self.enabled:
-            line = f"{self.label}: done in {time.perf_counter() - self.t0:.1f} s" + (f" ({how})" if how else "")
-            print(("\r" if self.tty else "") + line + ("\033[K" if self.tty else ""), file=sys.stderr, flush=True)
 
 
 # ------------------------------------------------------------------------------------------
