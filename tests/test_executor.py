@@ -117,6 +117,41 @@ def test_run_commits_and_rolls_back(model):
     assert cache.length(0) == 3 and cache.free_pages == free  # nothing reserved stays
 
 
+def test_a_step_writes_only_its_kv_slots(model):
+    """The forward pass is pure but for `write_kv`: weights, tokens and offsets are unchanged,
+    and the cache changes only in the slots the step reserved."""
+    import copy
+
+    ex = model.executor
+    cache = ex.new_cache(64, page_size=4)
+    for s in (0, 1):
+        cache.add(s)
+    ex.run(cache, ex.step([0, 1], [[1, 2, 3, 4, 5], [6, 7]]))
+    weights, pages = copy.deepcopy(model.weights), [p.copy() for p in cache.pages]
+    step = ex.step([0, 1], [[8], [9, 10, 11]])
+    tokens, offsets = step.tokens.copy(), step.offsets.copy()
+    slots = cache.reserve(step.seq_ids, step.n_new)
+    cache.rollback(step.seq_ids)
+    ex.run(cache, step)
+    assert len(_arrays(weights)) > 10
+    assert all(np.array_equal(a, b) for a, b in zip(_arrays(weights), _arrays(model.weights)))
+    assert np.array_equal(step.tokens, tokens) and np.array_equal(step.offsets, offsets)
+    for before, after in zip(pages, cache.pages):  # [layers, 2, pages, page_size, kv heads, hd]
+        changed = np.argwhere((before != after).any(axis=(0, 1, 4, 5)))  # (page, slot) pairs
+        assert sorted(map(tuple, changed)) == sorted(zip(slots.page.tolist(), slots.slot.tolist()))
+
+
+def _arrays(obj):
+    """Every array in a tree of dataclasses / tuples / lists."""
+    if isinstance(obj, np.ndarray):
+        return [obj]
+    if dataclasses.is_dataclass(obj):
+        return [a for f in dataclasses.fields(obj) for a in _arrays(getattr(obj, f.name))]
+    if isinstance(obj, (tuple, list)):
+        return [a for x in obj for a in _arrays(x)]
+    return []
+
+
 def test_logits_and_generate_refuse_what_numpy_would_change(model):
     for bad, match in (([[1.7]], "must be integers"), ([[10**30]], "must be integers"), ("hello", "list of token"),
                        ([[1, 2], [1, 10**9]], "outside the vocabulary")):

@@ -549,3 +549,30 @@ def test_decode_e4m3_every_pattern():
         got = quant.decode_e4m3(w)
         np.testing.assert_array_equal(got, want.reshape(bits.reshape(-1).shape)[w.reshape(-1)].reshape(w.shape))
         assert got.dtype == np.float32
+
+
+@pytest.mark.parametrize("fmt", ["gptq", "fp8"])
+def test_quantized_matmul_never_holds_the_whole_float32_weight(fmt):
+    """A quantized matmul dequantizes a block of output features at a time: its peak memory
+    stays well under the float32 weight (32 MiB here, blocks of 4 MiB)."""
+    import tracemalloc
+
+    from tpmax.quant import FP8Weight, gptq_weight
+
+    n_in, n_out = 1024, 8192
+    rng = np.random.default_rng(0)
+    if fmt == "gptq":
+        w = gptq_weight(rng.integers(-2**31, 2**31, (n_in // 8, n_out), dtype=np.int64).astype(np.int32),
+                        rng.random((n_in // 128, n_out)).astype(np.float16), group_size=128)
+    else:
+        w = FP8Weight(rng.integers(0, 120, (n_out, n_in), dtype=np.uint8), np.float32(0.01))
+    x = rng.standard_normal((1, n_in)).astype(np.float32)
+    full = 4 * n_in * n_out
+    tracemalloc.start()
+    try:
+        y = w.matmul_t(x)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert y.shape == (1, n_out) and np.isfinite(y).all()
+    assert peak < full / 3, (peak, full)

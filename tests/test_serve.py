@@ -512,6 +512,29 @@ def test_unset_sampling_options_take_the_models_defaults(model):
             s.close()
 
 
+def test_served_model_name_and_the_defaults_of_a_model_without_any(model):
+    """--served-model-name is the id clients send; a model whose files name no sampling
+    defaults samples at temperature 1, and a chat without max_tokens runs to the end of the
+    room the cache leaves (here less than the context)."""
+    none = GenerationDefaults()
+    s = InProcess(dataclasses.replace(model, tokenizer=Wrapped(model.tokenizer, generation_defaults=none)),
+                  cache_tokens=256, served_name="my-model")
+    try:
+        assert [m.id for m in s.client.models.list().data] == ["my-model"]
+        with pytest.raises(openai.NotFoundError):
+            s.client.chat.completions.create(model="tinychat", messages=[{"role": "user", "content": "hi"}])
+        r = s.client.chat.completions.create(model="my-model", messages=[{"role": "user", "content": "room"}],
+                                             seed=3, extra_body={"ignore_eos": True})
+        prompt = encode_chat(model, [{"role": "user", "content": "room"}])
+        room = 256 - len(prompt) + 1  # the cache's tokens after the prompt (the last token is never fed back)
+        assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == room
+        (want,) = tpmax.generate(model, [prompt], SamplingParams(max_new_tokens=room, temperature=1.0, seed=3,
+                                                                 stop_token_ids=()))
+        assert r.choices[0].message.content == want.text
+    finally:
+        s.close()
+
+
 class FailingStream:
     """A detokenizer that fails at its third token."""
 
