@@ -4,7 +4,7 @@ measured copy bandwidth and bf16 matmul peak, and Hugging Face transformers (eag
 same shapes.
 
 Weights are drawn per device, at the shapes the sharding table gives each device
-(`tpmax.weights.expected_shapes` + `tpmax.sharding.shard_pieces`), with the device's own
+(`tpmax.nn.weights.expected_shapes` + `tpmax.core.sharding.shard_pieces`), with the device's own
 random generator: nothing is downloaded and nothing crosses from the host.
 
     python bench/gpu_decode.py [--devices gpu:0] [--layers 32] [--batches 1,8,64] [--prefill 2048]
@@ -50,8 +50,8 @@ def bench_config(layers: int | None, small: bool):
 
 def local_shape(name: str, cfg, layout) -> tuple[int, ...]:
     """The shape of one device's shard of table weight `name` (pieces stacked on axis 0)."""
-    from tpmax.sharding import LAYER_SHARDING, MODEL_SHARDING, shard_pieces
-    from tpmax.weights import expected_shapes
+    from tpmax.core.sharding import LAYER_SHARDING, MODEL_SHARDING, shard_pieces
+    from tpmax.nn.weights import expected_shapes
 
     sizes = expected_shapes(cfg)
     symbolic = (LAYER_SHARDING.get(name) or MODEL_SHARDING[name])[0]
@@ -72,7 +72,7 @@ def random_weights_on_devices(cfg, devices, dtype, *, seed: int = 0, std: float 
     Norm weights are near 1.
     """
     import tpmax
-    from tpmax.devices import on_device_context
+    from tpmax.core.devices import on_device_context
 
     tp = len(devices)
     cfg.check_tp(tp)
@@ -115,7 +115,7 @@ def new_cache(cfg, devices, dtype, n_seqs: int, tokens_per_seq: int, page_size: 
     """A paged KV cache with room for `n_seqs` sequences of `tokens_per_seq` tokens each
     (sequences do not share pages, so each is rounded up to whole pages)."""
     import tpmax
-    from tpmax.executor import new_kv_cache
+    from tpmax.parallel.executor import new_kv_cache
 
     per_seq = -(-tokens_per_seq // page_size) * page_size
     return new_kv_cache(cfg, devices, str(tpmax.as_dtype(dtype)), n_seqs * per_seq, page_size=page_size)

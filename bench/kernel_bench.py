@@ -58,7 +58,7 @@ def cases(device, small: bool):
                                                         (7, np.uint64), (3, np.int64))]
     out.append((f"sample_tokens B={B} V={V}", logits.nbytes, lambda: ops.sample_tokens(logits, *params)))
     N, K = (64, 96) if small else (14336, 4096)
-    from tpmax.quant import pack_int32
+    from tpmax.nn.quant import pack_int32
     qw = xp.asarray(pack_int32(rng.integers(0, 16, (K, N)), 4, axis=0))
     scales, zeros = xp.asarray(np.ones((K // 32, N), np.float16)), xp.asarray(np.full((K // 32, N), 8, np.uint8))
     fp8 = xp.asarray(rng.integers(0, 0x70, (N, K)).astype(np.uint8))
@@ -73,7 +73,7 @@ def cases(device, small: bool):
 
 def main(argv=None) -> int:
     import tpmax
-    from tpmax.devices import on_device_context
+    from tpmax.core.devices import on_device_context
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="gpu:0", help="one tpmax device (default gpu:0)")

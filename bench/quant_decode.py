@@ -36,11 +36,11 @@ def checkpoints(args, root: Path) -> dict[str, Path]:
     """The same random weights as float32, GPTQ int4 and FP8 checkpoints under `root`."""
     from safetensors.numpy import save_file
 
-    from tpmax.config import ModelConfig
-    from tpmax.devices import float8_e4m3fn
-    from tpmax.quant import pack_int32
-    from tpmax.sharding import PARAMS
-    from tpmax.weights import random_weights
+    from tpmax.nn.config import ModelConfig
+    from tpmax.core.devices import float8_e4m3fn
+    from tpmax.nn.quant import pack_int32
+    from tpmax.core.sharding import PARAMS
+    from tpmax.nn.weights import random_weights
 
     config = hf_config(args)
     cfg = ModelConfig.from_hf_config(config, source="bench")
@@ -107,7 +107,7 @@ def _retag(path: Path, keys: set[str]) -> None:
 
 def run(args) -> dict:
     import tpmax
-    from tpmax.quant import resident_bytes
+    from tpmax.nn.quant import resident_bytes
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -144,7 +144,7 @@ def device_roofline(device, *, copy_mib: int = 1024, matmul_n: int = 8192, repea
         `{"device", "copy_gbps", "matmul_tflops", "matmul_dtype", "copy", "matmul"}`.
     """
     import tpmax
-    from tpmax.devices import asarray, on_device_context
+    from tpmax.core.devices import asarray, on_device_context
 
     xp = device.xp
     sync = (lambda: tpmax.synchronize([device])) if device.kind == "gpu" else None

@@ -6,7 +6,7 @@ measured in one run, with each rank's decode step profiled (BLAS, collectives, t
 This machine is memory-bandwidth bound with few cores, so TP here measures the cost of the
 TP structure (split matmuls, collectives, per-device Python), not added hardware. The MPI
 case runs this script under `mpirun -n 2` (`--mpi-worker`): rank 0 times and profiles,
-rank 1 follows it step by step (`tpmax.executor`).
+rank 1 follows it step by step (`tpmax.parallel.executor`).
 
     python bench/tp_scaling.py [--steps 24] [--repeats 3] [--model PATH] [--out DIR]
 """
@@ -65,8 +65,8 @@ def profile_decode(model, args) -> dict:
     total = sum(t.times)
     blas = sum(v[2] for (f, _, name), v in st.items() if name in ("matmul_t", "linear") and "layers.py" in f)
     # mpi4py's calls are compiled (Cython) and invisible to cProfile: their time is the own time
-    # of the communicator functions calling them (tpmax/mpi.py, tpmax/comm.py).
-    comm = sum(v[2] for (f, _, name), v in st.items() if f.endswith(("tpmax/mpi.py", "tpmax/comm.py")))
+    # of the communicator functions calling them (tpmax/parallel/mpi.py, tpmax/core/comm.py).
+    comm = sum(v[2] for (f, _, name), v in st.items() if f.endswith(("tpmax/parallel/mpi.py", "tpmax/core/comm.py")))
     steps = len(t.times)
     return {"step_ms": 1e3 * total / steps, "blas_ms": 1e3 * blas / steps, "collectives_ms": 1e3 * comm / steps,
             "other_ms": 1e3 * (total - blas - comm) / steps}

@@ -22,7 +22,7 @@ import pytest
 
 import tpmax
 from tpmax import cli as tpmax_cli
-from tpmax.progress import Progress
+from tpmax.core.progress import Progress
 
 FIX = Path(__file__).parent / "fixtures"
 ROOT = Path(__file__).parent.parent
@@ -254,7 +254,7 @@ def test_a_real_sigint_stops_without_a_traceback(tiny):
 
 
 def test_system_prompt_goes_through_the_chat_template(run, tiny, tiny_chat, monkeypatch):
-    from tpmax.api import encode_chat
+    from tpmax.generation.api import encode_chat
 
     sent = Submitted(monkeypatch)
     r = run("generate", "--model", tiny_chat, "-q", "--max-new-tokens", "2", "--system", "w10 w11", "w12")
@@ -312,7 +312,7 @@ def test_a_failed_prompt_is_named_and_exits_1(run, tiny, monkeypatch):
 
 
 def test_chat_keeps_the_conversation(run, tiny_chat, monkeypatch):
-    from tpmax.api import encode_chat
+    from tpmax.generation.api import encode_chat
 
     sent = Submitted(monkeypatch)
     r = run("chat", "--model", tiny_chat, "-q", "--max-new-tokens", "3", "--system", "w10",
@@ -556,7 +556,7 @@ MPIRUN = shutil.which("mpirun", path=str(Path(sys.executable).parent)) or shutil
 
 def mpi_cli(*args, input=None):
     """`mpirun -n 2 tpmax ARGS` (stdin: `input`, else empty), ended if it runs over 120 s."""
-    from tpmax import mpi
+    from tpmax.parallel import mpi
 
     env = {k: v for k, v in os.environ.items() if k not in mpi.LAUNCHER_ENV}
     env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OPENBLAS_NUM_THREADS="1")

@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import tpmax
-from tpmax.executor import PassOptions, Step, token_ids
+from tpmax.parallel.executor import PassOptions, Step, token_ids
 
 HERE = Path(__file__).parent
 FIXTURE = HERE / "fixtures" / "hf" / "llama"

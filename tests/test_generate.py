@@ -10,9 +10,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import tpmax
-from tpmax.api import encode_prompt
-from tpmax.sampling import SamplingParams, sample
-from tpmax.loader import load
+from tpmax.generation.api import encode_prompt
+from tpmax.generation.sampling import SamplingParams, sample
+from tpmax.checkpoint.loader import load
 from conftest import FIX, make_chat_model_dir
 
 

@@ -23,8 +23,10 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import tpmax
-from tpmax import Device, comm as comm_mod, layers
-from tpmax.devices import cupy_version, device_context_factory, on_device_context, peer_copy
+from tpmax import Device
+from tpmax.core import comm as comm_mod
+from tpmax.nn import layers
+from tpmax.core.devices import cupy_version, device_context_factory, on_device_context, peer_copy
 from conftest import cpu_group, requires_gpu
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -72,6 +74,12 @@ class Placed(np.ndarray):
         self.home = getattr(obj, "home", None)
         self.log = getattr(obj, "log", None)
         self.recorder = getattr(obj, "recorder", None)
+
+    def __getitem__(self, index):  # gathers (fancy indexing) run on the current device too
+        if not isinstance(index, (int, slice, tuple)) or (isinstance(index, tuple) and any(
+                isinstance(i, np.ndarray) for i in index)):
+            self.log.append((self.home, self.recorder.now()))
+        return super().__getitem__(index)
 
     def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
         for x in inputs:
@@ -393,7 +401,7 @@ class FakeCupy:
 @pytest.fixture
 def fake_gpus(monkeypatch):
     """`fake_gpus(n)`: tpmax.devices sees n GPUs through `FakeCupy` until the test ends."""
-    dev_mod = sys.modules["tpmax.devices"]  # (`tpmax.devices` is also the parsing function)
+    dev_mod = sys.modules["tpmax.core.devices"]  # (`tpmax.devices` is also the parsing function)
 
     def install(n):
         monkeypatch.setattr(dev_mod, "_cupy", FakeCupy(n))
@@ -417,7 +425,7 @@ def test_under_mpi_each_rank_checks_only_its_own_gpu(fake_gpus, monkeypatch):
     """`gpu:0,1` over two ranks that each see one GPU (per-rank CUDA_VISIBLE_DEVICES): the
     spec names the whole group, so parsing it must not check ids against this rank's count
     (`mpi.bind_gpu` checks this rank's GPU; tests/test_mpi.py runs it)."""
-    from tpmax import mpi
+    from tpmax.parallel import mpi
     fake_gpus(1)
     for k in mpi.LAUNCHER_ENV:
         monkeypatch.delenv(k, raising=False)
@@ -618,3 +626,27 @@ def test_gpu_in_process_allreduce_across_gpus():
     out = comm.allreduce_sum(xs)
     assert [o.device.id for o in out] == [0, 1]
     assert all(float(o.sum()) == 3 * (1 << 20) for o in out)
+
+
+@pytest.mark.parametrize("mode", ["all", "variable", "hidden"])
+def test_logits_gathers_run_under_the_returned_device(mode):
+    """The rows picked from the returned device's logits / hidden states (all-token and last-n
+    logits, hidden states) are gathered with that device current, not device 0."""
+    cfg = tpmax.ModelConfig(arch="llama", vocab_size=29, hidden_size=16, n_layers=1, n_heads=4, n_kv_heads=2,
+                            head_dim=4, ffn_size=12)
+    devs = cpu_group(2)
+    rec, log = ContextRecorder(), []
+    weights = tpmax.shard_weights(tpmax.DictSource(tpmax.random_weights(cfg)), cfg, devs)
+    comm = tpmax.communicator(devs)
+    h = [Placed(np.random.default_rng(0).standard_normal((5, 16)).astype(np.float32), d, log, rec) for d in devs]
+    norms = [lambda x, w=w: layers.rms_norm(x, w, eps=1e-5) for w in weights.norm]
+    head = lambda xs, c: tpmax.column_parallel_linear(xs, weights.lm_head, None, c)  # noqa: E731
+    kw = {"all": dict(return_logits=tpmax.ReturnLogits.ALL),
+          "variable": dict(return_logits=tpmax.ReturnLogits.VARIABLE),
+          "hidden": dict(return_logits=tpmax.ReturnLogits.LAST_TOKEN,
+                         return_hidden_states=tpmax.ReturnHiddenStates.LAST)}[mode]
+    with device_context_factory("cpu", rec):
+        tpmax.distributed_logits_postprocess(h, np.array([0, 3, 5]), 2, norms, head, comm, device=devs[1], **kw)
+    assert any(home == devs[1] for home, _ in log)
+    wrong = [(home, now) for home, now in log if home != now]
+    assert not wrong, f"{len(wrong)} of {len(log)} ops ran under the wrong device, e.g. {wrong[:3]}"

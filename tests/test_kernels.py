@@ -1,7 +1,7 @@
 """The decode-step kernels: every `.cu` source compiles with NVRTC for sm_80 and sm_90 without
 spills (registers printed); every NumPy twin equals the unfused tpmax layers or a float64
 reference; the decode step built from the twins equals `tpmax.distributed_transformer`; the
-sampling twin draws from exactly tpmax.sampling.sample's distribution.
+sampling twin draws from exactly tpmax.generation.sampling.sample's distribution.
 
 Tolerances: float32 twins vs float32 tpmax layers rtol = atol = 1e-5 (scaled by the output's
 magnitude; only the summation order differs); bfloat16 twins vs a float64 reference 3e-2 of
@@ -24,15 +24,15 @@ from hypothesis import given, settings, strategies as st
 
 import tpmax
 from tpmax import bfloat16
-from tpmax.attention import AttentionWeights, qkv_rope
-from tpmax.sampling import SamplingParams, sample
+from tpmax.nn.attention import AttentionWeights, qkv_rope
+from tpmax.generation.sampling import SamplingParams, sample
 from tpmax.kernels import compile as nvrtc, twins
 from tpmax.kernels.step import fused_decode_sample, fused_decode_step
-from tpmax.kv_cache import gather_kv, write_kv
-from tpmax.layers import RopeTables, linear, mlp_local, rms_norm
-from tpmax.loader import load
-from tpmax.quant import FP8Weight, GPTQWeight, pack_int32
-from tpmax.sharding import head_shard
+from tpmax.nn.kv_cache import gather_kv, write_kv
+from tpmax.nn.layers import RopeTables, linear, mlp_local, rms_norm
+from tpmax.checkpoint.loader import load
+from tpmax.nn.quant import FP8Weight, GPTQWeight, pack_int32
+from tpmax.core.sharding import head_shard
 from conftest import requires_gpu
 from test_transformer import build, model_cases, new_cache
 import reference as ref
@@ -124,7 +124,7 @@ def test_gemv_rejects_too_many_rows():
 
 
 # ------------------------------------------------------------------------------------------
-# qkv_rope.cu twin vs tpmax.attention.qkv_rope + write_kv.
+# qkv_rope.cu twin vs tpmax.nn.attention.qkv_rope + write_kv.
 
 
 @settings(max_examples=40, derandomize=True)
@@ -196,11 +196,11 @@ def test_flash_decode_irregular_head_map():
 
 
 # ------------------------------------------------------------------------------------------
-# sample.cu twin: tpmax.sampling.sample's distribution.
+# sample.cu twin: tpmax.generation.sampling.sample's distribution.
 
 
 class _Capture:
-    """A stand-in rng: records the probabilities tpmax.sampling.sample draws from."""
+    """A stand-in rng: records the probabilities tpmax.generation.sampling.sample draws from."""
 
     def choice(self, n, p):
         self.p = np.asarray(p)
@@ -208,7 +208,7 @@ class _Capture:
 
 
 def host_probs(logits, temperature, top_k, top_p):
-    """The exact distribution of tpmax.sampling.sample (`[V]` float64)."""
+    """The exact distribution of tpmax.generation.sampling.sample (`[V]` float64)."""
     params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
     if temperature == 0:
         return np.eye(len(logits))[sample(logits, params, None)]

@@ -5,8 +5,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import tpmax
-from tpmax import layers as L
-from tpmax.sharding import split_bounds
+from tpmax.nn import layers as L
+from tpmax.core.sharding import split_bounds
 from conftest import cpu_group
 import reference as ref
 

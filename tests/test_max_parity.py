@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import tpmax
-from tpmax.attention import attention_inputs
+from tpmax.nn.attention import attention_inputs
 from test_transformer import build, new_cache, run
 
 DOC = Path(__file__).parent.parent / "docs" / "max_parity.md"

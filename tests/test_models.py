@@ -15,8 +15,8 @@ import pytest
 import safetensors.numpy as stn
 
 import tpmax
-from tpmax.api import encode_prompt
-from tpmax.loader import load
+from tpmax.generation.api import encode_prompt
+from tpmax.checkpoint.loader import load
 import reference as ref
 
 FIX = Path(__file__).parent / "fixtures"
@@ -602,7 +602,7 @@ class OneRankOf:
 @pytest.mark.parametrize("qtype", ["F32", "Q4_1", "Q8_0"])
 @pytest.mark.parametrize("tp", [2, 3, 4])
 def test_each_rank_reads_only_its_share_of_a_gguf(tmp_path, qtype, tp):
-    from tpmax.sharding import shard_pieces
+    from tpmax.core.sharding import shard_pieces
 
     cfg = dataclasses.replace(GGUF_CFG, n_heads=4, n_kv_heads=4, hidden_size=128, head_dim=32, ffn_size=256)
     full = tpmax.random_weights(cfg, seed=2, std=0.2)
@@ -626,7 +626,7 @@ def test_each_rank_reads_only_its_share_of_a_gguf(tmp_path, qtype, tp):
 def test_each_rank_reads_only_its_share_of_safetensors(case, tp):
     """A rank reads exactly the float32 elements the split rule gives its device (norms whole,
     kv heads replicated past TP = n_kv_heads), from one file or several shards."""
-    from tpmax.sharding import shard_pieces
+    from tpmax.core.sharding import shard_pieces
 
     whole = load(FIX / "hf" / case, devices="cpu", progress=False)
     full = tpmax.random_weights(whole.cfg, seed=0)  # the checkpoint's tensors by table name, for their shapes

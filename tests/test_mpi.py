@@ -1,4 +1,4 @@
-"""tpmax.mpi: collectives across MPI ranks equal the in-process ones (bit for bit where the
+"""tpmax.parallel.mpi: collectives across MPI ranks equal the in-process ones (bit for bit where the
 order of a sum cannot matter, within rounding otherwise); ranks that disagree stop; a failing
 or silent rank ends the job; a plain run never loads mpi4py.
 
@@ -23,7 +23,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import tpmax
-from tpmax import mpi
+from tpmax.parallel import mpi
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE / "mpi"))
@@ -62,7 +62,7 @@ def kill_group(proc):
 
 
 def test_plain_process_never_imports_mpi4py():
-    code = ("import sys, tpmax, tpmax.mpi as m; w = m.world(); "
+    code = ("import sys, tpmax, tpmax.parallel.mpi as m; w = m.world(); "
             "assert (w.rank, w.size, w.comm, m.install_abort_handler()) == (0, 1, None, False); "
             "c = m.mpi_communicator(tpmax.devices('cpu:0,1')); assert type(c).__name__ == 'InProcessCommunicator'; "
             "assert m.bcast_json({'a': (1, 2)}) == {'a': [1, 2]}; "
@@ -103,7 +103,7 @@ def test_local_devices_errors(n, size, rank, msg):
 # ------------------------------------------------------------------------------------------
 # BLAS threads: the ranks on a host share its cores.
 
-THREADS_PROBE = ("import os, json, threadpoolctl, tpmax; from tpmax import distributed as d; "
+THREADS_PROBE = ("import os, json, threadpoolctl, tpmax; from tpmax.core import distributed as d; "
                  "os.sched_setaffinity(0, set(sorted(os.sched_getaffinity(0))[:1]) | {{0}}) if {pin} else None; "
                  "n = d.set_threads({n}); "
                  "print(json.dumps([n, d.default_threads(), sorted({{i['num_threads'] for i in "
@@ -140,7 +140,7 @@ def test_threads_option():
         with pytest.raises(SystemExit):
             build_parser().parse_args(["generate", "--threads", bad, "hi"])
     with pytest.raises(ValueError, match="positive integer"):
-        tpmax.distributed.set_threads(0)
+        tpmax.core.distributed.set_threads(0)
 
 
 # ------------------------------------------------------------------------------------------
@@ -509,7 +509,7 @@ def test_an_idle_follower_sleeps():
 
 
 def test_step_timeout_setting(monkeypatch):
-    from tpmax import mpi_wire
+    from tpmax.parallel import mpi_wire
     for text, want in [("", 600.0), ("5", 5.0), ("0.5", 0.5), ("0", None)]:
         monkeypatch.setenv("TPMAX_MPI_TIMEOUT", text)
         assert mpi_wire.step_timeout() == want

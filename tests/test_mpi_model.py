@@ -17,7 +17,7 @@ import pytest
 import safetensors.numpy as stn
 
 import tpmax
-from tpmax import mpi
+from tpmax.parallel import mpi
 
 HERE = Path(__file__).parent
 FIX = HERE / "fixtures"

@@ -6,8 +6,10 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import tpmax
-from tpmax import quant, quant_config, quant_read
-from tpmax.devices import float8_e4m3fn
+from tpmax.nn import quant
+from tpmax.checkpoint import quant_config
+from tpmax.checkpoint import quant_read
+from tpmax.core.devices import float8_e4m3fn
 from conftest import cpu_group
 
 
@@ -95,8 +97,8 @@ def test_fp8_errors():
 # Readers: every piece of every sharding strategy, from checkpoints packed element by element
 # from the format descriptions (no tpmax packing code), equals the same piece of the reference.
 
-from tpmax.errors import ConfigError, LoadError  # noqa: E402
-from tpmax.sharding import Layout, STRATEGIES, head_shard  # noqa: E402
+from tpmax.core.errors import ConfigError, LoadError  # noqa: E402
+from tpmax.core.sharding import Layout, STRATEGIES, head_shard  # noqa: E402
 
 
 class Slice:
@@ -557,7 +559,7 @@ def test_quantized_matmul_never_holds_the_whole_float32_weight(fmt):
     stays well under the float32 weight (32 MiB here, blocks of 4 MiB)."""
     import tracemalloc
 
-    from tpmax.quant import FP8Weight, gptq_weight
+    from tpmax.nn.quant import FP8Weight, gptq_weight
 
     n_in, n_out = 1024, 8192
     rng = np.random.default_rng(0)

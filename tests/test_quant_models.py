@@ -9,14 +9,15 @@ import pytest
 import safetensors.numpy as stn
 
 import tpmax
-from tpmax import quant, quant_read
-from tpmax.quant_config import quant_config_from_hf
-from tpmax.safetensors_file import SafetensorsFile
-from tpmax.comm import communicator
-from tpmax.config import ModelConfig
-from tpmax.loader import HF_LAYER, HF_LAYER_NAMES, HF_NAMES, Model, _table_name
-from tpmax.sharding import shard_pieces
-from tpmax.weights import DictSource, shard_weights
+from tpmax.nn import quant
+from tpmax.checkpoint import quant_read
+from tpmax.checkpoint.quant_config import quant_config_from_hf
+from tpmax.checkpoint.safetensors_file import SafetensorsFile
+from tpmax.core.comm import communicator
+from tpmax.nn.config import ModelConfig
+from tpmax.checkpoint.loader import HF_LAYER, HF_LAYER_NAMES, HF_NAMES, Model, _table_name
+from tpmax.core.sharding import shard_pieces
+from tpmax.nn.weights import DictSource, shard_weights
 
 FIX = Path(__file__).parent / "fixtures" / "hf"
 CASES = ["llama_gptq", "llama_gptq_ct", "llama_gptq_act", "llama_gptq8", "llama_fp8", "llama_fp8_tensor",

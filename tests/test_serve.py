@@ -22,10 +22,10 @@ import openai
 import pytest
 
 import tpmax
-from tpmax import serve
-from tpmax.api import encode_chat
-from tpmax.sampling import SamplingParams
-from tpmax.tokenizer import GenerationDefaults
+from tpmax.serving import app as serve
+from tpmax.generation.api import encode_chat
+from tpmax.generation.sampling import SamplingParams
+from tpmax.text.tokenizer import GenerationDefaults
 from conftest import make_chat_model_dir
 
 CONTEXT = 16384
@@ -99,7 +99,7 @@ class Server(Client):
 
 class InProcess(Client):
     """The server on a thread of this process, for a wrapped model or small bounds:
-    `server_options` go to `tpmax.serve.server`, the rest to `create_app`."""
+    `server_options` go to `tpmax.serving.app.server`, the rest to `create_app`."""
 
     def __init__(self, model, server_options=None, **app_options):
         sock = serve.listen("127.0.0.1", 0)
@@ -704,7 +704,7 @@ MPIRUN = shutil.which("mpirun", path=str(Path(sys.executable).parent))
 def test_sigusr1_drains_under_mpirun(model_dir):
     """mpirun answers SIGTERM with SIGTERM then SIGKILL to every rank 0.3 s later (no drain
     can finish), and forwards SIGUSR1: rank 0 drains on it while rank 1 keeps following."""
-    from tpmax.mpi import LAUNCHER_ENV
+    from tpmax.parallel.mpi import LAUNCHER_ENV
 
     env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_ENV}
     env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OPENBLAS_NUM_THREADS="1")

@@ -1,4 +1,4 @@
-"""The GGUF shard cache (tpmax.shard_cache): damaged entries are found and rebuilt with one
+"""The GGUF shard cache (tpmax.checkpoint.shard_cache): damaged entries are found and rebuilt with one
 warning, a disk that cannot be written only skips the cache, stale and least recently used
 entries go, and `describe` / `clear` show and empty it."""
 import json
@@ -14,8 +14,8 @@ from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
 import tpmax
-from tpmax import shard_cache
-from tpmax.loader import load
+from tpmax.checkpoint import shard_cache
+from tpmax.checkpoint.loader import load
 from test_models import GGUF_CFG, write_gguf
 
 SEQ = [np.arange(7)]

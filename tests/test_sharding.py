@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from tpmax.sharding import LAYER_SHARDING, MODEL_SHARDING, STRATEGIES, head_shard, shard, Layout
+from tpmax.core.sharding import LAYER_SHARDING, MODEL_SHARDING, STRATEGIES, head_shard, shard, Layout
 
 
 @st.composite

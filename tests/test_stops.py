@@ -1,11 +1,11 @@
-"""tpmax.stops against its definition (a naive scan of every prefix), and its bound on time."""
+"""tpmax.generation.stops against its definition (a naive scan of every prefix), and its bound on time."""
 import time
 
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from tpmax.sampling import SamplingParams
-from tpmax.stops import MAX_STOP_CHARS, MAX_STOPS, check_stops, split_held
+from tpmax.generation.sampling import SamplingParams
+from tpmax.generation.stops import MAX_STOP_CHARS, MAX_STOPS, check_stops, split_held
 
 
 def naive(held: str, stops, final: bool):

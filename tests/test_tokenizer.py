@@ -1,4 +1,4 @@
-"""Tests for tpmax.tokenizer: parity with Hugging Face on the SmolLM2 GGUF (reference ids in
+"""Tests for tpmax.text.tokenizer: parity with Hugging Face on the SmolLM2 GGUF (reference ids in
 tests/fixtures/smollm2_reference.json), round trips, the stream decoder, chat templates, loading
 from small hand-built Hugging Face directories and GGUF files, LoadError for every malformed
 file, EOS resolution, GGUF metadata decoding, chat-template limits and sandbox escapes."""
@@ -19,9 +19,10 @@ from hypothesis import strategies as st
 from tokenizers import AddedToken, models, pre_tokenizers, processors
 from tokenizers import Tokenizer as Backend
 
-from tpmax import chat_template, tokenizer as tokenizer_module
-from tpmax.errors import ChatTemplateError, LoadError
-from tpmax.tokenizer import GenerationDefaults, StreamDecoder, Tokenizer, gguf_metadata, hf_eos_token_ids
+from tpmax.text import chat_template
+from tpmax.text import tokenizer as tokenizer_module
+from tpmax.core.errors import ChatTemplateError, LoadError
+from tpmax.text.tokenizer import GenerationDefaults, StreamDecoder, Tokenizer, gguf_metadata, hf_eos_token_ids
 
 FIXTURES = Path(__file__).parent / "fixtures"
 REFERENCE = FIXTURES / "smollm2_reference.json"
@@ -34,7 +35,7 @@ REFERENCE = FIXTURES / "smollm2_reference.json"
 
 @pytest.fixture(scope="module")
 def smollm_meta() -> tuple[dict, Path]:
-    from tpmax.hub import default_model_path
+    from tpmax.checkpoint.hub import default_model_path
 
     path = default_model_path()
     return gguf_metadata(gguf.GGUFReader(path)), path
@@ -467,7 +468,7 @@ def test_hf_dir_broken_files_raise_load_error(tmp_path, case):
 
 
 def test_json_size_cap(tmp_path):
-    from tpmax import files
+    from tpmax.core import files
 
     _write_hf_dir(tmp_path, {"bos_token": "<s>"})
     with pytest.raises(LoadError, match=r"tokenizer.json: larger than the 100-byte limit"):
@@ -820,7 +821,7 @@ def test_sandbox_escapes_are_refused(tmp_path, monkeypatch, template):
 
 
 def test_jinja2_internals_the_sandbox_relies_on():
-    """The four undocumented jinja2 details tpmax/chat_template.py relies on (its docstring
+    """The four undocumented jinja2 details tpmax/text/chat_template.py relies on (its docstring
     lists them). If this fails after a jinja2 release, adapt chat_template.py, then widen the
     `jinja2>=3.1,<3.2` pin in setup.cfg."""
     import jinja2

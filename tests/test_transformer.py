@@ -9,8 +9,8 @@ from hypothesis import given, settings, strategies as st
 
 import tpmax
 from tpmax import MHAMaskVariant, ReturnHiddenStates, ReturnLogits
-from tpmax.attention import attention_inputs
-from tpmax.layers import Llama3Scaling
+from tpmax.nn.attention import attention_inputs
+from tpmax.nn.layers import Llama3Scaling
 from conftest import cpu_group
 import reference as ref
 

@@ -108,8 +108,8 @@ def add_quiet_arg(p: argparse.ArgumentParser) -> None:
 def read_text(path: str, *, what: str, limit: int = MAX_INPUT_BYTES) -> str:
     """The UTF-8 text of `path` ("-" = stdin), refusing what is not a regular file (a
     directory, a FIFO, a device such as /dev/zero) and anything over `limit` bytes."""
-    from .errors import LoadError
-    from .files import read_text as read_file, text_of
+    from .core.errors import LoadError
+    from .core.files import read_text as read_file, text_of
 
     try:
         if path == "-":
@@ -123,7 +123,7 @@ HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # org/model, as model hubs
 
 
 def _load(args):
-    from .loader import load
+    from .checkpoint.loader import load
 
     if args.model and HUB_NAME.fullmatch(args.model) and not Path(args.model).exists():
         raise CLIError(f"--model {args.model}: no such file or directory; tpmax reads models from disk and never "
@@ -163,7 +163,7 @@ def add_answer_args(p: argparse.ArgumentParser) -> None:
 def params_of(args):
     """The sampling options as one `SamplingParams`, which checks them (as it does for the API
     and the server); its error names the field first, shown here as the option."""
-    from .sampling import SamplingParams
+    from .generation.sampling import SamplingParams
 
     try:
         return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
@@ -275,7 +275,7 @@ def prompts_of(args) -> list[str]:
 def encode(model, prompt: str, *, system: str | None, chat: bool) -> list[int]:
     """Token ids of one prompt: through the chat template unless `chat` is off, after the
     `system` message if one is given (which needs the template)."""
-    from .api import encode_chat, encode_prompt
+    from .generation.api import encode_chat, encode_prompt
 
     if system is None:
         return encode_prompt(model, prompt, chat=chat)
@@ -299,7 +299,7 @@ def _generate(args) -> int:
 
 
 def _generate_on_leader(args, model, prompts: list[str], params) -> int:
-    from .engine import Engine, Stats, cache_tokens_for
+    from .generation.engine import Engine, Stats, cache_tokens_for
 
     ids = [encode(model, p, system=args.system, chat=not args.no_chat) for p in prompts]
     batch, ctx = 16, model.cfg.max_seq_len
@@ -372,8 +372,8 @@ def _chat(args) -> int:
 
 
 def _chat_on_leader(args, model, params) -> int:
-    from .api import encode_chat
-    from .engine import Engine, Stats
+    from .generation.api import encode_chat
+    from .generation.engine import Engine, Stats
 
     tty = sys.stdin.isatty()
     if tty and not args.quiet:
@@ -437,8 +437,8 @@ def perplexity_line(done: int, total: int, ppl: float) -> str:
 
 
 def _perplexity(args) -> int:
-    from .api import perplexity
-    from .progress import Progress
+    from .generation.api import perplexity
+    from .core.progress import Progress
 
     text = read_text(args.file, what="--file")
     model = _load(args)
@@ -478,9 +478,10 @@ def add_info_parser(sub) -> None:
 def _info(args) -> int:
     import numpy as np
 
-    from . import __version__, shard_cache
-    from .comm import nccl_available
-    from .devices import cupy_version, gpu_count
+    from . import __version__
+    from .checkpoint import shard_cache
+    from .core.comm import nccl_available
+    from .core.devices import cupy_version, gpu_count
 
     info = {"tpmax": __version__, "numpy": np.__version__, "cupy": cupy_version(), "gpus": gpu_count(),
             "nccl": nccl_available()}
@@ -491,7 +492,7 @@ def _info(args) -> int:
         print(f"cleared {shard_cache.clear() / 2**20:.0f} MiB of shard cache")
     print(f"cache   {shard_cache.describe()}")
     if args.model:
-        from .quant import resident_bytes
+        from .nn.quant import resident_bytes
 
         model = _load(args)
         print(f"model   {model!r}")
@@ -532,7 +533,7 @@ def _serve(args) -> int:
     if missing:
         raise CLIError(f"tpmax serve needs the [serve] extra ({' and '.join(missing)} missing): in the tpmax "
                        f"checkout, pip install -e '.[serve]'")
-    from .serve import run_serve
+    from .serving.app import run_serve
 
     args.stage = "load"
     return run_serve(args)
@@ -558,7 +559,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _mpi_rank() -> int:
     """This process's MPI rank (0 without an MPI launcher; mpi4py is imported only under one)."""
-    from .mpi import launched_by_mpi, world
+    from .parallel.mpi import launched_by_mpi, world
 
     return world().rank if launched_by_mpi() else 0
 
@@ -570,7 +571,7 @@ def main(argv=None) -> int:
     if not args.leader:  # under mpirun only rank 0 prints; the other ranks compute with it
         sys.stdout = open(os.devnull, "w")
         args.quiet = True
-    from .executor import LeaderError
+    from .parallel.executor import LeaderError
 
     try:
         return args.run(args)
@@ -601,13 +602,13 @@ def main(argv=None) -> int:
 
 
 def _mpi_size() -> int:
-    from .mpi import launched_by_mpi, world
+    from .parallel.mpi import launched_by_mpi, world
 
     return world().size if launched_by_mpi() else 1
 
 
 def _abort(code: int) -> None:
-    from .mpi import world
+    from .parallel.mpi import world
 
     sys.stderr.flush()
     world().comm.Abort(code)

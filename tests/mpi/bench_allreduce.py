@@ -14,7 +14,8 @@ import time
 import numpy as np
 
 import tpmax
-from tpmax import mpi, mpi_comm
+from tpmax.parallel import mpi
+from tpmax.parallel import mpi_comm
 
 SHAPES = [(1, 576), (8, 4096)]
 

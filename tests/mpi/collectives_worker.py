@@ -3,7 +3,7 @@
 Usage: mpirun -n N python collectives_worker.py PORT. Rank 0 connects to 127.0.0.1:PORT
 and reads requests (`tests/mpi/wire.py` frames: header {op, k, axis, root} plus the
 per-device inputs of the whole group, in group order); it sends each one to the other
-ranks with `tpmax.mpi.bcast_json` / `bcast_arrays` (so those are exercised too); every rank
+ranks with `tpmax.parallel.mpi.bcast_json` / `bcast_arrays` (so those are exercised too); every rank
 runs the collective on its own `k` devices through `mpi_communicator` (an `MpiCommunicator`),
 twice, to check it is deterministic; rank 0 gathers the outputs and replies with them in
 group order, or with the error every rank raised. `{"op": "messages"}` runs
@@ -24,8 +24,10 @@ import messages_worker  # noqa: E402
 import wire  # noqa: E402
 
 import tpmax  # noqa: E402
-from tpmax import mpi, mpi_comm, mpi_wire  # noqa: E402
-from tpmax.devices import device_context_factory  # noqa: E402
+from tpmax.parallel import mpi  # noqa: E402
+from tpmax.parallel import mpi_comm  # noqa: E402
+from tpmax.parallel import mpi_wire  # noqa: E402
+from tpmax.core.devices import device_context_factory  # noqa: E402
 
 
 def run(comm, op, arrays, header):

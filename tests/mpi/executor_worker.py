@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 import tpmax
-from tpmax.devices import to_numpy
+from tpmax.core.devices import to_numpy
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))

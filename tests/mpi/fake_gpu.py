@@ -1,5 +1,5 @@
 """Stand-ins for `cupy.cuda` and `cupy.cuda.nccl` in the GPU setup across MPI ranks
-(`tpmax.mpi.bind_gpu`, `tpmax.mpi_comm.NcclRankCommunicator`), so the checks, the binding
+(`tpmax.parallel.mpi.bind_gpu`, `tpmax.parallel.mpi_comm.NcclRankCommunicator`), so the checks, the binding
 and the NCCL id broadcast run on a machine without GPUs."""
 import hashlib
 import os

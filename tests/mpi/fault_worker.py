@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-from tpmax import mpi
+from tpmax.parallel import mpi
 
 
 def fail(mode):

@@ -6,8 +6,8 @@ receives them from a root rank and checks them; prints "messages ok RANK".
 """
 import numpy as np
 
-from tpmax import mpi
-from tpmax.devices import bfloat16, float8_e4m3fn
+from tpmax.parallel import mpi
+from tpmax.core.devices import bfloat16, float8_e4m3fn
 
 
 def expected():

@@ -22,9 +22,9 @@ from pathlib import Path
 import safetensors.numpy as stn
 
 import tpmax
-import tpmax.mpi
-from tpmax.api import encode_prompt
-from tpmax.executor import LeaderError
+import tpmax.parallel.mpi
+from tpmax.generation.api import encode_prompt
+from tpmax.parallel.executor import LeaderError
 
 FIX = Path(__file__).resolve().parent.parent / "fixtures"
 HF_CASES = ["llama", "llama_tied", "mistral", "qwen2", "qwen3", "granite", "llama_sharded"]
@@ -78,7 +78,7 @@ def kill(devices, sig=signal.SIGKILL):
 
 def disagree(devices):
     tpmax.load(FIX / "hf" / "llama", devices=devices, progress=False,
-               dtype="float16" if tpmax.mpi.world().rank == 1 else "float32")
+               dtype="float16" if tpmax.parallel.mpi.world().rank == 1 else "float32")
     return {}
 
 
@@ -86,5 +86,5 @@ if __name__ == "__main__":
     mode, devices, out = sys.argv[1:4]
     result = {"fixtures": fixtures, "smollm2": smollm2, "kill": kill,
               "stop": lambda d: kill(d, signal.SIGSTOP), "disagree": disagree}[mode](devices)
-    rank, out = tpmax.mpi.world().rank, Path(out)
+    rank, out = tpmax.parallel.mpi.world().rank, Path(out)
     (out.with_suffix(f".rank{rank}{out.suffix}") if rank else out).write_text(json.dumps(result))

@@ -6,7 +6,8 @@ Every rank prints "nccl ok RANK" when all checks pass.
 import numpy as np
 
 import tpmax
-from tpmax import mpi, mpi_comm
+from tpmax.parallel import mpi
+from tpmax.parallel import mpi_comm
 
 
 def main():

@@ -7,7 +7,7 @@ this package never needs CUDA. The twins run everywhere.
 """
 from __future__ import annotations
 
-from ..devices import gpu_count
+from ..core.devices import gpu_count
 from .step import fused_decode_step, fused_decode_sample
 
 available: bool = gpu_count() > 0

@@ -12,7 +12,7 @@ import functools
 import cupy as cp
 import numpy as np
 
-from ..devices import bfloat16
+from ..core.devices import bfloat16
 from .compile import include_dirs, source
 from .twins import ACTS, GEMV_MAX_B, num_splits
 

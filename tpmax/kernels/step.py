@@ -16,15 +16,15 @@ import dataclasses
 
 import numpy as np
 
-from ..attention import MHAMaskVariant, local_heads
-from ..comm import Communicator
-from ..config import ModelConfig
-from ..devices import asarray, on_device_context, to_numpy, xp_of
-from ..distributed import per_device
-from ..kv_cache import BatchSlots
-from ..layers import vocab_parallel_embedding
-from ..quant import ConcatOut, FP8Weight, GPTQWeight, is_quantized
-from ..weights import Weights
+from ..nn.attention import MHAMaskVariant, local_heads
+from ..core.comm import Communicator
+from ..nn.config import ModelConfig
+from ..core.devices import asarray, on_device_context, to_numpy, xp_of
+from ..core.distributed import per_device
+from ..nn.kv_cache import BatchSlots
+from ..nn.layers import vocab_parallel_embedding
+from ..nn.quant import ConcatOut, FP8Weight, GPTQWeight, is_quantized
+from ..nn.weights import Weights
 from . import twins
 
 SPLIT_KEYS = 256  # keys per flash-decoding split

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..layers import activation
-from ..quant import decode_e4m3, unpack_int32
+from ..nn.layers import activation
+from ..nn.quant import decode_e4m3, unpack_int32
 
 GEMV_MAX_B = 8  # rows the GEMV kernels take in one launch
 ACTS = ("silu", "gelu_tanh")  # the activations of the fused gate/up epilogue (act = index)

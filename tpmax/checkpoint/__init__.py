@@ -1,0 +1,3 @@
+"""Reading checkpoints sharded (safetensors directories, GGUF files, quantized formats), the default
+model's fetch and the model cache.
+"""

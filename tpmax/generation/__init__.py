@@ -1,0 +1,2 @@
+"""Sampling, the continuous-batching engine, and the scoring / generation API over a loaded model.
+"""

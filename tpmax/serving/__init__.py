@@ -1,0 +1,2 @@
+"""`tpmax serve`: the OpenAI-compatible HTTP server over one engine thread.
+"""
